@@ -1,0 +1,315 @@
+"""The catalog: what samples exist, which are labelled, what was sent to Label Studio, which rounds ran.
+
+SQLAlchemy over SQLite by default (PostgreSQL by URL). Every public write is one transaction, so a failed
+import or sync leaves the catalog exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import ForeignKey, String, create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from flywheel.errors import DataError
+
+POOL, TEST = "pool", "test"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uri: Mapped[str] = mapped_column(String(2048), unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(String(256))
+    split: Mapped[str] = mapped_column(String(8), default=POOL, index=True)
+    # The label the source claims (folder name, manifest column). Ground truth for the simulated
+    # annotator and for test-split evaluation; never used for training unless imported as trusted.
+    truth: Mapped[str | None] = mapped_column(String(256))
+    # 0..99 from the content hash: a stable bucket, so a labelled sample never moves between the
+    # training and held-out sets as labels accumulate.
+    fold: Mapped[int] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ClassName(Base):
+    __tablename__ = "classes"
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    position: Mapped[int] = mapped_column(unique=True)
+
+
+class Label(Base):
+    """The current label of a sample (one per sample)."""
+
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), unique=True)
+    label: Mapped[str] = mapped_column(String(256))
+    annotator: Mapped[str] = mapped_column(String(256))
+    origin: Mapped[str] = mapped_column(String(32))  # "labelstudio" | "import"
+    ls_annotation_id: Mapped[int | None] = mapped_column(unique=True)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class Task(Base):
+    """A sample sent to Label Studio: never sent twice."""
+
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), unique=True)
+    ls_project_id: Mapped[int] = mapped_column()
+    ls_task_id: Mapped[int] = mapped_column(unique=True)
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    score: Mapped[float | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(64))
+    n_labels: Mapped[int] = mapped_column()
+    n_selected: Mapped[int] = mapped_column(default=0)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    holdout_accuracy: Mapped[float | None] = mapped_column()
+    test_accuracy: Mapped[float | None] = mapped_column()
+    started_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Meta(Base):
+    """Small key/value facts about the project (Label Studio project id, last fine-tune size)."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(2048))
+
+
+@dataclass(frozen=True)
+class NewSample:
+    uri: str
+    content_hash: str
+    truth: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    id: int
+    uri: str
+    truth: str | None
+    fold: int
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    added: int
+    skipped: int
+    labelled: int
+
+
+class Catalog:
+    """Thin, explicit queries over the catalog database. Build one per entry point and pass it down."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # --- classes -------------------------------------------------------------------------------
+    def classes(self) -> list[str]:
+        with self.transaction() as s:
+            return list(s.scalars(select(ClassName.name).order_by(ClassName.position)))
+
+    def ensure_classes(self, session: Session, names: Iterable[str]) -> list[str]:
+        """Append classes not yet known, keeping the positions of existing ones stable."""
+        known = list(session.scalars(select(ClassName.name).order_by(ClassName.position)))
+        for name in names:
+            if name not in known:
+                session.add(ClassName(name=name, position=len(known)))
+                known.append(name)
+        return known
+
+    # --- samples -------------------------------------------------------------------------------
+    def add_samples(
+        self,
+        samples: Sequence[NewSample],
+        *,
+        source: str,
+        split: str,
+        classes: Sequence[str],
+        trust_labels: bool = False,
+        allowed_classes: Sequence[str] = (),
+    ) -> ImportResult:
+        """Insert new samples in one transaction; URIs already present are skipped, not duplicated.
+
+        `allowed_classes` (from the settings) fixes the class list: a sample whose label is outside it
+        fails the whole import, naming the sample. `trust_labels` records source labels as labels.
+        """
+        if allowed_classes:
+            allowed = set(allowed_classes)
+            for sample in samples:
+                if sample.truth is not None and sample.truth not in allowed:
+                    raise DataError(
+                        f"unknown class {sample.truth!r} for {sample.uri}; "
+                        f"the settings allow: {', '.join(allowed_classes)}"
+                    )
+        with self.transaction() as s:
+            self.ensure_classes(s, allowed_classes or classes)
+            existing = set(s.scalars(select(Sample.uri).where(Sample.uri.in_([x.uri for x in samples]))))
+            added = labelled = 0
+            for new in samples:
+                if new.uri in existing:
+                    continue
+                existing.add(new.uri)
+                row = Sample(
+                    uri=new.uri,
+                    content_hash=new.content_hash,
+                    source=source,
+                    split=split,
+                    truth=new.truth,
+                    fold=int(new.content_hash[:8], 16) % 100,
+                )
+                s.add(row)
+                added += 1
+                if trust_labels and new.truth is not None and split == POOL:
+                    s.flush()
+                    s.add(Label(sample_id=row.id, label=new.truth, annotator="import", origin="import"))
+                    labelled += 1
+            return ImportResult(added=added, skipped=len(samples) - added, labelled=labelled)
+
+    def samples(self, split: str = POOL) -> list[SampleRow]:
+        with self.transaction() as s:
+            rows = s.execute(
+                select(Sample.id, Sample.uri, Sample.truth, Sample.fold)
+                .where(Sample.split == split)
+                .order_by(Sample.id)
+            )
+            return [SampleRow(*row) for row in rows]
+
+    def count_samples(self, split: str = POOL) -> int:
+        with self.transaction() as s:
+            return s.scalar(select(func.count()).select_from(Sample).where(Sample.split == split)) or 0
+
+    def truth_of(self, sample_ids: Iterable[int]) -> dict[int, str | None]:
+        with self.transaction() as s:
+            rows = s.execute(select(Sample.id, Sample.truth).where(Sample.id.in_(list(sample_ids))))
+            return dict(rows.tuples())
+
+    # --- labels --------------------------------------------------------------------------------
+    def labels(self) -> dict[int, str]:
+        """sample id -> current label."""
+        with self.transaction() as s:
+            return dict(s.execute(select(Label.sample_id, Label.label)).tuples())
+
+    def count_labels(self) -> int:
+        with self.transaction() as s:
+            return s.scalar(select(func.count()).select_from(Label)) or 0
+
+    def upsert_label(
+        self, session: Session, *, sample_id: int, label: str, annotator: str, ls_annotation_id: int | None
+    ) -> bool:
+        """Set a sample's label; returns False when the catalog already says exactly this."""
+        current = session.scalar(select(Label).where(Label.sample_id == sample_id))
+        if current is None:
+            session.add(
+                Label(
+                    sample_id=sample_id,
+                    label=label,
+                    annotator=annotator,
+                    origin="labelstudio",
+                    ls_annotation_id=ls_annotation_id,
+                )
+            )
+            return True
+        if (current.label, current.ls_annotation_id) == (label, ls_annotation_id):
+            return False
+        current.label, current.annotator, current.ls_annotation_id = label, annotator, ls_annotation_id
+        return True
+
+    # --- Label Studio tasks --------------------------------------------------------------------
+    def sent_sample_ids(self) -> set[int]:
+        with self.transaction() as s:
+            return set(s.scalars(select(Task.sample_id)))
+
+    def record_tasks(
+        self,
+        session: Session,
+        *,
+        ls_project_id: int,
+        task_ids: dict[int, int],
+        round_id: int | None,
+        model_version: str | None,
+        scores: dict[int, float],
+    ) -> None:
+        """Record sample id -> Label Studio task id; tasks already recorded are left alone."""
+        known = set(session.scalars(select(Task.sample_id).where(Task.sample_id.in_(list(task_ids)))))
+        for sample_id, ls_task_id in task_ids.items():
+            if sample_id not in known:
+                session.add(
+                    Task(
+                        sample_id=sample_id,
+                        ls_project_id=ls_project_id,
+                        ls_task_id=ls_task_id,
+                        round_id=round_id,
+                        model_version=model_version,
+                        score=scores.get(sample_id),
+                    )
+                )
+
+    # --- rounds and project facts --------------------------------------------------------------
+    def start_round(self, *, strategy: str, n_labels: int) -> int:
+        with self.transaction() as s:
+            row = Round(strategy=strategy, n_labels=n_labels)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def finish_round(self, round_id: int, **values: object) -> None:
+        with self.transaction() as s:
+            row = s.get_one(Round, round_id)
+            for key, value in values.items():
+                setattr(row, key, value)
+
+    def rounds(self) -> list[Round]:
+        with self.transaction() as s:
+            return list(s.scalars(select(Round).order_by(Round.id)))
+
+    def get_meta(self, key: str) -> str | None:
+        with self.transaction() as s:
+            row = s.get(Meta, key)
+            return row.value if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as s:
+            s.merge(Meta(key=key, value=value))
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    """WAL lets the UI-facing readers and one writer work at once; foreign keys are off by default."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

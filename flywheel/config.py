@@ -1,0 +1,176 @@
+"""The one settings object. Loaded once at an entry point (CLI, flow, test) and passed down.
+
+Values come from, in order of precedence: keyword arguments, environment (`FLYWHEEL_*`, nested with
+`__`, e.g. `FLYWHEEL_MLFLOW__PORT=5001`), a TOML file (`flywheel.toml` in the working directory or
+the path in `FLYWHEEL_CONFIG`), then the defaults below, which run everything on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+LOOPBACK = "127.0.0.1"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelStudioSettings(_Section):
+    host: str = LOOPBACK
+    port: int = Field(8080, ge=1, le=65535)
+    username: str = "flywheel@localhost"
+    password: SecretStr = SecretStr("flywheel-local-only")
+    token: SecretStr = SecretStr("flywheel-local-token")
+    project_title: str = ""  # empty: "flywheel-<project>"
+    # Local Storage serves files below this root only; the default covers any absolute path.
+    document_root: Path = Path("/")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class MLflowSettings(_Section):
+    host: str = LOOPBACK
+    port: int = Field(5000, ge=1, le=65535)
+    experiment: str = ""  # empty: "flywheel-<project>"
+    registered_model: str = ""  # empty: "flywheel-<project>"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class PrefectSettings(_Section):
+    host: str = LOOPBACK
+    port: int = Field(4200, ge=1, le=65535)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+
+class FinetuneSettings(_Section):
+    """When a deeper fine-tune runs, and how (the seeds' decision table lives in policy.py)."""
+
+    min_labels: int = Field(300, ge=1, description="labelled samples before the first fine-tune")
+    every_new_labels: int = Field(200, ge=1, description="new labels between two fine-tunes")
+    epochs: int = Field(6, ge=1)
+    head_epochs: int = Field(2, ge=0, description="LP-FT: epochs with the body frozen first")
+    batch_size: int = Field(64, ge=1)
+    head_lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    depth: Literal["auto", "head", "last", "all"] = "auto"
+    device: str = "auto"  # auto: cuda when present, else cpu
+
+
+class Settings(BaseSettings):
+    """Every path, URL, port, credential and threshold flywheel uses."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    project: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    workspace: Path = Path(".flywheel")
+    catalog_url: str = ""  # empty: SQLite file in the workspace
+    classes: list[str] = Field(default_factory=list, description="fixes the class list; else from the data")
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int = Field(64, ge=16, le=1024)
+    embed_batch_size: int = Field(128, ge=1)
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+
+    strategy: str = "entropy"
+    k_per_round: int = Field(100, ge=1)
+    seed: int = 0
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of labels kept for validation")
+    promotion_margin: float = Field(0.0, ge=0, description="accuracy points a challenger must add")
+
+    label_studio: LabelStudioSettings = LabelStudioSettings()
+    mlflow: MLflowSettings = MLflowSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get("FLYWHEEL_CONFIG", "flywheel.toml"))
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    @field_validator("workspace")
+    @classmethod
+    def _absolute_workspace(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"classes must be unique, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_catalog(self) -> Settings:
+        if not self.catalog_url:
+            object.__setattr__(self, "catalog_url", f"sqlite:///{self.workspace / 'catalog.db'}")
+        return self
+
+    # Derived names and paths: computed, never stored, so they cannot drift apart.
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or f"flywheel-{self.project}"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.mlflow.registered_model or f"flywheel-{self.project}"
+
+    @property
+    def labelstudio_project_title(self) -> str:
+        return self.label_studio.project_title or f"flywheel-{self.project}"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.workspace / "embeddings"
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.workspace / "sources"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.workspace / "checkpoints"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.workspace / "logs"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning pydantic's validation error into one naming the setting."""
+    from pydantic import ValidationError
+
+    from flywheel.errors import ConfigError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None

@@ -1,0 +1,43 @@
+"""One error tree: every failure a user can cause names the file, field, URL or choice at fault."""
+
+from __future__ import annotations
+
+
+class FlywheelError(Exception):
+    """Base of every error flywheel raises on purpose; the CLI prints these without a traceback."""
+
+
+class ConfigError(FlywheelError):
+    """A setting has a value flywheel cannot use."""
+
+
+class DataError(FlywheelError):
+    """A data path, manifest line or image cannot be used."""
+
+
+class UnknownChoiceError(FlywheelError):
+    """A name (backbone, strategy, class) is not one of the allowed values."""
+
+    def __init__(self, kind: str, value: str, allowed: list[str] | tuple[str, ...]):
+        self.kind, self.value, self.allowed = kind, value, list(allowed)
+        super().__init__(f"unknown {kind} {value!r}; choose one of: {', '.join(sorted(self.allowed))}")
+
+
+class ServiceUnavailableError(FlywheelError):
+    """A server (Label Studio, MLflow, Prefect) does not answer at its URL."""
+
+    def __init__(self, service: str, url: str, detail: str = ""):
+        self.service, self.url = service, url
+        hint = " (start it with `make services` or `flywheel services start`)"
+        super().__init__(f"{service} is not reachable at {url}{': ' + detail if detail else ''}{hint}")
+
+
+class WeightsUnavailableError(FlywheelError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+class PoolExhaustedError(FlywheelError):
+    """A strategy was asked for more samples than there are candidates."""
+
+    def __init__(self, available: int, requested: int):
+        super().__init__(f"pool exhausted: {available} candidates available / {requested} requested")
