@@ -30,6 +30,8 @@ class LabelStudioSettings(_Section):
     project_title: str = ""  # empty: "flywheel-<project>"
     # Local Storage serves files below this root only; the default covers any absolute path.
     document_root: Path = Path("/")
+    # Server executable; empty: <repo>/.ls-venv/bin/label-studio when present, else `label-studio` on PATH.
+    executable: str = ""
 
     @property
     def url(self) -> str:
