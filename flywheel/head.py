@@ -1,0 +1,70 @@
+"""The linear head on frozen features: multinomial logistic regression, trained full-batch with L-BFGS.
+
+Features are standardised for a well-conditioned fit; the scaling is folded back into the returned
+`nn.Linear`, so `Classifier(body, head)` needs nothing else at prediction time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from flywheel.errors import FlywheelError
+
+
+def train_head(
+    features: np.ndarray,
+    targets: np.ndarray,
+    n_classes: int,
+    *,
+    l2: float = 1e-2,
+    max_iter: int = 200,
+    seed: int = 0,
+) -> nn.Linear:
+    """Fit a linear head. features: (N, D) float32; targets: (N,) int in [0, n_classes)."""
+    if len(features) != len(targets):
+        raise FlywheelError(f"features has {len(features)} rows but targets has {len(targets)}")
+    if len(features) == 0:
+        raise FlywheelError("cannot train a head without labelled samples")
+    if targets.min() < 0 or targets.max() >= n_classes:
+        raise FlywheelError(f"targets must lie in [0, {n_classes}), got {targets.min()}..{targets.max()}")
+    torch.manual_seed(seed)
+    x = torch.as_tensor(features, dtype=torch.float32)
+    y = torch.as_tensor(targets, dtype=torch.int64)
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    linear = nn.Linear(x.shape[1], n_classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(linear(z), y) + 0.5 * l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    head = nn.Linear(x.shape[1], n_classes)
+    with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - W m / s)
+        head.weight.copy_(linear.weight / std)
+        head.bias.copy_(linear.bias - (linear.weight / std) @ mean)
+    return head
+
+
+def predict_proba(head: nn.Linear, features: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
+    """(N, D) features -> (N, C) float32 probabilities, rows sum to 1."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            chunk = torch.as_tensor(features[start : start + batch_size], dtype=torch.float32)
+            out.append(torch.softmax(head(chunk), dim=1).numpy())
+    return np.concatenate(out) if out else np.empty((0, head.out_features), dtype=np.float32)
+
+
+def accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Share of rows whose arg-max is the target; nan for an empty set (so it is never mistaken for 0)."""
+    if len(targets) == 0:
+        return float("nan")
+    return float((probs.argmax(axis=1) == targets).mean())
