@@ -92,7 +92,9 @@ def _manifest_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
     if manifest.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames or not {"path", "uri"} & set(reader.fieldnames):
-            raise DataError(f"{manifest}:1: the CSV header needs a 'path' or 'uri' column, got {reader.fieldnames}")
+            raise DataError(
+                f"{manifest}:1: the CSV header needs a 'path' or 'uri' column, got {reader.fieldnames}"
+            )
         return [(line, row) for line, row in enumerate(reader, start=2)]
     raise DataError(f"manifest {manifest}: unsupported suffix {manifest.suffix!r} (use .csv or .jsonl)")
 
@@ -117,7 +119,9 @@ def _localize(location: str, base: Path, cache_dir: Path, where: str) -> str:
     elif parsed.scheme == "":
         path = Path(location) if Path(location).is_absolute() else base / location
     else:
-        raise DataError(f"{where}: unsupported URI scheme {parsed.scheme!r} in {location} (use a path, file:// or http(s)://)")
+        raise DataError(
+            f"{where}: unsupported URI scheme {parsed.scheme!r} in {location} (use a path, file:// or http(s)://)"
+        )
     if not path.is_file():
         raise DataError(f"{where}: image {path} does not exist")
     return str(path.resolve())
@@ -131,8 +135,8 @@ def materialize_fashion_mnist(
     Label Studio serves images from files, so the pool must exist as files; a subset keeps the demo fast.
     Returns (pool_root, test_root). Idempotent: an existing complete tree is reused.
     """
-    from torchvision.io import encode_png
     import torch
+    from torchvision.io import encode_png
 
     roots = []
     for split, prefix, size in (("pool", "train", pool_size), ("test", "t10k", test_size)):
@@ -157,7 +161,9 @@ def _read_idx(source_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     labels_file = source_dir / f"{prefix}-labels-idx1-ubyte.gz"
     for file in (images_file, labels_file):
         if not file.is_file():
-            raise DataError(f"{file} is missing: install the Debian package dataset-fashion-mnist (make setup)")
+            raise DataError(
+                f"{file} is missing: install the Debian package dataset-fashion-mnist (make setup)"
+            )
     with gzip.open(labels_file) as fh:
         labels = np.frombuffer(fh.read(), dtype=np.uint8, offset=8)
     with gzip.open(images_file) as fh:
@@ -187,7 +193,9 @@ def import_records(
     samples = []
     for record in records:
         try:
-            samples.append(NewSample(uri=record.path, content_hash=hash_file(record.path), truth=record.label))
+            samples.append(
+                NewSample(uri=record.path, content_hash=hash_file(record.path), truth=record.label)
+            )
         except OSError as exc:
             raise DataError(f"cannot read {record.path}: {exc.strerror}") from None
     return catalog.add_samples(
@@ -213,7 +221,10 @@ def import_source(
     """Import an ImageFolder tree, a manifest file or a built-in source; returns results per split."""
     if source == "fashion-mnist":
         pool_root, test_root = materialize_fashion_mnist(
-            settings.sources_dir / "fashion-mnist", pool_size=pool_size, test_size=test_size, seed=settings.seed
+            settings.sources_dir / "fashion-mnist",
+            pool_size=pool_size,
+            test_size=test_size,
+            seed=settings.seed,
         )
         results = {}
         for name, root in ((POOL, pool_root), (TEST, test_root)):
@@ -233,6 +244,12 @@ def import_source(
             f"or one of: {', '.join(BUILTIN_SOURCES)})"
         )
     result = import_records(
-        catalog, settings, records, classes, source=str(path.resolve()), split=split, trust_labels=trust_labels
+        catalog,
+        settings,
+        records,
+        classes,
+        source=str(path.resolve()),
+        split=split,
+        trust_labels=trust_labels,
     )
     return {split: result}

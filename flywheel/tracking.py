@@ -97,7 +97,9 @@ def log_classifier(
 def load_classifier(settings: Settings, version: str) -> object:
     import mlflow.pytorch
 
-    return mlflow.pytorch.load_model(f"models:/{settings.registered_model_name}/{version}", map_location="cpu")
+    return mlflow.pytorch.load_model(
+        f"models:/{settings.registered_model_name}/{version}", map_location="cpu"
+    )
 
 
 def champion_version(client: MlflowClient, settings: Settings) -> str | None:
@@ -115,14 +117,18 @@ def decide_promotion(challenger: float, champion: float | None, *, margin: float
         return PromotionDecision(False, "no held-out labels to compare on; champion kept")
     if challenger > champion + margin:
         return PromotionDecision(
-            True, f"held-out accuracy {challenger:.3f} beats champion {champion:.3f} by more than {margin:.3f}"
+            True,
+            f"held-out accuracy {challenger:.3f} beats champion {champion:.3f} by more than {margin:.3f}",
         )
     return PromotionDecision(
-        False, f"held-out accuracy {challenger:.3f} does not beat champion {champion:.3f} by more than {margin:.3f}"
+        False,
+        f"held-out accuracy {challenger:.3f} does not beat champion {champion:.3f} by more than {margin:.3f}",
     )
 
 
-def apply_promotion(client: MlflowClient, settings: Settings, version: str, decision: PromotionDecision) -> None:
+def apply_promotion(
+    client: MlflowClient, settings: Settings, version: str, decision: PromotionDecision
+) -> None:
     """Move `champion` to the version, or mark it `challenger`; the reason is a tag either way."""
     name = settings.registered_model_name
     client.set_model_version_tag(name, version, "promotion", decision.reason)

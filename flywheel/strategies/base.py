@@ -33,7 +33,9 @@ class PoolView:
         if self.probs is not None and self.probs.ndim != 2:
             raise FlywheelError(f"probs must be (N, C), got shape {self.probs.shape}")
         if self.candidates.size and self.probs is not None and self.candidates.max() >= len(self.probs):
-            raise FlywheelError(f"candidate position {self.candidates.max()} outside probs of {len(self.probs)} rows")
+            raise FlywheelError(
+                f"candidate position {self.candidates.max()} outside probs of {len(self.probs)} rows"
+            )
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ def check_request(pool: PoolView, n: int) -> None:
         raise PoolExhaustedError(available=len(pool.candidates), requested=n)
 
 
-def top_k(pool: PoolView, scores: np.ndarray, n: int, *, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def top_k(
+    pool: PoolView, scores: np.ndarray, n: int, *, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidates with the n highest scores; ties broken at random (seeded), so equal scores are fair."""
     tiebreak = rng.random(len(scores))
     order = np.lexsort((tiebreak, -scores))[:n]

@@ -1,0 +1,98 @@
+"""Which body embeds the pool now, and the cached embeddings it produced per split.
+
+The body is the ImageNet-pretrained backbone until a fine-tuned model is promoted; from then on the
+champion's body. Embeddings are cached per (backbone, body version, image size), so switching body never
+mixes vectors from two feature spaces.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from flywheel import tracking
+from flywheel.backbones import build_body, get_spec
+from flywheel.catalog import Catalog
+from flywheel.config import Settings
+from flywheel.embed import EmbeddingStore, embed_samples, resolve_device
+from flywheel.index import build_index, save_index
+
+IMAGENET = "imagenet"
+BODY_KEY = "body"  # catalog meta: {"backbone": ..., "version": "imagenet" | MLflow model version}
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """One split's samples, aligned row by row with their embeddings."""
+
+    ids: np.ndarray  # (N,) int64 sample ids
+    paths: list[str]
+    truths: list[str | None]
+    folds: np.ndarray  # (N,) int
+    vectors: np.ndarray  # (N, D) float32
+
+
+def body_version(settings: Settings, catalog: Catalog) -> str:
+    stored = catalog.get_meta(BODY_KEY)
+    if stored:
+        body = json.loads(stored)
+        if body["backbone"] == settings.backbone:
+            return str(body["version"])
+    return IMAGENET
+
+
+def set_body_version(settings: Settings, catalog: Catalog, version: str) -> None:
+    catalog.set_meta(BODY_KEY, json.dumps({"backbone": settings.backbone, "version": version}))
+
+
+def load_body(settings: Settings, version: str) -> nn.Module:
+    if version == IMAGENET:
+        return build_body(settings.backbone, pretrained=True)
+    return tracking.load_classifier(settings, version).body
+
+
+def split_features(
+    settings: Settings, catalog: Catalog, split: str, body: nn.Module, version: str, *, progress: bool = True
+) -> SplitFeatures:
+    """Embeddings of every sample of a split, computing only the ones not cached yet."""
+    rows = catalog.samples(split)
+    spec = get_spec(settings.backbone)
+    store = EmbeddingStore(
+        settings.embeddings_dir, EmbeddingStore.key_for(spec, version, settings.image_size)
+    )
+    ids = np.array([r.id for r in rows], dtype=np.int64)
+    paths = [r.uri for r in rows]
+    vectors = embed_samples(
+        store,
+        ids.tolist(),
+        paths,
+        body,
+        spec,
+        image_size=settings.image_size,
+        batch_size=settings.embed_batch_size,
+        device=resolve_device(settings.finetune.device),
+        progress=progress,
+    )
+    return SplitFeatures(
+        ids=ids,
+        paths=paths,
+        truths=[r.truth for r in rows],
+        folds=np.array([r.fold for r in rows], dtype=np.int64),
+        vectors=vectors,
+    )
+
+
+def index_path(settings: Settings, version: str) -> Path:
+    return settings.workspace / "index" / f"{settings.backbone}-{version}-{settings.image_size}.faiss"
+
+
+def rebuild_index(settings: Settings, pool: SplitFeatures, version: str) -> Path:
+    """Build the FAISS index over the pool and switch to it only once it is completely written."""
+    path = index_path(settings, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_index(build_index(pool.vectors, pool.ids), path)
+    return path

@@ -1,0 +1,435 @@
+"""One turn of the flywheel, as plain functions the Prefect flows and the CLI call.
+
+bootstrap: embed the pool (and test split), index it, create the Label Studio project.
+run_round: train the head on the labels so far, register it, score the pool, select, push to Label Studio.
+run_sync:  pull annotations into the catalog and say whether a deeper fine-tune is due.
+run_finetune: fine-tune deeper per the policy, register, promote only on a held-out win, re-embed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+from label_studio_sdk.client import LabelStudio
+from mlflow import MlflowClient
+
+from flywheel import features, labelstudio, tracking
+from flywheel.backbones import Classifier, layer_groups
+from flywheel.catalog import POOL, TEST, Catalog
+from flywheel.config import Settings
+from flywheel.errors import DataError
+from flywheel.finetune import evaluate, finetune
+from flywheel.head import accuracy, predict_proba, train_head
+from flywheel.policy import choose_depth, should_finetune
+from flywheel.reports import confusion_figure, confusion_matrix, per_class_counts
+from flywheel.strategies import PoolView, get_strategy
+
+LABELS_AT_LAST_FINETUNE = "labels_at_last_finetune"
+VALIDATION_FOLDS = 15  # share (of 100 folds) of the training labels kept for early stopping in fine-tunes
+
+
+@dataclass(frozen=True)
+class BootstrapReport:
+    n_pool: int
+    n_test: int
+    embedding_dim: int
+    index_path: str
+    project_id: int
+
+
+@dataclass
+class RoundReport:
+    round_id: int
+    n_labels: int
+    n_train: int
+    n_holdout: int
+    labels_per_class: dict[str, int]
+    strategy: str = "random"
+    description: str = ""
+    model_version: str | None = None
+    run_url: str | None = None
+    holdout_accuracy: float = float("nan")
+    test_accuracy: float = float("nan")
+    promoted: bool = False
+    promotion_reason: str = ""
+    selected: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    report: labelstudio.SyncReport
+    n_labels: int
+    finetune_due: bool
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    model_version: str
+    run_url: str
+    depth: str
+    depth_reason: str
+    lr_by_group: dict[str, float]
+    labels_per_class: float
+    holdout_accuracy: float
+    champion_holdout_accuracy: float | None
+    test_accuracy: float
+    promoted: bool
+    promotion_reason: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LabelledSplit:
+    """Positions (into a SplitFeatures) of labelled samples, split by their stable fold."""
+
+    train: np.ndarray
+    holdout: np.ndarray
+    targets: np.ndarray  # (N,) class index per pool row, -1 when unlabelled
+
+
+def split_labels(
+    pool: features.SplitFeatures, labels: dict[int, str], classes: list[str], holdout_fraction: float
+) -> LabelledSplit:
+    position = {c: i for i, c in enumerate(classes)}
+    targets = np.array([position.get(labels.get(int(i), ""), -1) for i in pool.ids], dtype=np.int64)
+    labelled = targets >= 0
+    holdout = labelled & (pool.folds < round(holdout_fraction * 100))
+    return LabelledSplit(
+        train=np.flatnonzero(labelled & ~holdout), holdout=np.flatnonzero(holdout), targets=targets
+    )
+
+
+def bootstrap(
+    settings: Settings, catalog: Catalog, ls_client: LabelStudio, *, progress: bool = True
+) -> BootstrapReport:
+    classes = _classes(catalog)
+    version = features.body_version(settings, catalog)
+    body = features.load_body(settings, version)
+    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
+    test = features.split_features(settings, catalog, TEST, body, version, progress=progress)
+    path = features.rebuild_index(settings, pool, version)
+    project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
+    return BootstrapReport(len(pool.ids), len(test.ids), int(pool.vectors.shape[1]), str(path), project_id)
+
+
+def run_round(
+    settings: Settings,
+    catalog: Catalog,
+    ls_client: LabelStudio | None,
+    mlflow_client: MlflowClient,
+    *,
+    select: bool = True,
+    progress: bool = True,
+) -> RoundReport:
+    """Train, register and guard the head on the labels so far; then select and push the next batch."""
+    classes = _classes(catalog)
+    version = features.body_version(settings, catalog)
+    body = features.load_body(settings, version)
+    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
+    labels = catalog.labels()
+    split = split_labels(pool, labels, classes, settings.holdout_fraction)
+    round_id = catalog.start_round(strategy=settings.strategy, n_labels=len(labels))
+    report = RoundReport(
+        round_id=round_id,
+        n_labels=len(labels),
+        n_train=len(split.train),
+        n_holdout=len(split.holdout),
+        labels_per_class=per_class_counts(list(labels.values()), classes),
+    )
+    probs = None
+    if len(np.unique(split.targets[split.train])) >= 2:
+        probs = _train_and_register(
+            settings, catalog, mlflow_client, body, version, pool, split, classes, report, progress
+        )
+    if select:
+        _select_and_push(settings, catalog, ls_client, pool, split, probs, classes, report)
+    catalog.finish_round(
+        round_id,
+        strategy=report.strategy,
+        n_selected=len(report.selected),
+        model_version=report.model_version,
+        holdout_accuracy=None if np.isnan(report.holdout_accuracy) else report.holdout_accuracy,
+        test_accuracy=None if np.isnan(report.test_accuracy) else report.test_accuracy,
+    )
+    return report
+
+
+def _train_and_register(
+    settings: Settings,
+    catalog: Catalog,
+    mlflow_client: MlflowClient,
+    body,
+    body_version: str,
+    pool: features.SplitFeatures,
+    split: LabelledSplit,
+    classes: list[str],
+    report: RoundReport,
+    progress: bool,
+) -> np.ndarray:
+    head = train_head(pool.vectors[split.train], split.targets[split.train], len(classes), seed=settings.seed)
+    probs = predict_proba(head, pool.vectors)
+    report.holdout_accuracy = accuracy(probs[split.holdout], split.targets[split.holdout])
+    figures, test_metrics = {}, {}
+    test = features.split_features(settings, catalog, TEST, body, body_version, progress=progress)
+    test_targets = _targets(test.truths, classes)
+    if len(test_targets):
+        test_probs = predict_proba(head, test.vectors[test_targets >= 0])
+        report.test_accuracy = accuracy(test_probs, test_targets[test_targets >= 0])
+        test_metrics["test_accuracy"] = report.test_accuracy
+        matrix = confusion_matrix(test_targets[test_targets >= 0], test_probs.argmax(1), len(classes))
+        figures["confusion_test.png"] = confusion_figure(
+            matrix, classes, f"round {report.round_id}, test split"
+        )
+    classifier = Classifier(settings.backbone, body, head, classes, settings.image_size)
+    champion_acc = _champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
+    logged = tracking.log_classifier(
+        mlflow_client,
+        settings,
+        classifier,
+        run_name=f"round-{report.round_id}-head",
+        params={
+            "kind": "head",
+            "round": report.round_id,
+            "backbone": settings.backbone,
+            "body_version": body_version,
+            "image_size": settings.image_size,
+            "strategy": settings.strategy,
+            "k_per_round": settings.k_per_round,
+            "n_labels": report.n_labels,
+            "n_train": report.n_train,
+            "n_holdout": report.n_holdout,
+            "seed": settings.seed,
+            "trainable": "head",
+        },
+        metrics={
+            "holdout_accuracy": report.holdout_accuracy,
+            "labels": float(report.n_labels),
+            **test_metrics,
+        },
+        tags={"kind": "head", "round": str(report.round_id), "body_version": body_version},
+        figures=figures,
+        tables={
+            "labels_per_class.json": {
+                "class": classes,
+                "labels": [report.labels_per_class[c] for c in classes],
+            }
+        },
+    )
+    decision = tracking.decide_promotion(
+        report.holdout_accuracy, champion_acc, margin=settings.promotion_margin
+    )
+    tracking.apply_promotion(mlflow_client, settings, logged.version, decision)
+    report.model_version, report.run_url = logged.version, logged.run_url
+    report.promoted, report.promotion_reason = decision.promoted, decision.reason
+    return probs
+
+
+def _champion_holdout_accuracy(
+    settings: Settings,
+    mlflow_client: MlflowClient,
+    pool: features.SplitFeatures,
+    split: LabelledSplit,
+    classes: list[str],
+) -> float | None:
+    """The champion scored on today's held-out labels, so both models face exactly the same test."""
+    version = tracking.champion_version(mlflow_client, settings)
+    if version is None:
+        return None
+    champion = tracking.load_classifier(settings, version)
+    if list(champion.classes) != classes:
+        return None  # the class list grew: the old champion cannot answer the new question
+    return evaluate(champion, [pool.paths[i] for i in split.holdout], split.targets[split.holdout])
+
+
+def _select_and_push(
+    settings: Settings,
+    catalog: Catalog,
+    ls_client: LabelStudio | None,
+    pool: features.SplitFeatures,
+    split: LabelledSplit,
+    probs: np.ndarray | None,
+    classes: list[str],
+    report: RoundReport,
+) -> None:
+    sent = catalog.sent_sample_ids()
+    candidates = np.array(
+        [i for i, sid in enumerate(pool.ids) if split.targets[i] < 0 and int(sid) not in sent], dtype=np.int64
+    )
+    n = min(settings.k_per_round, len(candidates))
+    if n == 0:
+        report.description = "nothing left to select"
+        return
+    name = settings.strategy if probs is not None else "random"
+    view = PoolView(
+        candidates=candidates,
+        labelled=np.flatnonzero(split.targets >= 0),
+        probs=probs,
+        embeddings=pool.vectors,
+    )
+    selection = get_strategy(name)(view, n, rng=np.random.default_rng([settings.seed, report.round_id]))
+    report.strategy = name
+    report.description = selection.description + ("" if probs is not None else " (cold start: no model yet)")
+    tasks = []
+    for position, score in zip(selection.positions, selection.scores, strict=True):
+        predicted, confidence = (
+            ("", 0.0)
+            if probs is None
+            else (classes[int(probs[position].argmax())], float(probs[position].max()))
+        )
+        tasks.append(
+            labelstudio.TaskToPush(
+                sample_id=int(pool.ids[position]),
+                path=pool.paths[position],
+                predicted=predicted,
+                confidence=confidence,
+                score=float(score),
+            )
+        )
+        report.selected.append(
+            {
+                "sample_id": int(pool.ids[position]),
+                "score": float(score),
+                "predicted": predicted,
+                "confidence": confidence,
+            }
+        )
+    if ls_client is not None:
+        project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
+        labelstudio.push_tasks(
+            ls_client,
+            catalog,
+            settings,
+            project_id,
+            tasks,
+            model_version=report.model_version if probs is not None else None,
+            round_id=report.round_id,
+        )
+
+
+def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> SyncOutcome:
+    project_id = labelstudio.ensure_project(ls_client, settings, catalog, _classes(catalog))
+    sync = labelstudio.sync_annotations(ls_client, catalog, project_id)
+    n_labels = catalog.count_labels()
+    due = should_finetune(
+        n_labels,
+        int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0),
+        min_labels=settings.finetune.min_labels,
+        every_new_labels=settings.finetune.every_new_labels,
+    )
+    return SyncOutcome(report=sync, n_labels=n_labels, finetune_due=due)
+
+
+def run_finetune(
+    settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, *, progress: bool = True
+) -> FinetuneReport:
+    """LP-FT from the current body: head on frozen features first, then unfreeze as deep as the policy says."""
+    classes = _classes(catalog)
+    version = features.body_version(settings, catalog)
+    body = features.load_body(settings, version)
+    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
+    labels = catalog.labels()
+    split = split_labels(pool, labels, classes, settings.holdout_fraction)
+    if len(np.unique(split.targets[split.train])) < 2:
+        raise DataError(
+            f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels"
+        )
+    holdout_folds = round(settings.holdout_fraction * 100)
+    is_val = pool.folds[split.train] < holdout_folds + VALIDATION_FOLDS
+    train, val = split.train[~is_val], split.train[is_val]
+    head = train_head(pool.vectors[train], split.targets[train], len(classes), seed=settings.seed)
+    classifier = Classifier(settings.backbone, copy.deepcopy(body), head, classes, settings.image_size)
+    labels_per_class = len(split.train) / len(classes)
+    decision = choose_depth(
+        labels_per_class,
+        len(layer_groups(classifier.body, settings.backbone)),
+        override=settings.finetune.depth,
+    )
+    result = finetune(
+        classifier,
+        [pool.paths[i] for i in train],
+        split.targets[train],
+        [pool.paths[i] for i in val],
+        split.targets[val],
+        decision=decision,
+        settings=settings.finetune,
+        seed=settings.seed,
+        progress=progress,
+    )
+    holdout_paths, holdout_targets = [pool.paths[i] for i in split.holdout], split.targets[split.holdout]
+    holdout_acc = evaluate(result.classifier, holdout_paths, holdout_targets)
+    champion_acc = _champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
+    logged = tracking.log_classifier(
+        mlflow_client,
+        settings,
+        result.classifier,
+        run_name=f"finetune-{decision.label}-{len(labels)}-labels",
+        params={
+            "kind": "finetune",
+            "backbone": settings.backbone,
+            "body_version": version,
+            "image_size": settings.image_size,
+            "depth": decision.label,
+            "trainable_groups": decision.trainable_groups,
+            "depth_reason": decision.reason,
+            "labels_per_class": round(labels_per_class, 2),
+            "n_labels": len(labels),
+            "n_train": len(train),
+            "n_val": len(val),
+            "n_holdout": len(split.holdout),
+            "epochs": settings.finetune.epochs,
+            "head_epochs": settings.finetune.head_epochs,
+            "head_lr": settings.finetune.head_lr,
+            "weight_decay": settings.finetune.weight_decay,
+            "device": result.device,
+            "seed": settings.seed,
+            **{f"lr_{name}": lr for name, lr in result.lr_by_group.items()},
+        },
+        metrics={"holdout_accuracy": holdout_acc, "labels": float(len(labels)), "seconds": result.seconds},
+        tags={"kind": "finetune", "depth": decision.label, "body_version": version},
+        history=[{k: v for k, v in row.items() if k != "phase"} for row in result.history],
+    )
+    decision_promote = tracking.decide_promotion(holdout_acc, champion_acc, margin=settings.promotion_margin)
+    tracking.apply_promotion(mlflow_client, settings, logged.version, decision_promote)
+    new_body = result.classifier.body
+    test = features.split_features(settings, catalog, TEST, new_body, logged.version, progress=progress)
+    test_targets = _targets(test.truths, classes)
+    test_acc = float("nan")
+    if (test_targets >= 0).any():
+        known = test_targets >= 0
+        test_acc = accuracy(predict_proba(result.classifier.head, test.vectors[known]), test_targets[known])
+        mlflow_client.log_metric(logged.run_id, "test_accuracy", test_acc)
+    if decision_promote.promoted:
+        new_pool = features.split_features(
+            settings, catalog, POOL, new_body, logged.version, progress=progress
+        )
+        features.rebuild_index(settings, new_pool, logged.version)
+        features.set_body_version(settings, catalog, logged.version)  # the switch: only after all is written
+    catalog.set_meta(LABELS_AT_LAST_FINETUNE, str(len(labels)))
+    return FinetuneReport(
+        model_version=logged.version,
+        run_url=logged.run_url,
+        depth=decision.label,
+        depth_reason=decision.reason,
+        lr_by_group=result.lr_by_group,
+        labels_per_class=labels_per_class,
+        holdout_accuracy=holdout_acc,
+        champion_holdout_accuracy=champion_acc,
+        test_accuracy=test_acc,
+        promoted=decision_promote.promoted,
+        promotion_reason=decision_promote.reason,
+        seconds=result.seconds,
+    )
+
+
+def _classes(catalog: Catalog) -> list[str]:
+    classes = catalog.classes()
+    if not classes:
+        raise DataError("the catalog has no classes yet: run `flywheel import` first")
+    return classes
+
+
+def _targets(truths: list[str | None], classes: list[str]) -> np.ndarray:
+    position = {c: i for i, c in enumerate(classes)}
+    return np.array([position.get(t, -1) if t is not None else -1 for t in truths], dtype=np.int64)
