@@ -332,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             start(settings, names, timeout=args.timeout)
             print(f"ready in {time.monotonic() - began:.1f} s")
         elif args.command == "stop":
-            print("stopped: " + (", ".join(stop(settings, names)) or "nothing (none started from here)"))
+            stopped = ", ".join(stop(settings, names)) or "nothing (none started from this workspace)"
+            print(f"stopped in {settings.workspace}: {stopped}")
             return 0
         return 0 if _print_table(settings, names) or args.command == "start" else 1
     except FlywheelError as exc:

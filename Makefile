@@ -1,0 +1,78 @@
+# Every target is idempotent: a second run reuses the venvs, the data package and healthy servers.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+LS_VERSION := 1.23.2
+LOGS := .flywheel-logs
+# .venv is reinstalled only when pyproject.toml changes: its hash names the stamp file.
+PYPROJECT_SHA := $(shell sha256sum pyproject.toml | cut -c1-16)
+VENV_STAMP := .venv/.installed-$(PYPROJECT_SHA)
+LS_STAMP := .ls-venv/.installed-label-studio-$(LS_VERSION)
+SERVICES := infra/services
+# The pytest session fixture's servers (tests/conftest.py): their own workspace and ports.
+TEST_WS := $(or $(FLYWHEEL_TEST_WORKSPACE),$(CURDIR)/.flywheel-test)
+TEST_ENV := FLYWHEEL_WORKSPACE=$(TEST_WS) FLYWHEEL_LABEL_STUDIO__PORT=18080 \
+	FLYWHEEL_MLFLOW__PORT=15000 FLYWHEEL_PREFECT__PORT=14200
+
+# pip prints thousands of "Location ... is ignored" warnings against the local mirrors: keep the full
+# output in a log, show only real warnings/errors (and the log's tail when pip fails).
+define pip_install
+	mkdir -p $(LOGS)
+	echo "pip install $(2) into $(1) (log: $(LOGS)/$(3))"
+	if ! $(1)/bin/pip install $(2) >$(LOGS)/$(3) 2>&1; then \
+		grep -v -E 'Location .* is ignored' $(LOGS)/$(3) | tail -n 40; \
+		echo "pip failed: full output in $(LOGS)/$(3)" >&2; exit 1; \
+	fi
+	grep -E '^(WARNING|ERROR)' $(LOGS)/$(3) | grep -v -E 'Location .* is ignored' | head -n 20 || true
+endef
+
+.PHONY: help setup fashion-mnist services stop demo test lint clean
+
+help:
+	@echo "make setup | services | stop | demo | test | lint | clean"
+
+setup: $(VENV_STAMP) $(LS_STAMP) fashion-mnist
+
+$(VENV_STAMP):
+	@test -x .venv/bin/python || $(PYTHON) -m venv .venv
+	@$(call pip_install,.venv,-e '.[dev]',pip-venv.log)
+	@rm -f .venv/.installed-* && touch $@
+
+# Label Studio lives in its own venv: its pins conflict with Prefect's.
+$(LS_STAMP):
+	@test -x .ls-venv/bin/python || $(PYTHON) -m venv .ls-venv
+	@$(call pip_install,.ls-venv,label-studio==$(LS_VERSION),pip-ls-venv.log)
+	@rm -f .ls-venv/.installed-* && touch $@
+
+fashion-mnist:
+	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing apt package dataset-fashion-mnist"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+services: setup
+	@$(SERVICES) start
+
+# Stops the demo's servers and the test servers, only those started from these workspaces.
+stop:
+	@if [ -x .venv/bin/python ]; then \
+		$(SERVICES) stop; \
+		$(TEST_ENV) $(SERVICES) stop; \
+	fi
+
+demo: services
+	.venv/bin/flywheel demo
+
+# The pytest session fixture starts (or reuses) the test servers itself.
+test: setup
+	.venv/bin/python -m pytest -q
+
+lint: $(VENV_STAMP)
+	.venv/bin/ruff check .
+
+# Removes the workspaces (data, logs, servers' state), never the venvs.
+clean: stop
+	rm -rf .flywheel $(TEST_WS) $(LOGS)
