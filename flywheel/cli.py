@@ -1,0 +1,265 @@
+"""`flywheel ...`: the command line. Loads the settings once, then calls the library or a Prefect flow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flywheel.config import Settings, load_settings
+from flywheel.errors import FlywheelError, ServiceUnavailableError
+
+app = typer.Typer(
+    help="Active-learning data flywheel: label less, learn more, trace every model.", no_args_is_help=True
+)
+services_app = typer.Typer(help="Start, stop and check the local Label Studio, MLflow and Prefect servers.")
+app.add_typer(services_app, name="services")
+console = Console()
+
+
+def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Our own errors print as one clear line (exit 1), not a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FlywheelError as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _use_prefect_server(settings: Settings) -> None:
+    """Flows report to the Prefect server from the settings; refuse early and clearly when it is down."""
+    url = settings.prefect.api_url
+    try:
+        httpx.get(f"{url}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailableError("Prefect", url, type(exc).__name__) from None
+    os.environ["PREFECT_API_URL"] = url
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+@services_app.command("start")
+@_friendly
+def services_start() -> None:
+    """Start (or reuse) the three servers; prints their URLs."""
+    from flywheel import services
+
+    for name, url in services.start(_settings()).items():
+        console.print(f"{name:13s} {url}")
+
+
+@services_app.command("stop")
+@_friendly
+def services_stop() -> None:
+    from flywheel import services
+
+    console.print(f"stopped: {', '.join(services.stop(_settings())) or 'nothing'}")
+
+
+@services_app.command("status")
+@_friendly
+def services_status() -> None:
+    from flywheel import services
+
+    for name, healthy in services.health(_settings()).items():
+        console.print(f"{name:13s} {'[green]healthy[/]' if healthy else '[red]down[/]'}")
+
+
+@app.command("import")
+@_friendly
+def import_(
+    source: Annotated[str, typer.Argument(help="ImageFolder tree, .csv/.jsonl manifest, or 'fashion-mnist'")],
+    split: Annotated[str, typer.Option(help="pool (to label) or test (evaluation only)")] = "pool",
+    trust_labels: Annotated[bool, typer.Option(help="record the source's labels as labels")] = False,
+    pool_size: Annotated[int, typer.Option(help="fashion-mnist: pool images")] = 5000,
+    test_size: Annotated[int, typer.Option(help="fashion-mnist: test images")] = 10000,
+) -> None:
+    """Add samples to the catalog (content-hashed; already-known files are skipped)."""
+    from flywheel.catalog import POOL, TEST, Catalog
+    from flywheel.data import import_source
+    from flywheel.errors import ConfigError
+
+    if split not in (POOL, TEST):
+        raise ConfigError(f"--split must be one of: {POOL}, {TEST}; got {split!r}")
+    settings = _settings()
+    results = import_source(
+        Catalog(settings.catalog_url),
+        settings,
+        source,
+        split=split,
+        trust_labels=trust_labels,
+        pool_size=pool_size,
+        test_size=test_size,
+    )
+    for name, result in results.items():
+        console.print(f"{name}: {result.added} added, {result.skipped} already known, {result.labelled} labelled")
+
+
+@app.command()
+@_friendly
+def bootstrap(
+    source: Annotated[str, typer.Option(help="what to import first")] = "fashion-mnist",
+    pool_size: int = 5000,
+    test_size: int = 10000,
+) -> None:
+    """Import, embed the pool with the frozen backbone, build the FAISS index, create the Label Studio project."""
+    settings = _settings()
+    _use_prefect_server(settings)
+    from flows.flywheel_flows import bootstrap_flow
+
+    console.print(bootstrap_flow(source=source, pool_size=pool_size, test_size=test_size))
+
+
+@app.command("round")
+@_friendly
+def round_() -> None:
+    """Train the head on the labels so far, register it, select the next batch, push it to Label Studio."""
+    settings = _settings()
+    _use_prefect_server(settings)
+    from flows.flywheel_flows import round_flow
+
+    report = round_flow()
+    console.print(
+        f"round {report.round_id}: {report.n_labels} labels, test {_pct(report.test_accuracy)}, "
+        f"selected {len(report.selected)} by {report.strategy}, model version {report.model_version}"
+    )
+
+
+@app.command()
+@_friendly
+def sync(finetune: Annotated[bool, typer.Option(help="run the fine-tune when the threshold is met")] = True) -> None:
+    """Pull new annotations from Label Studio into the catalog (idempotent)."""
+    settings = _settings()
+    _use_prefect_server(settings)
+    from flows.flywheel_flows import sync_flow
+
+    console.print(sync_flow(finetune_when_due=finetune))
+
+
+@app.command("finetune")
+@_friendly
+def finetune_() -> None:
+    """Fine-tune deeper now (normally started by sync when enough labels have accumulated)."""
+    settings = _settings()
+    _use_prefect_server(settings)
+    from flows.flywheel_flows import finetune_flow
+
+    report = finetune_flow()
+    console.print(f"version {report.model_version}, depth {report.depth}, promoted={report.promoted}")
+
+
+@app.command("annotate-sim")
+@_friendly
+def annotate_sim(
+    noise_rate: Annotated[float, typer.Option(help="share of deliberately wrong answers")] = 0.0,
+    limit: Annotated[int | None, typer.Option(help="answer at most this many tasks")] = None,
+) -> None:
+    """Answer open Label Studio tasks from ground truth, through the Label Studio API."""
+    settings = _settings()
+    _use_prefect_server(settings)
+    from flows.flywheel_flows import annotate_sim_flow
+
+    console.print(f"annotated {annotate_sim_flow(noise_rate=noise_rate, limit=limit)} tasks")
+
+
+@app.command()
+@_friendly
+def demo(
+    rounds: Annotated[int, typer.Option(help="annotation rounds")] = 6,
+    pool_size: int = 5000,
+    test_size: int = 10000,
+    noise_rate: float = 0.0,
+    out: Annotated[str | None, typer.Option(help="also write the summary as JSON here")] = None,
+) -> None:
+    """The whole loop on Fashion-MNIST with the simulated annotator, on the local servers."""
+    from flywheel import services
+
+    settings = _settings()
+    services.start(settings)
+    _use_prefect_server(settings)
+    from flows.flywheel_flows import demo_flow
+
+    began = time.monotonic()
+    summary = demo_flow(rounds=rounds, pool_size=pool_size, test_size=test_size, noise_rate=noise_rate)
+    summary["seconds"] = round(time.monotonic() - began, 1)
+    table = Table(title="flywheel demo: Fashion-MNIST, simulated annotator")
+    for column in ("round", "labels", "strategy", "selected", "model version", "test accuracy", "champion?"):
+        table.add_column(column)
+    for row in summary["rounds"]:
+        table.add_row(
+            str(row["round"]),
+            str(row["labels"]),
+            row["strategy"] if row["selected"] else "-",
+            str(row["selected"]),
+            str(row["model_version"] or "-"),
+            _pct(row["test_accuracy"]),
+            "yes" if row["promoted"] else "no",
+        )
+    console.print(table)
+    for f in summary["finetunes"]:
+        console.print(
+            f"fine-tune v{f['model_version']} ({f['depth']}): held-out {_pct(f['holdout_accuracy'])}, "
+            f"test {_pct(f['test_accuracy'])}, {'promoted' if f['promoted'] else 'kept as challenger'}: {f['reason']}"
+        )
+    console.print(
+        f"labels used: [bold]{summary['labels']}[/], champion: version [bold]{summary['champion']}[/] "
+        f"of {settings.registered_model_name}, time {summary['seconds']:.0f} s"
+    )
+    for name, url in services.urls(settings).items():
+        console.print(f"{name:13s} {url}")
+    console.print("the servers keep running; `make stop` ends them")
+    if out:
+        with open(out, "w") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+
+
+@app.command()
+@_friendly
+def status() -> None:
+    """Samples, labels, rounds and the champion, from the catalog."""
+    from flywheel.catalog import POOL, TEST, Catalog
+
+    settings = _settings()
+    catalog = Catalog(settings.catalog_url)
+    console.print(
+        f"project {settings.project}: {catalog.count_samples(POOL)} pool / {catalog.count_samples(TEST)} test "
+        f"samples, {catalog.count_labels()} labels, {len(catalog.sent_sample_ids())} sent to Label Studio"
+    )
+    table = Table(title="rounds")
+    for column in ("round", "labels", "strategy", "selected", "model version", "held-out", "test"):
+        table.add_column(column)
+    for r in catalog.rounds():
+        table.add_row(
+            str(r.id),
+            str(r.n_labels),
+            r.strategy,
+            str(r.n_selected),
+            str(r.model_version or "-"),
+            _pct(r.holdout_accuracy),
+            _pct(r.test_accuracy),
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
