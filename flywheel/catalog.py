@@ -216,13 +216,13 @@ class Catalog:
     def truth_of(self, sample_ids: Iterable[int]) -> dict[int, str | None]:
         with self.transaction() as s:
             rows = s.execute(select(Sample.id, Sample.truth).where(Sample.id.in_(list(sample_ids))))
-            return dict(rows.tuples())
+            return dict(rows.tuples().all())
 
     # --- labels --------------------------------------------------------------------------------
     def labels(self) -> dict[int, str]:
         """sample id -> current label."""
         with self.transaction() as s:
-            return dict(s.execute(select(Label.sample_id, Label.label)).tuples())
+            return dict(s.execute(select(Label.sample_id, Label.label)).tuples().all())
 
     def count_labels(self) -> int:
         with self.transaction() as s:
