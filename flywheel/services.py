@@ -210,12 +210,13 @@ def _locked(spec: _Spec, settings: Settings) -> Iterator[None]:
 def _launch(spec: _Spec, settings: Settings) -> subprocess.Popen[bytes] | None:
     """Start the server unless it is healthy or already starting; None when nothing was spawned."""
     with _locked(spec, settings):
-        if not _probe(spec) or _read_pid(spec, settings):
+        problem = _probe(spec)
+        if not problem or _read_pid(spec, settings):
             return None
         if _port_open(spec.host, spec.port):
             raise FlywheelError(
                 f"port {spec.port} on {spec.host} is taken by something that is not a usable {spec.name} "
-                f"({_probe(spec)}); stop it or choose another port, e.g. "
+                f"({problem}); stop it or choose another port, e.g. "
                 f"FLYWHEEL_{spec.name.upper()}__PORT=<free port>"
             )
         argv = spec.argv
