@@ -23,7 +23,7 @@ def test_label_config_has_one_choice_per_class_in_order() -> None:
 
 
 def test_label_config_escapes_xml_specials() -> None:
-    nasty = ['a<b', 'fish & chips', 'say "hi"', "it's", "ok>"]
+    nasty = ["a<b", "fish & chips", 'say "hi"', "it's", "ok>"]
     config = label_config(nasty)
     assert "fish & chips" not in config  # a raw & would not be XML
     root = ET.fromstring(config)

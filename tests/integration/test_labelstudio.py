@@ -1,0 +1,323 @@
+"""flywheel.labelstudio and flywheel.annotator against the real Label Studio test server (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from flywheel.annotator import annotate_open_tasks
+from flywheel.catalog import Catalog, NewSample
+from flywheel.config import Settings
+from flywheel.errors import ConfigError, ServiceUnavailableError, UnknownChoiceError
+from flywheel.labelstudio import (
+    META_PROJECT_ID,
+    TaskToPush,
+    choice_result,
+    config_classes,
+    connect,
+    ensure_local_storage,
+    ensure_project,
+    image_url,
+    list_tasks,
+    push_tasks,
+    sync_annotations,
+)
+
+pytestmark = pytest.mark.integration
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+def _make_images(folder: Path, n: int) -> list[NewSample]:
+    """n tiny PNGs in per-class subfolders, with their truths cycling through CLASSES."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        truth = CLASSES[i % len(CLASSES)]
+        path = folder / truth / f"img {i}.png"  # a space: the URL must be quoted
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        samples.append(NewSample(uri=str(path), content_hash=digest, truth=truth))
+    return samples
+
+
+@pytest.fixture
+def client(settings: Settings):  # type: ignore[no-untyped-def]
+    return connect(settings)
+
+
+@pytest.fixture
+def catalog(settings: Settings, tmp_path: Path) -> Catalog:
+    catalog = Catalog(settings.catalog_url)
+    catalog.add_samples(_make_images(tmp_path / "images", 6), source="test", split="pool", classes=CLASSES)
+    return catalog
+
+
+@pytest.fixture
+def project_id(client, settings: Settings, catalog: Catalog) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    project_id = ensure_project(client, settings, catalog, catalog.classes())
+    yield project_id
+    client.projects.delete(project_id)  # keep the shared test server small
+
+
+def _with_ls(settings: Settings, **values: object) -> Settings:
+    """The same settings with some label_studio values replaced."""
+    return settings.model_copy(update={"label_studio": settings.label_studio.model_copy(update=values)})
+
+
+def _to_push(catalog: Catalog, model: str = "cat") -> list[TaskToPush]:
+    return [
+        TaskToPush(sample_id=s.id, path=s.uri, predicted=model, confidence=0.4, score=0.1 * s.id)
+        for s in catalog.samples()
+    ]
+
+
+def _task_count(client, project_id: int) -> int:  # type: ignore[no-untyped-def]
+    return len(list_tasks(client, project_id))
+
+
+# --- projects ----------------------------------------------------------------------------------------
+def test_ensure_project_is_found_again_by_id_and_by_title(client, settings, catalog, project_id, tmp_path):  # type: ignore[no-untyped-def]
+    assert catalog.get_meta(META_PROJECT_ID) == str(project_id)
+    project = client.projects.get(project_id)
+    assert project.title == settings.labelstudio_project_title
+    assert config_classes(project.label_config) == CLASSES
+    assert ensure_project(client, settings, catalog, CLASSES) == project_id
+    other = Catalog(f"sqlite:///{tmp_path / 'other.db'}")  # no meta: found by title, not created again
+    assert ensure_project(client, settings, other, CLASSES) == project_id
+    assert other.get_meta(META_PROJECT_ID) == str(project_id)
+    titled = [p for p in client.projects.list(title=settings.labelstudio_project_title)]
+    assert len([p for p in titled if p.title == settings.labelstudio_project_title]) == 1
+
+
+def test_ensure_project_adds_new_classes_to_the_config(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    assert ensure_project(client, settings, catalog, [*CLASSES, "fish & chips"]) == project_id
+    assert config_classes(client.projects.get(project_id).label_config) == [*CLASSES, "fish & chips"]
+    # a shorter list never drops a choice Label Studio may already hold annotations for
+    ensure_project(client, settings, catalog, ["cat"])
+    assert config_classes(client.projects.get(project_id).label_config) == [*CLASSES, "fish & chips"]
+
+
+# --- pushing -----------------------------------------------------------------------------------------
+def test_push_creates_tasks_with_predictions_once(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    round_id = catalog.start_round(strategy="entropy", n_labels=0)
+    pushed = push_tasks(
+        client, catalog, settings, project_id, _to_push(catalog), model_version="m-7", round_id=round_id
+    )
+    samples = {s.id: s for s in catalog.samples()}
+    assert set(pushed) == set(samples)
+    assert catalog.sent_sample_ids() == set(samples)
+
+    tasks = {t.id: t for t in list_tasks(client, project_id, fields="all")}
+    assert set(tasks) == set(pushed.values())
+    for sample_id, task_id in pushed.items():
+        task = tasks[task_id]
+        assert task.data["sample_id"] == sample_id
+        assert task.data["image"] == image_url(samples[sample_id].uri, settings)
+        (prediction,) = task.predictions
+        prediction = prediction if isinstance(prediction, dict) else prediction.model_dump()
+        assert prediction["model_version"] == "m-7"
+        assert prediction["score"] == pytest.approx(0.1 * sample_id)
+        assert prediction["result"][0]["value"]["choices"] == ["cat"]
+
+    again = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m-8", round_id=None)
+    assert again == {}
+    assert _task_count(client, project_id) == len(samples)
+
+
+def test_cold_start_push_has_no_prediction(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog)[:2], model_version=None, round_id=None)
+    assert len(pushed) == 2
+    tasks = list_tasks(client, project_id, fields="all")
+    assert len(tasks) == 2 and all(not t.predictions for t in tasks)
+
+
+def test_push_of_an_unknown_predicted_class_sends_nothing(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownChoiceError, match="'zebra'"):
+        push_tasks(client, catalog, settings, project_id, _to_push(catalog, "zebra"), model_version="m", round_id=None)
+    assert _task_count(client, project_id) == 0
+    assert catalog.sent_sample_ids() == set()
+
+
+def test_pushed_image_is_served(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    sample = catalog.samples()[0]
+    (task_id,) = push_tasks(
+        client, catalog, settings, project_id, _to_push(catalog)[:1], model_version="m", round_id=None
+    ).values()
+    url = settings.label_studio.url + client.tasks.get(task_id).data["image"]
+    headers = {"Authorization": f"Token {settings.label_studio.token.get_secret_value()}"}
+    response = httpx.get(url, headers=headers, timeout=10)
+    assert response.status_code == 200
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert response.content == Path(sample.uri).read_bytes()
+    # the storage covers the class folder; an image outside every storage is not served
+    stray = Path(sample.uri).parents[2] / "stray.png"
+    Image.new("RGB", (4, 4)).save(stray)
+    assert httpx.get(settings.label_studio.url + image_url(str(stray), settings), headers=headers).status_code == 404
+
+
+def test_crash_between_import_and_record_is_reconciled(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    samples = catalog.samples()
+    orphan = samples[0]
+    # the import reached Label Studio, the catalog write did not
+    response = client.projects.import_tasks(
+        project_id,
+        request=[{"data": {"image": image_url(orphan.uri, settings), "sample_id": orphan.id}}],
+        return_task_ids=True,
+    )
+    (orphan_task,) = response.task_ids
+    assert catalog.sent_sample_ids() == set()
+
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    assert pushed[orphan.id] == orphan_task
+    assert set(pushed) == {s.id for s in samples}
+    assert _task_count(client, project_id) == len(samples)  # recorded, not duplicated
+    assert catalog.sent_sample_ids() == {s.id for s in samples}
+
+
+def test_local_storage_is_created_once_and_only_below_the_document_root(client, settings, project_id, tmp_path):  # type: ignore[no-untyped-def]
+    folder = tmp_path / "images"
+    ensure_local_storage(client, project_id, folder, settings)
+    ensure_local_storage(client, project_id, folder, settings)
+    assert [s.path for s in client.import_storage.local.list(project=project_id)] == [str(folder)]
+
+    root = tmp_path / "root"
+    narrow = _with_ls(settings, document_root=root)
+    with pytest.raises(ConfigError) as info:
+        ensure_local_storage(client, project_id, folder, narrow)
+    assert str(folder) in str(info.value) and str(root) in str(info.value)
+
+
+# --- annotating and syncing --------------------------------------------------------------------------
+def test_annotate_then_sync_stores_the_truth_once(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    samples = catalog.samples()
+    assert annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0), limit=4) == 4
+    assert annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0)) == len(samples) - 4
+    assert annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0)) == 0
+
+    first = sync_annotations(client, catalog, project_id)
+    assert (first.new, first.updated, first.unchanged, first.skipped, first.rejected) == (len(samples), 0, 0, 0, [])
+    assert catalog.labels() == {s.id: s.truth for s in samples}
+
+    second = sync_annotations(client, catalog, project_id)
+    assert (second.new, second.updated, second.unchanged, second.rejected) == (0, 0, len(samples), [])
+
+
+def test_noisy_annotator_changes_every_label_when_noise_is_one(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    assert annotate_open_tasks(client, catalog, project_id, noise_rate=1.0, rng=np.random.default_rng(1)) == 6
+    assert sync_annotations(client, catalog, project_id).new == 6
+    labels = catalog.labels()
+    assert all(labels[s.id] != s.truth and labels[s.id] in CLASSES for s in catalog.samples())
+
+
+def test_task_without_truth_is_left_for_a_person(client, settings, catalog, project_id, tmp_path):  # type: ignore[no-untyped-def]
+    (unknown,) = _make_images(tmp_path / "unlabelled", 1)
+    catalog.add_samples(
+        [NewSample(uri=unknown.uri, content_hash=unknown.content_hash)], source="t", split="pool", classes=[]
+    )
+    push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    assert annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0)) == 6
+    open_tasks = [t for t in list_tasks(client, project_id, fields="all") if not t.annotations]
+    assert [t.data["image"] for t in open_tasks] == [image_url(unknown.uri, settings)]
+
+
+def test_label_outside_the_classes_is_rejected_and_reported(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    ensure_project(client, settings, catalog, [*CLASSES, "zebra"])  # someone added a choice in the UI only
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    bad_sample, bad_task = next(iter(pushed.items()))
+    client.annotations.create(id=bad_task, result=choice_result("zebra"))
+    annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0))
+
+    report = sync_annotations(client, catalog, project_id)
+    assert report.new == len(pushed) - 1
+    assert len(report.rejected) == 1
+    assert f"task {bad_task}" in report.rejected[0] and "'zebra'" in report.rejected[0]
+    assert bad_sample not in catalog.labels()
+    assert "zebra" not in catalog.classes()
+    assert sync_annotations(client, catalog, project_id).rejected == report.rejected  # reported every time
+
+
+def test_skips_are_counted_and_corrections_update(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    (skip_sample, skip_task), (fix_sample, fix_task) = list(pushed.items())[:2]
+    client.annotations.create(id=skip_task, result=[], was_cancelled=True)
+    annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0))  # skipped task is not open
+    first = sync_annotations(client, catalog, project_id)
+    assert (first.new, first.skipped) == (len(pushed) - 1, 1)
+    assert skip_sample not in catalog.labels()
+
+    truth = catalog.truth_of([fix_sample])[fix_sample]
+    other = next(c for c in CLASSES if c != truth)
+    correction = client.annotations.create(id=fix_task, result=choice_result(other))  # a second annotator
+    second = sync_annotations(client, catalog, project_id)
+    assert (second.new, second.updated, second.unchanged, second.skipped) == (0, 1, len(pushed) - 2, 1)
+    assert catalog.labels()[fix_sample] == other
+
+    client.annotations.update(id=correction.id, result=choice_result(truth))  # edited back
+    third = sync_annotations(client, catalog, project_id)
+    assert third.updated == 1 and catalog.labels()[fix_sample] == truth
+
+
+def test_sync_records_annotator_and_annotation_id(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from flywheel.catalog import Label
+
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog)[:1], model_version="m", round_id=None)
+    ((sample_id, task_id),) = pushed.items()
+    annotation = client.annotations.create(id=task_id, result=choice_result("dog"))
+    sync_annotations(client, catalog, project_id)
+    with catalog.transaction() as session:
+        row = session.scalars(select(Label).where(Label.sample_id == sample_id)).one()
+        assert (row.label, row.annotator, row.ls_annotation_id, row.origin) == (
+            "dog",
+            settings.label_studio.username,
+            annotation.id,
+            "labelstudio",
+        )
+
+
+# --- connecting --------------------------------------------------------------------------------------
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_connect_to_a_closed_port_names_the_url_and_leaves_the_catalog(settings, catalog, tmp_path):  # type: ignore[no-untyped-def]
+    before = (catalog.labels(), catalog.sent_sample_ids(), catalog.get_meta(META_PROJECT_ID), catalog.samples())
+    down = _with_ls(settings, port=_closed_port())
+    with pytest.raises(ServiceUnavailableError) as info:
+        connect(down)
+    assert down.label_studio.url in str(info.value)
+    assert info.value.url == down.label_studio.url
+    after = (catalog.labels(), catalog.sent_sample_ids(), catalog.get_meta(META_PROJECT_ID), catalog.samples())
+    assert after == before
+
+
+def test_connect_with_a_wrong_token_names_the_setting_not_the_token(settings):  # type: ignore[no-untyped-def]
+    wrong = "not-the-token-" + settings.project
+    bad = _with_ls(settings, token=SecretStr(wrong))
+    with pytest.raises(ConfigError) as info:
+        connect(bad)
+    assert "FLYWHEEL_LABEL_STUDIO__TOKEN" in str(info.value)
+    assert wrong not in str(info.value)
+    assert settings.label_studio.token.get_secret_value() not in str(info.value)
+
+
+def test_sync_of_an_empty_project_reports_nothing(client, catalog, project_id):  # type: ignore[no-untyped-def]
+    report = sync_annotations(client, catalog, project_id)
+    assert (report.new, report.updated, report.unchanged, report.skipped, report.rejected) == (0, 0, 0, 0, [])
+    assert json.dumps(catalog.labels()) == "{}"
