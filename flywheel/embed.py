@@ -1,0 +1,252 @@
+"""Embeddings: run a frozen body over images once, and keep the vectors on disk keyed by sample id.
+
+Every round reuses the pool's embeddings (for the linear head, FAISS and diversity strategies), so only
+new samples — or a new body (backbone, weights version, image size: the store key) — cost a forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from flywheel.backbones import BackboneSpec
+from flywheel.errors import DataError, FlywheelError
+from flywheel.images import ImageDataset
+
+# Images embedded between two saves in embed_samples: bounds the work lost to a crash, while keeping the
+# number of whole-file rewrites (each O(store size)) small.
+SAVE_EVERY = 8192
+
+
+class MissingEmbeddingsError(FlywheelError, KeyError):
+    """Some requested ids have no vector in the store (embed them first with embed_samples)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto" to cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DataError(f"unknown device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {name!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def _progress(enabled: bool):
+    """A transient rich progress bar, or a null context yielding None."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+def embed_paths(
+    paths: Sequence[str],
+    body: nn.Module,
+    spec: BackboneSpec,
+    *,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features of each image: (N, D) float32, row i for paths[i]. bf16 autocast on CUDA, fp32 on CPU."""
+    out = np.empty((len(paths), spec.embedding_dim), dtype=np.float32)
+    if not len(paths):
+        return out
+    cuda = device.type == "cuda"
+    loader = DataLoader(
+        ImageDataset(paths, spec, image_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=cuda,
+    )
+    body.eval().to(device, memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    row = 0
+    with _progress(progress) as bar, torch.inference_mode(), autocast:
+        task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(paths)) if bar else None
+        for x in loader:
+            x = x.to(device, non_blocking=cuda, memory_format=torch.channels_last)
+            feats = body(x).float().cpu().numpy()
+            if feats.shape[1] != spec.embedding_dim:
+                raise FlywheelError(
+                    f"{spec.name} body gave {feats.shape[1]}-d features, spec says {spec.embedding_dim}"
+                )
+            out[row : row + len(feats)] = feats
+            row += len(feats)
+            if bar is not None:
+                bar.update(task, advance=len(feats))
+    return out
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """np.save to a temp file in the same directory, fsync, then os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EmbeddingStore:
+    """Embeddings on disk per (backbone, weights version, image size), keyed by sample id; incremental and atomic.
+
+    Files: root/key/ids.npy (N,) int64 and root/key/vectors.npy (N, D) float32, each replaced atomically.
+    `add` writes vectors before ids and only ever appends rows, so a crash between the two replaces leaves
+    extra trailing vectors, which loading drops. One writer per key at a time.
+    """
+
+    def __init__(self, root: Path, key: str):
+        self.dir = Path(root) / key
+        self.key = key
+        self._ids: np.ndarray | None = None
+        self._vectors: np.ndarray | None = None
+
+    @staticmethod
+    def key_for(spec: BackboneSpec, weights_version: str, image_size: int) -> str:
+        """A filesystem-safe name: a different body or input size must never share cached vectors."""
+        raw = f"{spec.name}__{spec.weights_id}__{weights_version}__{image_size}px"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
+
+    # -- loading
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._ids is None:
+            ids_path, vec_path = self.dir / "ids.npy", self.dir / "vectors.npy"
+            if ids_path.exists() and vec_path.exists():
+                ids = np.load(ids_path)
+                vectors = np.load(vec_path)
+                if len(vectors) < len(ids):
+                    raise DataError(
+                        f"embedding store {self.dir} is inconsistent: {len(ids)} ids but {len(vectors)} "
+                        "vectors; delete the directory to re-embed"
+                    )
+                vectors = vectors[: len(ids)]  # rows appended by an add whose ids never landed
+            else:
+                ids, vectors = np.empty(0, np.int64), None
+            self._ids, self._vectors = ids.astype(np.int64, copy=False), vectors
+        return self._ids, self._vectors  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._load()[0])
+
+    def _positions(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each id in the store and a mask of which ids are present."""
+        stored, _ = self._load()
+        query = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(stored):
+            return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+        order = np.argsort(stored, kind="stable")
+        sorted_ids = stored[order]
+        at = np.clip(np.searchsorted(sorted_ids, query), 0, len(sorted_ids) - 1)
+        found = sorted_ids[at] == query
+        return order[at], found
+
+    # -- public API
+    def missing(self, ids: Sequence[int]) -> list[int]:
+        """The ids (in the given order, without repeats) that have no vector yet."""
+        _, found = self._positions(ids)
+        return list(dict.fromkeys(int(i) for i, ok in zip(np.asarray(ids).reshape(-1), found, strict=True) if not ok))
+
+    def get(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), D) float32, rows in the order of ids."""
+        rows, found = self._positions(ids)
+        if not found.all():
+            absent = np.asarray(ids, dtype=np.int64).reshape(-1)[~found]
+            raise MissingEmbeddingsError(
+                f"{len(absent)} of {len(found)} ids have no embedding under {self.key} "
+                f"(e.g. {absent[:5].tolist()}); run embed_samples first"
+            )
+        _, vectors = self._load()
+        if vectors is None:  # only reachable with an empty query
+            return np.empty((0, 0), np.float32)
+        return vectors[rows]
+
+    def add(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Store vectors (N, D) for ids (N,); ids already stored are overwritten with the new vectors."""
+        new_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(new_ids):
+            raise DataError(f"add: {len(new_ids)} ids but vectors of shape {vectors.shape}")
+        if len(np.unique(new_ids)) != len(new_ids):
+            raise DataError("add: ids contain duplicates")
+        if not len(new_ids):
+            return
+        stored, old = self._load()
+        if old is not None and old.shape[1] != vectors.shape[1]:
+            raise DataError(f"add: {vectors.shape[1]}-d vectors into a {old.shape[1]}-d store {self.dir}")
+        rows, found = self._positions(new_ids)
+        if old is None:
+            all_ids, all_vectors = new_ids, vectors
+        else:
+            old = old.copy()
+            old[rows[found]] = vectors[found]  # overwrite in place: row order of existing ids is kept
+            all_ids = np.concatenate([stored, new_ids[~found]])
+            all_vectors = np.concatenate([old, vectors[~found]])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(self.dir / "vectors.npy", all_vectors)  # vectors first: see the class docstring
+        _atomic_save(self.dir / "ids.npy", all_ids)
+        self._ids, self._vectors = all_ids, all_vectors
+
+
+def embed_samples(
+    store: EmbeddingStore,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    body: nn.Module,
+    spec: BackboneSpec,
+    *,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order."""
+    if len(ids) != len(paths):
+        raise DataError(f"embed_samples: {len(ids)} ids but {len(paths)} paths")
+    path_of = dict(zip((int(i) for i in ids), paths, strict=True))
+    todo = store.missing(ids)
+    for start in range(0, len(todo), SAVE_EVERY):
+        chunk = todo[start : start + SAVE_EVERY]
+        vectors = embed_paths(
+            [path_of[i] for i in chunk],
+            body,
+            spec,
+            image_size=image_size,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        store.add(chunk, vectors)
+    return store.get(ids)

@@ -1,0 +1,314 @@
+"""Fine-tuning a Classifier end to end, the way TRANSFER.md prescribes (LP-FT).
+
+1. Head phase (`settings.head_epochs`): body frozen, only the new head trains. A fresh head is random and
+   its large early errors would wreck pretrained weights if they could move.
+2. Body phase: unfreeze the groups `policy.choose_depth` decided, with discriminative learning rates
+   (head, head/10, head/100 inwards), a fresh warmup + cosine schedule, weight decay and label smoothing.
+   Frozen groups keep BatchNorm in eval mode (their ImageNet statistics stay intact).
+
+Every epoch is scored on the validation set and the best epoch's weights are returned: fine-tuning can
+overfit or transfer negatively, and the caller compares the result against the simpler model anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from flywheel.backbones import Classifier, get_spec
+from flywheel.config import FinetuneSettings
+from flywheel.embed import resolve_device
+from flywheel.errors import DataError
+from flywheel.images import ImageDataset
+from flywheel.policy import DepthDecision, freeze_body, param_groups, set_frozen_eval
+
+LABEL_SMOOTHING = 0.1
+WARMUP_FRACTION = 0.1  # of each phase's optimizer steps; at least one step
+VAL_CACHE_BYTES = 1 << 30  # keep the preprocessed validation set in memory below this size
+
+
+@dataclass
+class FinetuneResult:
+    """The best-validation-epoch model (on CPU, eval mode) and what happened, for MLflow and the logs."""
+
+    classifier: Classifier
+    decision: DepthDecision
+    history: list[dict]  # per epoch: epoch, phase ("head"|"body"), train_loss, val_accuracy, val_loss, seconds
+    lr_by_group: dict[str, float]  # peak learning rate of each trained group ("head", "stage7", ...)
+    seconds: float
+    device: str
+    best_epoch: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _check_targets(paths: Sequence[str], targets: np.ndarray, n_classes: int, what: str) -> np.ndarray:
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if len(targets) != len(paths):
+        raise DataError(f"{what}: {len(paths)} paths but {len(targets)} targets")
+    if len(targets) and (targets.min() < 0 or targets.max() >= n_classes):
+        raise DataError(f"{what}: targets must lie in [0, {n_classes}), got [{targets.min()}, {targets.max()}]")
+    return targets
+
+
+def _num_workers(device: torch.device) -> int:
+    """Decode in the main process on CPU (the cores are busy with the model); in workers on CUDA."""
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over WARMUP_FRACTION of the steps, then cosine decay to zero."""
+    warmup = max(1, math.ceil(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _batches(
+    classifier: Classifier, paths: Sequence[str], targets: np.ndarray | None, batch_size: int, device: torch.device
+) -> DataLoader:
+    spec = get_spec(classifier.backbone)
+    dataset = ImageDataset(paths, spec, classifier.image_size, targets)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=_num_workers(device),
+        pin_memory=device.type == "cuda",
+    )
+
+
+@torch.inference_mode()
+def _logits(model: Classifier, batches, device: torch.device) -> torch.Tensor:
+    """(N, C) float32 logits on CPU over an iterable of x or (x, y) batches."""
+    model.eval()
+    out = []
+    with _autocast(device):
+        for batch in batches:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(model.classes))
+
+
+def predict_proba(
+    classifier: Classifier,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "auto",
+) -> np.ndarray:
+    """Class probabilities (N, C) float32, rows sum to 1, columns in classifier.classes order."""
+    dev = _as_device(device)
+    classifier.to(dev, memory_format=torch.channels_last)
+    logits = _logits(classifier, _batches(classifier, paths, None, batch_size, dev), dev)
+    return torch.softmax(logits, dim=1).numpy().astype(np.float32)
+
+
+def evaluate(
+    classifier: Classifier,
+    paths: Sequence[str],
+    targets: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "auto",
+) -> float:
+    """Top-1 accuracy on the given images (NaN when there are none)."""
+    targets = _check_targets(paths, targets, len(classifier.classes), "evaluate")
+    if not len(targets):
+        return float("nan")
+    probs = predict_proba(classifier, paths, batch_size=batch_size, device=device)
+    return float((probs.argmax(1) == targets).mean())
+
+
+def _train_epoch(
+    model: Classifier,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    device: torch.device,
+) -> float:
+    """One pass over the training set; returns the mean training loss."""
+    model.train()
+    set_frozen_eval(model.body)  # after .train(): frozen groups keep their BatchNorm statistics
+    total, count = 0.0, 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with _autocast(device):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+    return total / max(1, count)
+
+
+def finetune(
+    classifier: Classifier,
+    train_paths: Sequence[str],
+    train_targets: np.ndarray,
+    val_paths: Sequence[str],
+    val_targets: np.ndarray,
+    *,
+    decision: DepthDecision,
+    settings: FinetuneSettings,
+    seed: int,
+    progress: bool = True,
+) -> FinetuneResult:
+    """LP-FT fine-tune of a copy of `classifier`; the input is left untouched (it stays the champion).
+
+    targets: (N,) int in [0, C), indices into classifier.classes. With no validation images the last
+    epoch's weights are returned (and a note says so).
+    """
+    started = time.perf_counter()
+    n_classes = len(classifier.classes)
+    train_targets = _check_targets(train_paths, train_targets, n_classes, "train")
+    val_targets = _check_targets(val_paths, val_targets, n_classes, "validation")
+    if not len(train_targets):
+        raise DataError("fine-tune needs at least one training image, got 0")
+    device = resolve_device(settings.device)
+    spec = get_spec(classifier.backbone)
+    cuda = device.type == "cuda"
+    notes: list[str] = []
+
+    with torch.random.fork_rng(devices=[device] if cuda else []):  # leave the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = copy.deepcopy(classifier).to(device, memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(seed)
+        n_train = len(train_targets)
+        loader = DataLoader(
+            ImageDataset(train_paths, spec, classifier.image_size, train_targets, augment=True),
+            batch_size=settings.batch_size,
+            shuffle=True,
+            generator=gen,
+            num_workers=_num_workers(device),
+            pin_memory=cuda,
+            # BatchNorm cannot train on a batch of one: drop such a trailing batch.
+            drop_last=n_train % settings.batch_size == 1 and n_train > 1,
+        )
+        val_loader = _batches(model, val_paths, val_targets, 256, device)
+        val_cache = None
+        if len(val_targets) * 3 * classifier.image_size**2 * 4 <= VAL_CACHE_BYTES:
+            val_cache = [x for x, _ in val_loader]  # decode and resize the validation set once
+        val_y = torch.as_tensor(val_targets)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+        steps = len(loader)
+
+        head_epochs = min(settings.head_epochs, settings.epochs)
+        if decision.trainable_groups == 0:
+            head_epochs = settings.epochs  # the decision is "head only": every epoch is a head epoch
+        elif head_epochs == 0:
+            notes.append("head_epochs=0: body unfrozen with a random head (no LP-FT warm start)")
+        body_epochs = settings.epochs - head_epochs
+
+        history: list[dict] = []
+        best: tuple[float, float] | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        best_epoch = 0
+        lr_by_group: dict[str, float] = {}
+        bar_ctx = nullcontext(None)
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            bar_ctx = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+        with bar_ctx as bar:
+            task = bar.add_task("fine-tune", total=settings.epochs) if bar else None
+            for phase, n_epochs in (("head", head_epochs), ("body", body_epochs)):
+                if n_epochs == 0:
+                    continue
+                if phase == "head":
+                    freeze_body(model)
+                    groups = [
+                        {
+                            "name": "head",
+                            "params": list(model.head.parameters()),
+                            "lr": settings.head_lr,
+                            "weight_decay": settings.weight_decay,
+                        }
+                    ]
+                else:
+                    groups = param_groups(model, decision, settings.head_lr, settings.weight_decay)
+                lr_by_group.update({g["name"]: g["lr"] for g in groups})
+                optimizer = torch.optim.AdamW(groups)
+                scheduler = _warmup_cosine(optimizer, n_epochs * steps)
+                for _ in range(n_epochs):
+                    t0 = time.perf_counter()
+                    train_loss = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device)
+                    entry: dict = {
+                        "epoch": len(history) + 1,
+                        "phase": phase,
+                        "train_loss": train_loss,
+                        "val_accuracy": None,
+                        "val_loss": None,
+                    }
+                    if len(val_targets):
+                        logits = _logits(model, val_cache if val_cache is not None else val_loader, device)
+                        entry["val_accuracy"] = float((logits.argmax(1) == val_y).float().mean())
+                        entry["val_loss"] = float(nn.functional.cross_entropy(logits, val_y))
+                        score = (entry["val_accuracy"], -entry["val_loss"])
+                        if best is None or score > best:  # accuracy first; ties go to the lower loss
+                            best, best_epoch = score, entry["epoch"]
+                            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    entry["seconds"] = time.perf_counter() - t0
+                    history.append(entry)
+                    if bar is not None:
+                        acc = entry["val_accuracy"]
+                        bar.update(
+                            task,
+                            advance=1,
+                            description=f"fine-tune {phase} "
+                            f"loss {train_loss:.3f}" + (f" val {acc:.3f}" if acc is not None else ""),
+                        )
+
+    if best_state is None:
+        notes.append("no validation images: returning the last epoch's weights")
+        best_epoch = len(history)
+    model = model.to("cpu", memory_format=torch.contiguous_format)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return FinetuneResult(
+        classifier=model,
+        decision=decision,
+        history=history,
+        lr_by_group=lr_by_group,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        best_epoch=best_epoch,
+        notes=notes,
+    )
