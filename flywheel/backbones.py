@@ -48,9 +48,7 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", 1280, LITE_MEAN, LITE_STD, "imagenet-effnet-lite0-pypi"
-    ),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 1280, LITE_MEAN, LITE_STD, "imagenet-effnet-lite0-pypi"),
     "resnet18": BackboneSpec("resnet18", 512, IMAGENET_MEAN, IMAGENET_STD, "ResNet18_Weights.IMAGENET1K_V1"),
     "resnet50": BackboneSpec("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, "ResNet50_Weights.IMAGENET1K_V2"),
     "efficientnet_b0": BackboneSpec(
@@ -163,7 +161,7 @@ def _torchvision_body(name: str, pretrained: bool) -> nn.Module:
         weights = get_weight(get_spec(name).weights_id)
     try:
         model = getattr(models, name)(weights=weights, progress=False)
-    except RuntimeError as exc:  # a truncated or corrupt file in the cache
+    except Exception as exc:  # a truncated or corrupt file in the cache (torch.load raises several types)
         raise WeightsUnavailableError(
             f"backbone {name}: cached weights at {weights_cache_path(name)} do not load ({exc}); "
             "delete the file and copy a good one there, or use efficientnet_lite0"
