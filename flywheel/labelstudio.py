@@ -21,9 +21,9 @@ from xml.sax.saxutils import quoteattr
 import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from flywheel.catalog import Catalog, Label
+from flywheel.catalog import Catalog, Label, Task
 from flywheel.config import Settings
 from flywheel.errors import ConfigError, DataError, FlywheelError, ServiceUnavailableError, UnknownChoiceError
 
@@ -51,9 +51,7 @@ def connect(settings: Settings) -> LabelStudio:
         raise ServiceUnavailableError(SERVICE, url, f"{type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
         raise ServiceUnavailableError(SERVICE, url, f"GET /health answered HTTP {response.status_code}")
-    client = LabelStudio(
-        base_url=url, api_key=settings.label_studio.token.get_secret_value(), timeout=API_TIMEOUT_S
-    )
+    client = LabelStudio(base_url=url, api_key=settings.label_studio.token.get_secret_value(), timeout=API_TIMEOUT_S)
     try:
         client.users.whoami()
     except ApiError as exc:
@@ -63,9 +61,7 @@ def connect(settings: Settings) -> LabelStudio:
                 "FLYWHEEL_LABEL_STUDIO__TOKEN (label_studio.token) to the legacy API token "
                 "of a user of that server"
             ) from None
-        raise ServiceUnavailableError(
-            SERVICE, url, f"GET /api/current-user/whoami -> HTTP {exc.status_code}"
-        ) from None
+        raise ServiceUnavailableError(SERVICE, url, f"GET /api/current-user/whoami -> HTTP {exc.status_code}") from None
     except httpx.HTTPError as exc:
         raise ServiceUnavailableError(SERVICE, url, f"{type(exc).__name__}: {exc}") from None
     return client
@@ -124,15 +120,11 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
                 ) from None
             log.warning("Label Studio project %s is gone; looking for %r instead", stored, title)
     if project is None:
-        matches = sorted(
-            (p for p in client.projects.list(title=title) if p.title == title), key=lambda p: p.id
-        )
+        matches = sorted((p for p in client.projects.list(title=title) if p.title == title), key=lambda p: p.id)
         if matches:
             project = client.projects.get(matches[0].id)
             if len(matches) > 1:
-                log.warning(
-                    "%d Label Studio projects are titled %r; using id %s", len(matches), title, project.id
-                )
+                log.warning("%d Label Studio projects are titled %r; using id %s", len(matches), title, project.id)
     if project is None:
         project = client.projects.create(
             title=title,
@@ -161,9 +153,7 @@ def _document_root(settings: Settings) -> Path:
 def _under_root(path: str | Path, settings: Settings, what: str) -> tuple[Path, Path]:
     """(normalised absolute path, its path relative to the document root), or a ConfigError naming both."""
     if not Path(path).is_absolute():
-        raise DataError(
-            f"{what} {str(path)!r} is not an absolute path; Label Studio serves absolute paths only"
-        )
+        raise DataError(f"{what} {str(path)!r} is not an absolute path; Label Studio serves absolute paths only")
     absolute = Path(os.path.normpath(path))
     root = _document_root(settings)
     if root not in absolute.parents:
@@ -182,9 +172,7 @@ def image_url(path: str, settings: Settings) -> str:
 
 
 def _storage_paths(client: LabelStudio, project_id: int) -> set[Path]:
-    return {
-        Path(os.path.normpath(s.path)) for s in client.import_storage.local.list(project=project_id) if s.path
-    }
+    return {Path(os.path.normpath(s.path)) for s in client.import_storage.local.list(project=project_id) if s.path}
 
 
 def ensure_local_storage(client: LabelStudio, project_id: int, folder: Path, settings: Settings) -> None:
@@ -215,9 +203,7 @@ def _create_storage(client: LabelStudio, project_id: int, folder: Path) -> None:
     log.info("Label Studio project %s now serves files below %s", project_id, folder)
 
 
-def _ensure_storages_for(
-    client: LabelStudio, project_id: int, paths: Iterable[str], settings: Settings
-) -> None:
+def _ensure_storages_for(client: LabelStudio, project_id: int, paths: Iterable[str], settings: Settings) -> None:
     """One storage per parent folder not already covered by a storage of the project (listed once)."""
     known = _storage_paths(client, project_id)
     for parent in sorted({_under_root(p, settings, "image")[0].parent for p in paths}):
@@ -257,12 +243,19 @@ def task_sample_id(data: dict[str, Any] | None) -> int | None:
 
 
 def _task_sample_ids(
-    client: LabelStudio, project_id: int, task_ids: Sequence[int] | None = None
+    client: LabelStudio,
+    project_id: int,
+    *,
+    task_ids: Sequence[int] | None = None,
+    after_task_id: int | None = None,
 ) -> dict[int, int]:
-    """Label Studio task id -> data.sample_id for the project's tasks (or just `task_ids`)."""
+    """Label Studio task id -> data.sample_id for the project's tasks: all, just `task_ids`, or those
+    with an id above `after_task_id`."""
     query = None
     if task_ids is not None:
         query = json.dumps({"selectedItems": {"all": False, "included": list(task_ids)}})
+    elif after_task_id is not None:
+        query = filter_query([number_filter("id", "greater", after_task_id)])
     out: dict[int, int] = {}
     for task in list_tasks(client, project_id, query=query):
         sample_id = task_sample_id(task.data)
@@ -327,12 +320,14 @@ def push_tasks(
         for task in todo.values():
             if task.predicted not in allowed:
                 raise UnknownChoiceError("predicted class", task.predicted, allowed)
-    payloads = {
-        sid: _task_payload(task, settings, model_version) for sid, task in todo.items()
-    }  # checks paths
+    payloads = {sid: _task_payload(task, settings, model_version) for sid, task in todo.items()}  # checks paths
 
+    # Reconcile. Every push records what it imported, or the next push finds it here first, so tasks the
+    # catalog lacks have ids above the highest it recorded for the project: list only those (cheap).
+    with catalog.transaction() as session:
+        last = session.scalar(select(func.max(Task.ls_task_id)).where(Task.ls_project_id == project_id))
     recorded: dict[int, int] = {}
-    for task_id, sample_id in sorted(_task_sample_ids(client, project_id).items()):
+    for task_id, sample_id in sorted(_task_sample_ids(client, project_id, after_task_id=last).items()):
         if sample_id in todo and sample_id not in recorded:  # the oldest task wins if there are several
             recorded[sample_id] = task_id
     if recorded:
@@ -351,7 +346,7 @@ def push_tasks(
                 f"{SERVICE} created {len(task_ids)} tasks for {len(chunk)} samples in project {project_id} "
                 f"(import response: {response}); the next push reconciles what was created"
             )
-        created = _task_sample_ids(client, project_id, task_ids)
+        created = _task_sample_ids(client, project_id, task_ids=task_ids)
         by_sample = {sample_id: task_id for task_id, sample_id in created.items()}
         missing = [sid for sid in chunk if sid not in by_sample]
         if missing or len(by_sample) != len(chunk):

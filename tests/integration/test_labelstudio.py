@@ -185,6 +185,25 @@ def test_crash_between_import_and_record_is_reconciled(client, settings, catalog
     assert catalog.sent_sample_ids() == {s.id for s in samples}
 
 
+def test_crash_after_earlier_rounds_is_reconciled(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    samples = catalog.samples()
+    first = push_tasks(client, catalog, settings, project_id, _to_push(catalog)[:2], model_version="m", round_id=None)
+    # round two crashed after importing two tasks (both above the ids the catalog recorded)
+    orphans = samples[2:4]
+    response = client.projects.import_tasks(
+        project_id,
+        request=[{"data": {"image": image_url(s.uri, settings), "sample_id": s.id}} for s in orphans],
+        return_task_ids=True,
+    )
+    assert min(response.task_ids) > max(first.values())
+
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    assert {s.id: pushed[s.id] for s in orphans} == dict(zip([s.id for s in orphans], response.task_ids, strict=True))
+    assert set(pushed) == {s.id for s in samples[2:]}
+    assert _task_count(client, project_id) == len(samples)
+    assert catalog.sent_sample_ids() == {s.id for s in samples}
+
+
 def test_local_storage_is_created_once_and_only_below_the_document_root(client, settings, project_id, tmp_path):  # type: ignore[no-untyped-def]
     folder = tmp_path / "images"
     ensure_local_storage(client, project_id, folder, settings)
