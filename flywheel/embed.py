@@ -131,6 +131,7 @@ class EmbeddingStore:
         self.key = key
         self._ids: np.ndarray | None = None
         self._vectors: np.ndarray | None = None
+        self._stamp: tuple[int, int, int] | None = None  # ids.npy (inode, size, mtime) when loaded
 
     @staticmethod
     def key_for(spec: BackboneSpec, weights_version: str, image_size: int) -> str:
@@ -139,8 +140,17 @@ class EmbeddingStore:
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
 
     # -- loading
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = (self.dir / "ids.npy").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._ids is None:
+        """The stored arrays, re-read when another writer (process or instance) replaced the files."""
+        stamp = self._file_stamp()
+        if self._ids is None or stamp != self._stamp:
             ids_path, vec_path = self.dir / "ids.npy", self.dir / "vectors.npy"
             if ids_path.exists() and vec_path.exists():
                 ids = np.load(ids_path)
@@ -153,7 +163,7 @@ class EmbeddingStore:
                 vectors = vectors[: len(ids)]  # rows appended by an add whose ids never landed
             else:
                 ids, vectors = np.empty(0, np.int64), None
-            self._ids, self._vectors = ids.astype(np.int64, copy=False), vectors
+            self._ids, self._vectors, self._stamp = ids.astype(np.int64, copy=False), vectors, stamp
         return self._ids, self._vectors  # type: ignore[return-value]
 
     def __len__(self) -> int:
@@ -215,7 +225,7 @@ class EmbeddingStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.dir / "vectors.npy", all_vectors)  # vectors first: see the class docstring
         _atomic_save(self.dir / "ids.npy", all_ids)
-        self._ids, self._vectors = all_ids, all_vectors
+        self._ids, self._vectors, self._stamp = all_ids, all_vectors, self._file_stamp()
 
 
 def embed_samples(

@@ -1,0 +1,144 @@
+"""Embedding extraction and the on-disk store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.io import write_png
+
+from flywheel.backbones import BackboneSpec, build_body, get_spec
+from flywheel.embed import (
+    EmbeddingStore,
+    MissingEmbeddingsError,
+    embed_paths,
+    embed_samples,
+    resolve_device,
+)
+from flywheel.errors import DataError, FlywheelError
+
+CPU = torch.device("cpu")
+FAKE = BackboneSpec("fake", 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "fake/v1")
+
+
+class MeanColour(nn.Module):
+    """A stand-in body: (B, 3, H, W) -> per-channel means (B, 3); counts images seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return x.mean(dim=(2, 3))
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Six solid-colour PNGs; image i has red = 10*i."""
+    paths = []
+    for i in range(6):
+        img = torch.zeros(3, 8, 8, dtype=torch.uint8)
+        img[0] = 10 * i
+        paths.append(str(tmp_path / f"{i}.png"))
+        write_png(img, paths[-1])
+    return paths
+
+
+def test_embed_paths_shape_dtype_and_order(images):
+    out = embed_paths(images, MeanColour(), FAKE, image_size=4, batch_size=4, device=CPU, progress=False)
+    assert out.shape == (6, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0], np.arange(6) * 10 / 255, atol=1e-6)
+
+
+def test_embed_paths_with_real_lite0(images):
+    out = embed_paths(
+        images[:3],
+        build_body("efficientnet_lite0"),
+        get_spec("efficientnet_lite0"),
+        image_size=32,
+        batch_size=2,
+        device=CPU,
+        progress=True,
+    )
+    assert out.shape == (3, 1280) and out.dtype == np.float32 and np.isfinite(out).all()
+    assert not np.allclose(out[0], out[2])
+
+
+def test_key_is_filesystem_safe_and_distinguishes_bodies():
+    key = EmbeddingStore.key_for(FAKE, "models:/flywheel/3", 64)
+    assert "/" not in key and ":" not in key
+    assert key != EmbeddingStore.key_for(FAKE, "models:/flywheel/3", 96)
+    assert key != EmbeddingStore.key_for(FAKE, "models:/flywheel/4", 64)
+
+
+def test_store_round_trip_order_and_missing(tmp_path):
+    store = EmbeddingStore(tmp_path, "k")
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    store.add([10, 20, 30, 40], vectors)
+    reopened = EmbeddingStore(tmp_path, "k")
+    np.testing.assert_array_equal(reopened.get([30, 10]), vectors[[2, 0]])
+    assert reopened.missing([40, 50, 10, 60, 50]) == [50, 60]
+    with pytest.raises(MissingEmbeddingsError, match="2 of 3 ids") as err:
+        reopened.get([10, 50, 60])
+    assert isinstance(err.value, FlywheelError)
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["ids.npy", "vectors.npy"]  # no temp left
+
+
+def test_store_add_overwrites_existing_and_appends_new(tmp_path):
+    store = EmbeddingStore(tmp_path, "k")
+    store.add([1, 2], np.zeros((2, 3), np.float32))
+    store.add([2, 3], np.ones((2, 3), np.float32))
+    assert len(EmbeddingStore(tmp_path, "k")) == 3
+    np.testing.assert_array_equal(EmbeddingStore(tmp_path, "k").get([1, 2, 3])[:, 0], [0, 1, 1])
+
+
+def test_store_rejects_bad_adds(tmp_path):
+    store = EmbeddingStore(tmp_path, "k")
+    store.add([1], np.zeros((1, 3), np.float32))
+    with pytest.raises(DataError, match="4-d vectors into a 3-d store"):
+        store.add([2], np.zeros((1, 4), np.float32))
+    with pytest.raises(DataError, match="duplicates"):
+        store.add([5, 5], np.zeros((2, 3), np.float32))
+    with pytest.raises(DataError, match="2 ids"):
+        store.add([6, 7], np.zeros((3, 3), np.float32))
+
+
+def test_store_recovers_from_a_crash_between_the_two_replaces(tmp_path):
+    store = EmbeddingStore(tmp_path, "k")
+    store.add([1, 2], np.ones((2, 3), np.float32))
+    # simulate: the next add replaced vectors.npy (3 rows) and died before replacing ids.npy
+    np.save(tmp_path / "k" / "vectors.npy", np.arange(9, dtype=np.float32).reshape(3, 3))
+    reopened = EmbeddingStore(tmp_path, "k")
+    assert len(reopened) == 2 and reopened.missing([1, 2, 3]) == [3]
+    np.save(tmp_path / "k" / "vectors.npy", np.zeros((1, 3), np.float32))
+    with pytest.raises(DataError, match="inconsistent"):
+        len(EmbeddingStore(tmp_path, "k"))
+
+
+def test_embed_samples_embeds_only_missing_ids(tmp_path, images):
+    store = EmbeddingStore(tmp_path / "emb", "k")
+    body = MeanColour()
+    kw = dict(image_size=4, batch_size=8, device=CPU, progress=False)
+    first = embed_samples(store, [0, 1, 2], images[:3], body, FAKE, **kw)
+    assert body.seen == 3
+    everything = embed_samples(
+        EmbeddingStore(tmp_path / "emb", "k"), [5, 4, 3, 2, 1, 0], images[::-1], body, FAKE, **kw
+    )
+    assert body.seen == 6  # only ids 3, 4, 5 were new
+    np.testing.assert_allclose(everything[::-1][:3], first)
+    np.testing.assert_allclose(everything[:, 0], np.array([5, 4, 3, 2, 1, 0]) * 10 / 255, atol=1e-6)
+    embed_samples(store, [0, 5], [images[0], images[5]], body, FAKE, **kw)
+    assert body.seen == 6
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == CPU
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(DataError, match="unknown device"):
+        resolve_device("abacus")
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match="CUDA is not available"):
+            resolve_device("cuda")
