@@ -1,0 +1,124 @@
+"""The decision table, the fine-tune trigger and the discriminative learning rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flywheel.backbones import Classifier, build_body, layer_groups
+from flywheel.errors import UnknownChoiceError
+from flywheel.policy import (
+    HEAD_ONLY_BELOW,
+    LAST_GROUPS_FAR,
+    LAST_GROUPS_NEAR,
+    LAST_LAYERS_BELOW,
+    DepthDecision,
+    choose_depth,
+    param_groups,
+    set_frozen_eval,
+    should_finetune,
+)
+
+
+@pytest.mark.parametrize(
+    ("per_class", "far", "label", "groups"),
+    [
+        (0, False, "head", 0),
+        (HEAD_ONLY_BELOW - 0.5, True, "head", 0),
+        (HEAD_ONLY_BELOW, False, "last", LAST_GROUPS_NEAR),
+        (50, True, "last", LAST_GROUPS_FAR),
+        (LAST_LAYERS_BELOW - 1, False, "last", LAST_GROUPS_NEAR),
+        (LAST_LAYERS_BELOW, False, "all", 9),
+        (5000, True, "all", 9),
+    ],
+)
+def test_decision_table(per_class, far, label, groups):
+    decision = choose_depth(per_class, 9, far_domain=far)
+    assert (decision.label, decision.trainable_groups) == (label, groups)
+    assert f"{per_class:.1f}" in decision.reason  # the reason carries the numbers
+
+
+def test_far_domain_with_little_data_points_at_earlier_stages():
+    assert "earlier stages" in choose_depth(3, 9, far_domain=True).reason
+
+
+def test_last_never_exceeds_the_body():
+    assert choose_depth(50, 1, far_domain=True).trainable_groups == 1
+
+
+@pytest.mark.parametrize(("override", "groups"), [("head", 0), ("last", LAST_GROUPS_NEAR), ("all", 9)])
+def test_override_wins_over_the_table(override, groups):
+    decision = choose_depth(1000 if override == "head" else 1, 9, override=override)
+    assert (decision.label, decision.trainable_groups) == (override, groups)
+    assert "forced" in decision.reason
+
+
+def test_bad_inputs():
+    with pytest.raises(UnknownChoiceError, match="deep"):
+        choose_depth(10, 9, override="deep")
+    with pytest.raises(ValueError, match="n_groups"):
+        choose_depth(10, 0)
+    with pytest.raises(ValueError, match="labels_per_class"):
+        choose_depth(-1, 9)
+
+
+@pytest.mark.parametrize(
+    ("n", "last", "expected"),
+    [(299, 0, False), (300, 0, True), (450, 300, False), (500, 300, True), (700, 300, True)],
+)
+def test_should_finetune(n, last, expected):
+    assert should_finetune(n, last, min_labels=300, every_new_labels=200) is expected
+
+
+@pytest.fixture(scope="module")
+def body() -> nn.Module:
+    return build_body("efficientnet_lite0", pretrained=False)
+
+
+def _classifier(body) -> Classifier:
+    for p in body.parameters():
+        p.requires_grad_(True)
+    return Classifier("efficientnet_lite0", body, nn.Linear(1280, 2), ["a", "b"], 32)
+
+
+def test_param_group_rates_are_one_tenth_hundredth(body):
+    clf = _classifier(body)
+    groups = param_groups(clf, DepthDecision(3, "last", "test"), head_lr=0.01, weight_decay=1e-4)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("head", 0.01),
+        ("head_conv", 0.01 / 10),
+        ("stage7", 0.01 / 100),
+        ("stage6", 0.01 / 100),
+    ]
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    named = dict(layer_groups(body, "efficientnet_lite0"))
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in named["stage7"]}
+
+
+def test_frozen_groups_lose_gradients_and_stay_out_of_the_optimizer(body):
+    clf = _classifier(body)
+    groups = param_groups(clf, DepthDecision(2, "last", "test"), head_lr=0.01, weight_decay=0.0)
+    in_optimizer = {id(p) for g in groups for p in g["params"]}
+    for name, params in layer_groups(body, "efficientnet_lite0"):
+        trainable = name in ("stage7", "head_conv")
+        assert all(p.requires_grad is trainable for p in params), name
+        assert all((id(p) in in_optimizer) is trainable for p in params), name
+    assert all(p.requires_grad for p in clf.head.parameters())
+    torch.optim.AdamW(groups)  # the dicts are valid optimizer param groups
+
+
+def test_head_only_decision_gives_one_group(body):
+    clf = _classifier(body)
+    groups = param_groups(clf, DepthDecision(0, "head", "test"), head_lr=0.1, weight_decay=0.0)
+    assert [g["name"] for g in groups] == ["head"]
+    assert not any(p.requires_grad for p in body.parameters())
+
+
+def test_set_frozen_eval_puts_only_frozen_modules_in_eval(body):
+    clf = _classifier(body)
+    param_groups(clf, DepthDecision(1, "last", "test"), head_lr=0.1, weight_decay=0.0)
+    clf.train()
+    set_frozen_eval(clf.body)
+    assert not body._bn0.training and not body._blocks[0].training
+    assert body._bn1.training and body.training
