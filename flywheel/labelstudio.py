@@ -36,6 +36,7 @@ HEALTH_TIMEOUT_S = 3.0
 API_TIMEOUT_S = 300.0  # an export or import of ~10k tasks takes ~10 s; leave room on a loaded machine
 IMPORT_CHUNK = 1000  # tasks per import request
 PAGE_SIZE = 1000  # tasks per list page
+TITLE_MIN, TITLE_MAX = 3, 50  # Label Studio's PROJECT_TITLE_MIN_LEN / _MAX_LEN
 
 
 # --- connection --------------------------------------------------------------------------------------
@@ -103,6 +104,12 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
     annotations use it), so a class list that grew updates the config and a shrunk one leaves it.
     """
     title = settings.labelstudio_project_title
+    if not TITLE_MIN <= len(title) <= TITLE_MAX:
+        raise ConfigError(
+            f"Label Studio project title {title!r} has {len(title)} characters; it must have {TITLE_MIN} to "
+            f"{TITLE_MAX}: set label_studio.project_title (FLYWHEEL_LABEL_STUDIO__PROJECT_TITLE) or a "
+            "shorter project name"
+        )
     project = None
     stored = catalog.get_meta(META_PROJECT_ID)
     if stored is not None:

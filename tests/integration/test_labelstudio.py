@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from pydantic import SecretStr
 from flywheel.annotator import annotate_open_tasks
 from flywheel.catalog import Catalog, NewSample
 from flywheel.config import Settings
-from flywheel.errors import ConfigError, ServiceUnavailableError, UnknownChoiceError
+from flywheel.errors import ConfigError, DataError, ServiceUnavailableError, UnknownChoiceError
 from flywheel.labelstudio import (
     META_PROJECT_ID,
     TaskToPush,
@@ -106,6 +108,15 @@ def test_ensure_project_adds_new_classes_to_the_config(client, settings, catalog
     # a shorter list never drops a choice Label Studio may already hold annotations for
     ensure_project(client, settings, catalog, ["cat"])
     assert config_classes(client.projects.get(project_id).label_config) == [*CLASSES, "fish & chips"]
+
+
+def test_project_title_too_long_for_label_studio_is_a_config_error(client, settings, tmp_path):  # type: ignore[no-untyped-def]
+    long = settings.model_copy(update={"project": "p" * 60})
+    catalog = Catalog(f"sqlite:///{tmp_path / 'long.db'}")
+    with pytest.raises(ConfigError, match="FLYWHEEL_LABEL_STUDIO__PROJECT_TITLE"):
+        ensure_project(client, long, catalog, CLASSES)
+    assert catalog.get_meta(META_PROJECT_ID) is None
+    assert not [p for p in client.projects.list() if p.title == long.labelstudio_project_title]
 
 
 # --- pushing -----------------------------------------------------------------------------------------
@@ -340,3 +351,116 @@ def test_sync_of_an_empty_project_reports_nothing(client, catalog, project_id): 
     report = sync_annotations(client, catalog, project_id)
     assert (report.new, report.updated, report.unchanged, report.skipped, report.rejected) == (0, 0, 0, 0, [])
     assert json.dumps(catalog.labels()) == "{}"
+
+
+class _FakeLabelStudio(http.server.BaseHTTPRequestHandler):
+    """A real HTTP server that answers /health and whoami with chosen statuses (not a Label Studio)."""
+
+    statuses: dict[str, int] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        status = next((code for prefix, code in self.statuses.items() if self.path.startswith(prefix)), 404)
+        if status == 0:  # hang up without answering
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        body = b'{"detail": "x"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_server() -> Iterator[tuple[int, type[_FakeLabelStudio]]]:
+    handler = type("Handler", (_FakeLabelStudio,), {"statuses": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        ({"/health": 503}, "GET /health answered HTTP 503"),
+        ({"/health": 200, "/api/current-user/whoami": 500}, "HTTP 500"),
+        ({"/health": 200, "/api/current-user/whoami": 0}, "RemoteProtocolError"),
+    ],
+)
+def test_connect_to_an_unhealthy_server_is_unavailable(settings, fake_server, statuses, expected):  # type: ignore[no-untyped-def]
+    port, handler = fake_server
+    handler.statuses.update(statuses)
+    sick = _with_ls(settings, port=port)
+    with pytest.raises(ServiceUnavailableError, match=expected) as info:
+        connect(sick)
+    assert info.value.url == sick.label_studio.url
+
+
+def test_a_deleted_project_is_recreated_only_when_nothing_was_sent(client, settings, catalog):  # type: ignore[no-untyped-def]
+    first = ensure_project(client, settings, catalog, CLASSES)
+    client.projects.delete(first)
+    second = ensure_project(client, settings, catalog, CLASSES)  # nothing sent: a fresh project is fine
+    assert second != first and catalog.get_meta(META_PROJECT_ID) == str(second)
+    try:
+        push_tasks(client, catalog, settings, second, _to_push(catalog)[:1], model_version=None, round_id=None)
+        client.projects.delete(second)
+        with pytest.raises(DataError, match=rf"project {second} .* no longer exists.* 1 samples were sent"):
+            ensure_project(client, settings, catalog, CLASSES)
+        assert catalog.get_meta(META_PROJECT_ID) == str(second)
+        assert not [p for p in client.projects.list() if p.title == settings.labelstudio_project_title]
+    finally:
+        for project in client.projects.list():
+            if project.title == settings.labelstudio_project_title:
+                client.projects.delete(project.id)
+
+
+def test_storage_for_a_missing_folder_is_refused_with_the_folder(client, settings, project_id, tmp_path):  # type: ignore[no-untyped-def]
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(ConfigError, match="does-not-exist"):
+        ensure_local_storage(client, project_id, missing, settings)
+    assert client.import_storage.local.list(project=project_id) == []
+
+
+def test_sync_rejects_foreign_ambiguous_and_duplicate_tasks(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
+    sample_id, task_id = next(iter(pushed.items()))
+    image = image_url(catalog.samples()[0].uri, settings)
+    extra = client.projects.import_tasks(
+        project_id,
+        request=[
+            {"data": {"image": image}},  # not a flywheel task
+            {"data": {"image": image, "sample_id": 10**9}},  # a sample the catalog does not have
+            {"data": {"image": image, "sample_id": sample_id}},  # a second task for a sample
+        ],
+        return_task_ids=True,
+    ).task_ids
+    two = [{**choice_result("cat")[0], "value": {"choices": ["cat", "dog"]}}]
+    open_tasks = {t.id for t in list_tasks(client, project_id)} - set(extra) - {task_id}
+    ambiguous = min(open_tasks)
+    client.annotations.create(id=ambiguous, result=two)
+    client.annotations.create(id=task_id, result=choice_result("dog"))
+    for extra_task in extra:
+        client.annotations.create(id=extra_task, result=choice_result("bird"))
+
+    report = sync_annotations(client, catalog, project_id)
+    assert report.new == 1
+    assert len(report.rejected) == 4
+    text = "\n".join(report.rejected)
+    assert f"task {extra[0]}: no data.sample_id" in text
+    assert f"task {extra[1]}: sample {10**9} is not in the catalog" in text
+    assert f"task {extra[2]} (sample {sample_id}): sample already labelled through task {task_id}" in text
+    assert f"task {ambiguous} " in text and "2 choices" in text
+    assert catalog.labels() == {sample_id: "dog"}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"noise_rate": 1.5}, "noise_rate"), ({"limit": -1}, "limit")])
+def test_annotator_rejects_bad_arguments(catalog, kwargs, message):  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match=message):
+        annotate_open_tasks(None, catalog, 1, rng=np.random.default_rng(0), **kwargs)  # type: ignore[arg-type]
