@@ -127,7 +127,10 @@ def predict_proba(
     batch_size: int = 256,
     device: torch.device | str = "auto",
 ) -> np.ndarray:
-    """Class probabilities (N, C) float32, rows sum to 1, columns in classifier.classes order."""
+    """Class probabilities (N, C) float32, rows sum to 1, columns in classifier.classes order.
+
+    Moves `classifier` to the device (channels_last) and leaves it in eval mode.
+    """
     dev = _as_device(device)
     classifier.to(dev, memory_format=torch.channels_last)
     logits = _logits(classifier, _batches(classifier, paths, None, batch_size, dev), dev)
