@@ -13,6 +13,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -385,11 +386,11 @@ class SyncReport:
     rejected: list[str] = field(default_factory=list)
 
 
-def _annotation_sort_key(annotation: dict[str, Any]) -> tuple[str, int]:
-    return (
-        str(annotation.get("updated_at") or annotation.get("created_at") or ""),
-        int(annotation.get("id") or 0),
-    )
+def _annotation_sort_key(annotation: dict[str, Any]) -> tuple[datetime, int]:
+    """Latest first by last edit, then by id (ids grow with creation)."""
+    stamp = annotation.get("updated_at") or annotation.get("created_at")
+    when = datetime.fromisoformat(stamp) if stamp else datetime.min.replace(tzinfo=UTC)
+    return when, int(annotation["id"])
 
 
 def _choice_of(annotation: dict[str, Any]) -> list[str]:
@@ -400,16 +401,13 @@ def _choice_of(annotation: dict[str, Any]) -> list[str]:
 
 
 def _annotators(client: LabelStudio, annotations: Sequence[dict[str, Any]]) -> dict[int, str]:
-    """annotation id -> the annotator's email (or user id when the server does not say)."""
-    users: dict[int, str] | None = None
+    """annotation id -> the annotator's email (or user id when the user is gone)."""
+    if not annotations:
+        return {}
+    users = {int(u.id): u.email or str(u.id) for u in client.users.list()}
     out: dict[int, str] = {}
     for annotation in annotations:
-        who = annotation.get("completed_by")
-        if isinstance(who, dict):
-            out[int(annotation["id"])] = str(who.get("email") or who.get("id"))
-            continue
-        if users is None:
-            users = {int(u.id): u.email or str(u.id) for u in client.users.list()}
+        who = annotation.get("completed_by")  # the export gives the user id
         out[int(annotation["id"])] = users.get(int(who), str(who)) if who is not None else "unknown"
     return out
 

@@ -299,6 +299,13 @@ def test_skips_are_counted_and_corrections_update(client, settings, catalog, pro
     third = sync_annotations(client, catalog, project_id)
     assert third.updated == 1 and catalog.labels()[fix_sample] == truth
 
+    # the older annotation edited last is the latest judgement, though its id is lower
+    (original,) = [a for a in client.annotations.list(id=fix_task) if a.id != correction.id]
+    third_class = next(c for c in CLASSES if c not in (truth, other))
+    client.annotations.update(id=original.id, result=choice_result(third_class))
+    assert sync_annotations(client, catalog, project_id).updated == 1
+    assert catalog.labels()[fix_sample] == third_class
+
 
 def test_sync_records_annotator_and_annotation_id(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
     from sqlalchemy import select
