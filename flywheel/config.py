@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     k_per_round: int = Field(100, ge=1)
     seed: int = 0
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of labels kept for validation")
+    head_l2: float = Field(0.1, gt=0, description="L2 penalty of the linear head (standardised features)")
     promotion_margin: float = Field(0.0, ge=0, description="accuracy points a challenger must add")
 
     label_studio: LabelStudioSettings = LabelStudioSettings()

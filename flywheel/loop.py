@@ -74,6 +74,7 @@ class FinetuneReport:
     labels_per_class: float
     holdout_accuracy: float
     champion_holdout_accuracy: float | None
+    baseline_holdout_accuracy: float
     test_accuracy: float
     promoted: bool
     promotion_reason: str
@@ -96,9 +97,7 @@ def split_labels(
     targets = np.array([position.get(labels.get(int(i), ""), -1) for i in pool.ids], dtype=np.int64)
     labelled = targets >= 0
     holdout = labelled & (pool.folds < round(holdout_fraction * 100))
-    return LabelledSplit(
-        train=np.flatnonzero(labelled & ~holdout), holdout=np.flatnonzero(holdout), targets=targets
-    )
+    return LabelledSplit(train=np.flatnonzero(labelled & ~holdout), holdout=np.flatnonzero(holdout), targets=targets)
 
 
 def bootstrap(
@@ -168,7 +167,7 @@ def _train_and_register(
     report: RoundReport,
     progress: bool,
 ) -> np.ndarray:
-    head = train_head(pool.vectors[split.train], split.targets[split.train], len(classes), seed=settings.seed)
+    head = _fit_head(settings, pool, split.train, split.targets, len(classes))
     probs = predict_proba(head, pool.vectors)
     report.holdout_accuracy = accuracy(probs[split.holdout], split.targets[split.holdout])
     figures, test_metrics = {}, {}
@@ -179,9 +178,7 @@ def _train_and_register(
         report.test_accuracy = accuracy(test_probs, test_targets[test_targets >= 0])
         test_metrics["test_accuracy"] = report.test_accuracy
         matrix = confusion_matrix(test_targets[test_targets >= 0], test_probs.argmax(1), len(classes))
-        figures["confusion_test.png"] = confusion_figure(
-            matrix, classes, f"round {report.round_id}, test split"
-        )
+        figures["confusion_test.png"] = confusion_figure(matrix, classes, f"round {report.round_id}, test split")
     classifier = Classifier(settings.backbone, body, head, classes, settings.image_size)
     champion_acc = _champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
     logged = tracking.log_classifier(
@@ -217,9 +214,7 @@ def _train_and_register(
             }
         },
     )
-    decision = tracking.decide_promotion(
-        report.holdout_accuracy, champion_acc, margin=settings.promotion_margin
-    )
+    decision = tracking.decide_promotion(report.holdout_accuracy, champion_acc, margin=settings.promotion_margin)
     tracking.apply_promotion(mlflow_client, settings, logged.version, decision)
     report.model_version, report.run_url = logged.version, logged.run_url
     report.promoted, report.promotion_reason = decision.promoted, decision.reason
@@ -274,9 +269,7 @@ def _select_and_push(
     tasks = []
     for position, score in zip(selection.positions, selection.scores, strict=True):
         predicted, confidence = (
-            ("", 0.0)
-            if probs is None
-            else (classes[int(probs[position].argmax())], float(probs[position].max()))
+            ("", 0.0) if probs is None else (classes[int(probs[position].argmax())], float(probs[position].max()))
         )
         tasks.append(
             labelstudio.TaskToPush(
@@ -332,13 +325,13 @@ def run_finetune(
     labels = catalog.labels()
     split = split_labels(pool, labels, classes, settings.holdout_fraction)
     if len(np.unique(split.targets[split.train])) < 2:
-        raise DataError(
-            f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels"
-        )
+        raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels")
     holdout_folds = round(settings.holdout_fraction * 100)
     is_val = pool.folds[split.train] < holdout_folds + VALIDATION_FOLDS
     train, val = split.train[~is_val], split.train[is_val]
-    head = train_head(pool.vectors[train], split.targets[train], len(classes), seed=settings.seed)
+    head = _fit_head(settings, pool, train, split.targets, len(classes))
+    baseline = _fit_head(settings, pool, split.train, split.targets, len(classes))
+    baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
     classifier = Classifier(settings.backbone, copy.deepcopy(body), head, classes, settings.image_size)
     labels_per_class = len(split.train) / len(classes)
     decision = choose_depth(
@@ -386,11 +379,18 @@ def run_finetune(
             "seed": settings.seed,
             **{f"lr_{name}": lr for name, lr in result.lr_by_group.items()},
         },
-        metrics={"holdout_accuracy": holdout_acc, "labels": float(len(labels)), "seconds": result.seconds},
+        metrics={
+            "holdout_accuracy": holdout_acc,
+            "baseline_holdout_accuracy": baseline_acc,
+            "labels": float(len(labels)),
+            "seconds": result.seconds,
+        },
         tags={"kind": "finetune", "depth": decision.label, "body_version": version},
         history=[{k: v for k, v in row.items() if k != "phase"} for row in result.history],
     )
-    decision_promote = tracking.decide_promotion(holdout_acc, champion_acc, margin=settings.promotion_margin)
+    decision_promote = tracking.decide_promotion(
+        holdout_acc, champion_acc, margin=settings.promotion_margin, baseline=baseline_acc
+    )
     tracking.apply_promotion(mlflow_client, settings, logged.version, decision_promote)
     new_body = result.classifier.body
     test = features.split_features(settings, catalog, TEST, new_body, logged.version, progress=progress)
@@ -401,9 +401,7 @@ def run_finetune(
         test_acc = accuracy(predict_proba(result.classifier.head, test.vectors[known]), test_targets[known])
         mlflow_client.log_metric(logged.run_id, "test_accuracy", test_acc)
     if decision_promote.promoted:
-        new_pool = features.split_features(
-            settings, catalog, POOL, new_body, logged.version, progress=progress
-        )
+        new_pool = features.split_features(settings, catalog, POOL, new_body, logged.version, progress=progress)
         features.rebuild_index(settings, new_pool, logged.version)
         features.set_body_version(settings, catalog, logged.version)  # the switch: only after all is written
     catalog.set_meta(LABELS_AT_LAST_FINETUNE, str(len(labels)))
@@ -416,11 +414,16 @@ def run_finetune(
         labels_per_class=labels_per_class,
         holdout_accuracy=holdout_acc,
         champion_holdout_accuracy=champion_acc,
+        baseline_holdout_accuracy=baseline_acc,
         test_accuracy=test_acc,
         promoted=decision_promote.promoted,
         promotion_reason=decision_promote.reason,
         seconds=result.seconds,
     )
+
+
+def _fit_head(settings: Settings, pool: features.SplitFeatures, rows: np.ndarray, targets: np.ndarray, n_classes: int):
+    return train_head(pool.vectors[rows], targets[rows], n_classes, l2=settings.head_l2, seed=settings.seed)
 
 
 def _classes(catalog: Catalog) -> list[str]:

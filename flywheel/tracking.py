@@ -97,9 +97,7 @@ def log_classifier(
 def load_classifier(settings: Settings, version: str) -> object:
     import mlflow.pytorch
 
-    return mlflow.pytorch.load_model(
-        f"models:/{settings.registered_model_name}/{version}", map_location="cpu"
-    )
+    return mlflow.pytorch.load_model(f"models:/{settings.registered_model_name}/{version}", map_location="cpu")
 
 
 def champion_version(client: MlflowClient, settings: Settings) -> str | None:
@@ -109,26 +107,34 @@ def champion_version(client: MlflowClient, settings: Settings) -> str | None:
         return None
 
 
-def decide_promotion(challenger: float, champion: float | None, *, margin: float) -> PromotionDecision:
-    """The negative-transfer guard: a new model must beat the champion on the same held-out labels."""
-    if champion is None:
-        return PromotionDecision(True, f"no champion yet; challenger held-out accuracy {challenger:.3f}")
+def decide_promotion(
+    challenger: float, champion: float | None, *, margin: float, baseline: float | None = None
+) -> PromotionDecision:
+    """The guard: a new model must beat the champion on the same held-out labels by `margin`.
+
+    `baseline` is the simpler model trained on the same labels (a head on the current body): a fine-tune
+    that does not beat it is negative transfer, whatever it scores against an older champion.
+    """
     if math.isnan(challenger):
         return PromotionDecision(False, "no held-out labels to compare on; champion kept")
+    if baseline is not None and not challenger > baseline + margin:
+        return PromotionDecision(
+            False,
+            f"held-out accuracy {challenger:.3f} does not beat {baseline:.3f} of a head-only model on the same "
+            f"labels by more than {margin:.3f} (negative transfer guard)",
+        )
+    if champion is None:
+        return PromotionDecision(True, f"no champion yet; challenger held-out accuracy {challenger:.3f}")
     if challenger > champion + margin:
         return PromotionDecision(
-            True,
-            f"held-out accuracy {challenger:.3f} beats champion {champion:.3f} by more than {margin:.3f}",
+            True, f"held-out accuracy {challenger:.3f} beats champion {champion:.3f} by more than {margin:.3f}"
         )
     return PromotionDecision(
-        False,
-        f"held-out accuracy {challenger:.3f} does not beat champion {champion:.3f} by more than {margin:.3f}",
+        False, f"held-out accuracy {challenger:.3f} does not beat champion {champion:.3f} by more than {margin:.3f}"
     )
 
 
-def apply_promotion(
-    client: MlflowClient, settings: Settings, version: str, decision: PromotionDecision
-) -> None:
+def apply_promotion(client: MlflowClient, settings: Settings, version: str, decision: PromotionDecision) -> None:
     """Move `champion` to the version, or mark it `challenger`; the reason is a tag either way."""
     name = settings.registered_model_name
     client.set_model_version_tag(name, version, "promotion", decision.reason)

@@ -29,3 +29,11 @@ def test_promotion_guard():
     assert not kept.promoted and "does not beat" in kept.reason
     assert not decide_promotion(0.72, 0.70, margin=0.05).promoted
     assert not decide_promotion(float("nan"), 0.5, margin=0.0).promoted
+
+
+def test_negative_transfer_guard_compares_with_the_head_on_the_same_labels():
+    # beats an old champion trained on fewer labels, but not the head-only model on the same labels
+    kept = decide_promotion(0.60, 0.50, margin=0.0, baseline=0.62)
+    assert not kept.promoted and "negative transfer" in kept.reason
+    assert decide_promotion(0.65, 0.50, margin=0.0, baseline=0.62).promoted
+    assert decide_promotion(0.65, None, margin=0.0, baseline=0.62).promoted
