@@ -168,6 +168,20 @@ def finetune_() -> None:
     console.print(f"version {report.model_version}, depth {report.depth}, promoted={report.promoted}")
 
 
+@app.command()
+@_friendly
+def promote(
+    version: Annotated[str, typer.Option("--version", help="registered model version to make champion")],
+) -> None:
+    """Move the champion alias to a version by hand (roll back or forward) and re-embed the pool if needed."""
+    from flywheel import loop, tracking
+    from flywheel.catalog import Catalog
+
+    settings = _settings()
+    body = loop.promote(settings, Catalog(settings.catalog_url), tracking.connect(settings), version)
+    console.print(f"champion: version {version} of {settings.registered_model_name}; pool embedded by body {body}")
+
+
 @app.command("annotate-sim")
 @_friendly
 def annotate_sim(

@@ -71,7 +71,7 @@ class FinetuneSettings(_Section):
     epochs: int = Field(6, ge=1)
     head_epochs: int = Field(2, ge=0, description="LP-FT: epochs with the body frozen first")
     batch_size: int = Field(64, ge=1)
-    head_lr: float = Field(1e-2, gt=0)
+    head_lr: float = Field(1e-3, gt=0, description="AdamW; earlier groups get 1/10 and 1/100 of it")
     weight_decay: float = Field(1e-4, ge=0)
     depth: Literal["auto", "head", "last", "all"] = "auto"
     device: str = "auto"  # auto: cuda when present, else cpu

@@ -401,9 +401,7 @@ def run_finetune(
         test_acc = accuracy(predict_proba(result.classifier.head, test.vectors[known]), test_targets[known])
         mlflow_client.log_metric(logged.run_id, "test_accuracy", test_acc)
     if decision_promote.promoted:
-        new_pool = features.split_features(settings, catalog, POOL, new_body, logged.version, progress=progress)
-        features.rebuild_index(settings, new_pool, logged.version)
-        features.set_body_version(settings, catalog, logged.version)  # the switch: only after all is written
+        switch_body(settings, catalog, logged.version, new_body, progress=progress)
     catalog.set_meta(LABELS_AT_LAST_FINETUNE, str(len(labels)))
     return FinetuneReport(
         model_version=logged.version,
@@ -420,6 +418,35 @@ def run_finetune(
         promotion_reason=decision_promote.reason,
         seconds=result.seconds,
     )
+
+
+def switch_body(settings: Settings, catalog: Catalog, version: str, body, *, progress: bool = True) -> bool:
+    """Re-embed the pool with `body` and rebuild the index, then point the catalog at them.
+
+    Until the pointer moves, rounds keep using the previous embeddings and index, so a crash half-way
+    leaves a working (old) state. Returns False when `version` already embeds the pool.
+    """
+    if features.body_version(settings, catalog) == version:
+        return False
+    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
+    features.rebuild_index(settings, pool, version)
+    features.set_body_version(settings, catalog, version)
+    return True
+
+
+def promote(
+    settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, version: str, *, progress: bool = True
+) -> str:
+    """Make a registered version the champion by hand (roll back or forward); returns the body now in use."""
+    model = tracking.model_version(mlflow_client, settings, version)
+    tracking.apply_promotion(
+        mlflow_client, settings, version, tracking.PromotionDecision(True, "promoted by hand (flywheel promote)")
+    )
+    body_version = (
+        version if model.tags.get("kind") == "finetune" else model.tags.get("body_version", features.IMAGENET)
+    )
+    switch_body(settings, catalog, body_version, features.load_body(settings, body_version), progress=progress)
+    return body_version
 
 
 def _fit_head(settings: Settings, pool: features.SplitFeatures, rows: np.ndarray, targets: np.ndarray, n_classes: int):

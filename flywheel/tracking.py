@@ -14,10 +14,11 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from flywheel.config import Settings
-from flywheel.errors import ServiceUnavailableError
+from flywheel.errors import ServiceUnavailableError, UnknownChoiceError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -98,6 +99,16 @@ def load_classifier(settings: Settings, version: str) -> object:
     import mlflow.pytorch
 
     return mlflow.pytorch.load_model(f"models:/{settings.registered_model_name}/{version}", map_location="cpu")
+
+
+def model_version(client: MlflowClient, settings: Settings, version: str) -> ModelVersion:
+    """A registered version, or an error listing the versions that exist."""
+    name = settings.registered_model_name
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        known = sorted((v.version for v in client.search_model_versions(f"name='{name}'")), key=int)
+        raise UnknownChoiceError(f"version of {name}", str(version), [str(v) for v in known]) from None
 
 
 def champion_version(client: MlflowClient, settings: Settings) -> str | None:

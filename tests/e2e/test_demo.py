@@ -35,7 +35,18 @@ def test_small_demo_accuracy_rises_and_everything_is_traceable(tmp_path: Path, s
     }
     summary_file = tmp_path / "summary.json"
     cli = Path(sys.executable).parent / "flywheel"
-    command = [str(cli), "demo", "--rounds", "3", "--pool-size", "400", "--test-size", "300", "--out", str(summary_file)]
+    command = [
+        str(cli),
+        "demo",
+        "--rounds",
+        "3",
+        "--pool-size",
+        "400",
+        "--test-size",
+        "300",
+        "--out",
+        str(summary_file),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "labels used" in done.stdout and "http://127.0.0.1" in done.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel import annotator, labelstudio, loop, tracking
+from flywheel import annotator, features, labelstudio, loop, tracking
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
 from flywheel.data import import_source
@@ -29,9 +29,13 @@ def _answer_and_sync(settings, catalog, ls_client):
 
 def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     settings = settings.model_copy(
-        update={"image_size": 32, "k_per_round": 40, "finetune": settings.finetune.model_copy(
-            update={"min_labels": 60, "every_new_labels": 30, "epochs": 2, "head_epochs": 1}
-        )}
+        update={
+            "image_size": 32,
+            "k_per_round": 40,
+            "finetune": settings.finetune.model_copy(
+                update={"min_labels": 60, "every_new_labels": 30, "epochs": 2, "head_epochs": 1}
+            ),
+        }
     )
     catalog = _small_project(settings)
     ls_client = labelstudio.connect(settings)
@@ -71,6 +75,22 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     assert not np.isnan(report.test_accuracy)
     rerun_due = loop.run_sync(settings, catalog, ls_client).finetune_due
     assert not rerun_due  # the fine-tune recorded its label count
+
+    # By hand, forward to the fine-tuned model: the pool is re-embedded with its body, the index rebuilt.
+    assert loop.promote(settings, catalog, mlflow_client, report.model_version, progress=False) == report.model_version
+    assert features.body_version(settings, catalog) == report.model_version
+    assert features.index_path(settings, report.model_version).exists()
+    assert tracking.champion_version(mlflow_client, settings) == report.model_version
+    third = loop.run_round(settings, catalog, ls_client, mlflow_client, progress=False)
+    third_run = mlflow_client.get_run(
+        mlflow_client.get_model_version(settings.registered_model_name, third.model_version).run_id
+    )
+    assert third_run.data.params["body_version"] == report.model_version
+    # ... and back to the first head, whose body is the ImageNet one.
+    assert loop.promote(settings, catalog, mlflow_client, second.model_version, progress=False) == "imagenet"
+    assert features.body_version(settings, catalog) == "imagenet"
+    with pytest.raises(UnknownChoiceError, match="version of .* '999'"):
+        loop.promote(settings, catalog, mlflow_client, "999", progress=False)
 
 
 def test_unreachable_label_studio_names_the_url_and_changes_nothing(settings):

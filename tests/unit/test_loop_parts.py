@@ -8,8 +8,11 @@ from flywheel.tracking import decide_promotion
 def _pool(folds):
     n = len(folds)
     return SplitFeatures(
-        ids=np.arange(1, n + 1), paths=[f"/p/{i}" for i in range(n)], truths=[None] * n,
-        folds=np.array(folds), vectors=np.zeros((n, 2), dtype=np.float32),
+        ids=np.arange(1, n + 1),
+        paths=[f"/p/{i}" for i in range(n)],
+        truths=[None] * n,
+        folds=np.array(folds),
+        vectors=np.zeros((n, 2), dtype=np.float32),
     )
 
 
