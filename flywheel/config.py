@@ -126,6 +126,24 @@ class Settings(BaseSettings):
     def _absolute_workspace(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from flywheel.backbones import BACKBONES  # imported here: settings stay cheap to import
+
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from flywheel.strategies import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; choose one of: {', '.join(sorted(STRATEGIES))}")
+        return value
+
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, value: list[str]) -> list[str]:
