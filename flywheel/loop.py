@@ -113,6 +113,16 @@ def bootstrap(
     return BootstrapReport(len(pool.ids), len(test.ids), int(pool.vectors.shape[1]), str(path), project_id)
 
 
+def _current_state(settings: Settings, catalog: Catalog, *, progress: bool):
+    """Classes, the body embedding the pool (version and module), the pool's features, labels and their split."""
+    classes = _classes(catalog)
+    version = features.body_version(settings, catalog)
+    body = features.load_body(settings, version)
+    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
+    labels = catalog.labels()
+    return classes, version, body, pool, labels, split_labels(pool, labels, classes, settings.holdout_fraction)
+
+
 def run_round(
     settings: Settings,
     catalog: Catalog,
@@ -123,12 +133,7 @@ def run_round(
     progress: bool = True,
 ) -> RoundReport:
     """Train, register and guard the head on the labels so far; then select and push the next batch."""
-    classes = _classes(catalog)
-    version = features.body_version(settings, catalog)
-    body = features.load_body(settings, version)
-    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
-    labels = catalog.labels()
-    split = split_labels(pool, labels, classes, settings.holdout_fraction)
+    classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     round_id = catalog.start_round(strategy=settings.strategy, n_labels=len(labels))
     report = RoundReport(
         round_id=round_id,
@@ -318,12 +323,7 @@ def run_finetune(
     settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, *, progress: bool = True
 ) -> FinetuneReport:
     """LP-FT from the current body: head on frozen features first, then unfreeze as deep as the policy says."""
-    classes = _classes(catalog)
-    version = features.body_version(settings, catalog)
-    body = features.load_body(settings, version)
-    pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
-    labels = catalog.labels()
-    split = split_labels(pool, labels, classes, settings.holdout_fraction)
+    classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     if len(np.unique(split.targets[split.train])) < 2:
         raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels")
     holdout_folds = round(settings.holdout_fraction * 100)
