@@ -7,6 +7,7 @@ annotate_sim: the simulated annotator.                     demo: all of it, seve
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -19,6 +20,12 @@ from flywheel import annotator, labelstudio, loop, tracking
 from flywheel.catalog import Catalog
 from flywheel.config import Settings
 from flywheel.data import import_source
+
+
+def _finite(value: float) -> float | None:
+    """NaN (no model, no held-out labels) becomes None, so the summary is valid JSON."""
+    return None if math.isnan(value) else value
+
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
 
@@ -133,8 +140,8 @@ def demo_flow(
                 "round": r.round_id,
                 "labels": r.n_labels,
                 "model_version": r.model_version,
-                "test_accuracy": r.test_accuracy,
-                "holdout_accuracy": r.holdout_accuracy,
+                "test_accuracy": _finite(r.test_accuracy),
+                "holdout_accuracy": _finite(r.holdout_accuracy),
                 "promoted": r.promoted,
                 "selected": len(r.selected),
                 "strategy": r.strategy,
@@ -145,8 +152,8 @@ def demo_flow(
             {
                 "model_version": f.model_version,
                 "depth": f.depth,
-                "holdout_accuracy": f.holdout_accuracy,
-                "test_accuracy": f.test_accuracy,
+                "holdout_accuracy": _finite(f.holdout_accuracy),
+                "test_accuracy": _finite(f.test_accuracy),
                 "promoted": f.promoted,
                 "reason": f.promotion_reason,
             }
