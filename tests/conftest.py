@@ -19,7 +19,7 @@ TEST_WORKSPACE = Path(os.environ.get("FLYWHEEL_TEST_WORKSPACE", REPO / ".flywhee
 TEST_PORTS = {"label_studio": 18080, "mlflow": 15000, "prefect": 14200}
 
 
-def test_settings(workspace: Path, **overrides: object) -> Settings:
+def settings_for(workspace: Path, **overrides: object) -> Settings:
     """Settings pointing at the shared test servers, with a private catalog and data under `workspace`."""
     return load_settings(
         workspace=workspace,
@@ -33,7 +33,7 @@ def test_settings(workspace: Path, **overrides: object) -> Settings:
 @pytest.fixture(scope="session")
 def server_settings() -> Settings:
     """Settings whose workspace holds the servers' state and logs (shared by the whole session)."""
-    return test_settings(TEST_WORKSPACE)
+    return settings_for(TEST_WORKSPACE)
 
 
 @pytest.fixture(scope="session")
@@ -49,4 +49,4 @@ def services(server_settings: Settings) -> Settings:
 def settings(tmp_path: Path, services: Settings) -> Settings:
     """Per-test settings: the shared servers, a fresh catalog and workspace, a unique project name."""
     project = "t" + os.urandom(4).hex()
-    return test_settings(tmp_path / "ws", project=project)
+    return settings_for(tmp_path / "ws", project=project)

@@ -12,7 +12,7 @@ import pytest
 
 from flywheel import labelstudio, tracking
 from flywheel.catalog import Catalog
-from tests.conftest import TEST_PORTS, test_settings
+from tests.conftest import TEST_PORTS, settings_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ def test_small_demo_accuracy_rises_and_everything_is_traceable(tmp_path: Path, s
     assert accuracies[-1] > accuracies[0], accuracies  # more labels, better model
     assert len(summary["finetunes"]) == 1  # the threshold (80 labels) was crossed once
 
-    settings = test_settings(workspace, project=env["FLYWHEEL_PROJECT"])
+    settings = settings_for(workspace, project=env["FLYWHEEL_PROJECT"])
     mlflow_client = tracking.connect(settings)
     versions = mlflow_client.search_model_versions(f"name='{settings.registered_model_name}'")
     kinds = sorted(v.tags.get("kind") for v in versions)
