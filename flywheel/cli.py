@@ -249,6 +249,94 @@ def demo(
 
 @app.command()
 @_friendly
+def simulate(
+    data: Annotated[
+        str, typer.Option(help="ImageFolder tree, or built-in: fashion-mnist, digits, fashion-mnist-imbalanced")
+    ] = "fashion-mnist",
+    pool_size: Annotated[int, typer.Option(help="fashion-mnist: images drawn from its training set")] = 5000,
+    strategies: Annotated[str, typer.Option(help="comma-separated strategy names")] = "random,entropy,auto",
+    seeds: Annotated[int, typer.Option(min=1, help="repetitions (split, initial labels, strategy RNG)")] = 3,
+    initial_per_class: Annotated[int, typer.Option(min=1, help="labels per class before the first round")] = 2,
+    budget_per_class: Annotated[int, typer.Option(min=1, help="stop at classes x this many labels")] = 20,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="labels added per round [number of classes]")] = None,
+    backbone: Annotated[str | None, typer.Option(help="embedding backbone [settings.backbone]")] = None,
+    out: Annotated[str | None, typer.Option(help="write the JSON report here")] = None,
+    plot: Annotated[str | None, typer.Option(help="write the learning curves (PNG) here")] = None,
+    mlflow: Annotated[bool, typer.Option(help="log one MLflow run per strategy")] = True,
+) -> None:
+    """Active learning with an oracle on labelled images: learning curves per strategy, mean over seeds."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flywheel import tracking
+    from flywheel.simulation import datasets, publish, resolve_strategies
+    from flywheel.simulation import simulate as run_simulation
+
+    settings = load_settings(backbone=backbone) if backbone else _settings()
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    resolve_strategies(names)  # a bad name fails before any embedding work
+    client = tracking.connect(settings) if mlflow else None  # a down server fails before the work too
+    began = time.monotonic()
+    dataset = datasets.embed_dataset(datasets.load_dataset(data, settings, pool_size=pool_size), settings)
+    console.print(
+        f"{dataset.name}: {len(dataset.paths)} images, {len(dataset.classes)} classes, "
+        f"{settings.backbone} {settings.image_size}px features {dataset.features.shape[1]}-d "
+        f"({time.monotonic() - began:.0f} s)"
+    )
+    n_classes = len(dataset.classes)
+    rounds = len(range(n_classes * initial_per_class, n_classes * budget_per_class, batch_size or n_classes)) + 1
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("simulating", total=seeds * len(names) * rounds)
+
+        def step(name: str, seed: int, budget: int) -> None:
+            progress.update(task, advance=1, description=f"seed {seed} {name}: {budget} labels")
+
+        report = run_simulation(
+            dataset.features,
+            dataset.targets,
+            dataset.classes,
+            strategies=names,
+            seeds=seeds,
+            initial_per_class=initial_per_class,
+            budget_per_class=budget_per_class,
+            batch_size=batch_size,
+            l2=settings.head_l2,
+            dataset=dataset.name,
+            on_step=step,
+        )
+    report["backbone"] = settings.backbone
+    report["image_size"] = settings.image_size
+    report["seconds"] = round(time.monotonic() - began, 1)
+    table = Table(title=f"flywheel simulate: {dataset.name} (all labels: {_pct(report['full_label_accuracy'])})")
+    for column in ("strategy", "AULC", "balanced AULC", "final accuracy", "labels to 95% of all-label"):
+        table.add_column(column)
+    for name, curve in report["strategies"].items():
+        reached = curve["labels_to_95pct_of_full"]
+        table.add_row(
+            name,
+            _pct(curve["aulc"]),
+            _pct(curve["balanced_aulc"]),
+            _pct(curve["accuracy_mean"][-1]),
+            "-" if reached is None else str(reached),
+        )
+    console.print(table)
+    figure = publish.plot_curves(report)
+    if plot:
+        publish.save_plot(figure, Path(plot))
+        console.print(f"plot: {plot}")
+    if out:
+        publish.write_report(report, Path(out))
+        console.print(f"report: {out}")
+    if client is not None:
+        runs = publish.log_runs(client, report, figure, backbone=settings.backbone)
+        console.print(f"MLflow: {len(runs)} runs in experiment {publish.experiment_name(dataset.name)}")
+
+
+@app.command()
+@_friendly
 def status() -> None:
     """Samples, labels, rounds and the champion, from the catalog."""
     from flywheel.catalog import POOL, TEST, Catalog

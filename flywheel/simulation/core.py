@@ -1,0 +1,300 @@
+"""Pool-based active learning with an oracle: the loop behind `flywheel simulate` and bench/strategies.
+
+Everything here is a pure function of arrays (features, targets, class names); no files, servers or
+models leave this module. Per seed: a stratified 30% test split is held out, the same seeded initial
+labels (per class) start every strategy, and then each round the head is trained on the labelled set,
+evaluated on the test split, and the strategy picks the next `batch_size` positions, whose labels the
+oracle (the known targets) adds.
+
+Index spaces: a seed's PoolView positions index the rows of that seed's training split (`train`), i.e.
+`features[train]`; they are converted to dataset rows nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from flywheel.errors import DataError, FlywheelError
+from flywheel.head import predict_proba, train_head
+from flywheel.strategies import PoolView, Selection, Strategy, get_strategy
+
+TEST_FRACTION = 0.3
+_POOL_FIELDS = frozenset(f.name for f in fields(PoolView))
+# (strategy, seed, budget) after each evaluation: lets the CLI drive a progress bar.
+StepCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Dataset rows of one seed's training pool and test set, and the initial labelled pool positions."""
+
+    train: np.ndarray  # (n_train,) int64 dataset rows
+    test: np.ndarray  # (n_test,) int64 dataset rows
+    initial: np.ndarray  # (n_initial,) int64 positions into `train`
+
+
+def stratified_split(
+    targets: np.ndarray, *, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, round(test_fraction * n_c) rows go to test, but a class always keeps one training row.
+
+    targets: (N,) int. Returns (train rows, test rows), each sorted.
+    """
+    train, test = [], []
+    for c in np.unique(targets):
+        rows = rng.permutation(np.flatnonzero(targets == c))
+        n_test = min(int(round(test_fraction * len(rows))), len(rows) - 1)
+        test.append(rows[:n_test])
+        train.append(rows[n_test:])
+    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
+
+
+def initial_positions(train_targets: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `per_class` random positions of each class (a class with fewer rows gives all it has)."""
+    picks = [
+        rng.choice(
+            np.flatnonzero(train_targets == c), size=min(per_class, int((train_targets == c).sum())), replace=False
+        )
+        for c in np.unique(train_targets)
+    ]
+    return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def make_split(
+    targets: np.ndarray, seed: int, *, initial_per_class: int, test_fraction: float = TEST_FRACTION
+) -> Split:
+    rng = np.random.default_rng([seed, 0])
+    train, test = stratified_split(targets, test_fraction=test_fraction, rng=rng)
+    return Split(train=train, test=test, initial=initial_positions(targets[train], initial_per_class, rng))
+
+
+def budget_schedule(n_initial: int, *, batch_size: int, max_budget: int, n_train: int) -> list[int]:
+    """n_initial, then + batch_size per round, up to min(max_budget, n_train) (the last step may be short)."""
+    top = min(max_budget, n_train)
+    budgets = [n_initial]
+    while budgets[-1] < top:
+        budgets.append(min(budgets[-1] + batch_size, top))
+    return budgets
+
+
+def balanced_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in `targets` (sklearn's balanced accuracy)."""
+    predicted = probs.argmax(axis=1)
+    return float(np.mean([(predicted[targets == c] == c).mean() for c in np.unique(targets)]))
+
+
+def labels_to_reach(budgets: Sequence[int], accuracy: Sequence[float], target: float) -> int | None:
+    """The first budget whose accuracy reaches `target`, or None."""
+    return next((int(b) for b, a in zip(budgets, accuracy, strict=True) if a >= target), None)
+
+
+def resolve_strategies(strategies: Sequence[str] | Mapping[str, Strategy]) -> dict[str, Strategy]:
+    """Names are looked up in the registry (a bad name lists the choices); a mapping is taken as given."""
+    if isinstance(strategies, Mapping):
+        resolved = dict(strategies)
+    else:
+        resolved = {name: get_strategy(name) for name in strategies}
+    if not resolved:
+        raise FlywheelError("no strategies to simulate")
+    return resolved
+
+
+def _check_inputs(
+    features: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    initial_per_class: int,
+    budget_per_class: int,
+    batch_size: int,
+) -> None:
+    if features.ndim != 2 or len(features) != len(targets):
+        raise DataError(f"features must be (N, D) with N = len(targets) = {len(targets)}, got {features.shape}")
+    if len(targets) and (targets.min() < 0 or targets.max() >= len(classes)):
+        raise DataError(f"targets must lie in [0, {len(classes)}), got {targets.min()}..{targets.max()}")
+    if len(np.unique(targets)) < 2:
+        raise DataError(f"need at least 2 classes with images, got {len(np.unique(targets))}")
+    if initial_per_class < 1:
+        raise FlywheelError(f"initial_per_class must be at least 1, got {initial_per_class}")
+    if budget_per_class < initial_per_class:
+        raise FlywheelError(f"budget_per_class ({budget_per_class}) is below initial_per_class ({initial_per_class})")
+    if batch_size < 1:
+        raise FlywheelError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def pool_view(**arrays: np.ndarray) -> PoolView:
+    """A PoolView; `labelled_targets` is passed only where this PoolView has the field."""
+    if "labelled_targets" not in _POOL_FIELDS:
+        arrays.pop("labelled_targets", None)
+    return PoolView(**arrays)
+
+
+def _strategy_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def run_curve(
+    strategy: Strategy,
+    name: str,
+    features: np.ndarray,
+    targets: np.ndarray,
+    split: Split,
+    budgets: Sequence[int],
+    *,
+    n_classes: int,
+    seed: int,
+    l2: float,
+    train_features: np.ndarray | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, list]:
+    """One strategy, one seed: accuracy and balanced accuracy on the test split at each budget.
+
+    `train_features` (= features[split.train]) may be passed so every strategy of a seed shares one array.
+    """
+    x_train = features[split.train] if train_features is None else train_features
+    y_train, x_test, y_test = targets[split.train], features[split.test], targets[split.test]
+    labelled = split.initial.copy()
+    is_labelled = np.zeros(len(split.train), dtype=bool)
+    is_labelled[labelled] = True
+    rng = _strategy_rng(seed, name)
+    out: dict[str, list] = {"accuracy": [], "balanced_accuracy": [], "descriptions": []}
+    for step, budget in enumerate(budgets):
+        if len(labelled) != budget:  # pragma: no cover - guarded by the selection checks below
+            raise FlywheelError(f"{name}: {len(labelled)} labels at a budget of {budget}")
+        head = train_head(x_train[labelled], y_train[labelled], n_classes, l2=l2, seed=seed)
+        test_probs = predict_proba(head, x_test)
+        out["accuracy"].append(float((test_probs.argmax(1) == y_test).mean()))
+        out["balanced_accuracy"].append(balanced_accuracy(test_probs, y_test))
+        if on_step is not None:
+            on_step(name, seed, budget)
+        if step + 1 == len(budgets):
+            break
+        n = budgets[step + 1] - budget
+        pool = pool_view(
+            candidates=np.flatnonzero(~is_labelled).astype(np.int64),
+            labelled=labelled,
+            probs=predict_proba(head, x_train),
+            embeddings=x_train,
+            labelled_targets=y_train[labelled],
+        )
+        selection: Selection = strategy(pool, n, rng=rng)
+        picked = np.asarray(selection.positions, dtype=np.int64)
+        if len(picked) != n or len(np.unique(picked)) != n or is_labelled[picked].any():
+            raise FlywheelError(
+                f"strategy {name} returned {len(picked)} positions ({len(np.unique(picked))} unique, "
+                f"{int(is_labelled[picked].sum())} already labelled) when asked for {n} new ones"
+            )
+        out["descriptions"].append(selection.description)
+        is_labelled[picked] = True
+        labelled = np.concatenate([labelled, picked])
+    return out
+
+
+def simulate(
+    features: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    *,
+    strategies: Sequence[str] | Mapping[str, Strategy],
+    seeds: int | Sequence[int] = 3,
+    initial_per_class: int = 2,
+    budget_per_class: int = 20,
+    batch_size: int | None = None,
+    l2: float = 0.1,
+    dataset: str = "custom",
+    test_fraction: float = TEST_FRACTION,
+    on_step: StepCallback | None = None,
+) -> dict:
+    """Learning curves of each strategy, mean and std over seeds, as the `flywheel simulate` report.
+
+    features: (N, D) float32 embeddings; targets: (N,) int class index into `classes`.
+    seeds: a count (0..n-1) or explicit seeds. batch_size: labels added per round (default: one per class).
+    Returns {"dataset", "n_pool", "classes", "full_label_accuracy", "strategies": {name: {...}}} plus extras.
+    """
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    targets = np.asarray(targets, dtype=np.int64)
+    n_classes = len(classes)
+    batch_size = n_classes if batch_size is None else batch_size
+    _check_inputs(features, targets, classes, initial_per_class, budget_per_class, batch_size)
+    resolved = resolve_strategies(strategies)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise FlywheelError("need at least one seed")
+
+    splits = {
+        seed: make_split(targets, seed, initial_per_class=initial_per_class, test_fraction=test_fraction)
+        for seed in seed_list
+    }
+    first = splits[seed_list[0]]
+    if len(first.test) == 0:
+        raise DataError(f"{len(targets)} images leave no test images at a {test_fraction:.0%} split; add images")
+    budgets = budget_schedule(
+        len(first.initial), batch_size=batch_size, max_budget=n_classes * budget_per_class, n_train=len(first.train)
+    )
+    full, curves, seconds = [], {name: [] for name in resolved}, dict.fromkeys(resolved, 0.0)
+    for seed in seed_list:
+        split = splits[seed]
+        x_train = features[split.train]
+        head = train_head(x_train, targets[split.train], n_classes, l2=l2, seed=seed)
+        full.append(float((predict_proba(head, features[split.test]).argmax(1) == targets[split.test]).mean()))
+        for name, strategy in resolved.items():
+            began = time.perf_counter()
+            curves[name].append(
+                run_curve(
+                    strategy,
+                    name,
+                    features,
+                    targets,
+                    split,
+                    budgets,
+                    n_classes=n_classes,
+                    seed=seed,
+                    l2=l2,
+                    train_features=x_train,
+                    on_step=on_step,
+                )
+            )
+            seconds[name] += time.perf_counter() - began
+    full_accuracy = float(np.mean(full))
+    return {
+        "dataset": dataset,
+        "n_pool": int(len(targets)),
+        "classes": list(classes),
+        "full_label_accuracy": full_accuracy,
+        "n_train": int(len(first.train)),
+        "n_test": int(len(first.test)),
+        "seeds": seed_list,
+        "initial_per_class": initial_per_class,
+        "budget_per_class": budget_per_class,
+        "batch_size": batch_size,
+        "class_counts": np.bincount(targets, minlength=n_classes).tolist(),
+        "strategies": {name: summarize(curves[name], budgets, full_accuracy, seconds[name]) for name in resolved},
+    }
+
+
+def summarize(
+    runs: Sequence[Mapping[str, list]], budgets: Sequence[int], full_accuracy: float, seconds: float = 0.0
+) -> dict:
+    """Mean/std over seeds of per-seed curves, AULC (mean over budget points) and labels to 95% of full."""
+    acc = np.array([r["accuracy"] for r in runs], dtype=np.float64)
+    bal = np.array([r["balanced_accuracy"] for r in runs], dtype=np.float64)
+    acc_mean, bal_mean = acc.mean(axis=0), bal.mean(axis=0)
+    return {
+        "budgets": [int(b) for b in budgets],
+        "accuracy_mean": acc_mean.tolist(),
+        "accuracy_std": acc.std(axis=0).tolist(),
+        "balanced_accuracy_mean": bal_mean.tolist(),
+        "aulc": float(acc_mean.mean()),
+        "balanced_aulc": float(bal_mean.mean()),
+        "labels_to_95pct_of_full": labels_to_reach(budgets, acc_mean.tolist(), 0.95 * full_accuracy)
+        if not math.isnan(full_accuracy)
+        else None,
+        "accuracy_per_seed": acc.tolist(),
+        "seconds": round(seconds, 2),
+        "descriptions": list(runs[0]["descriptions"]),
+    }
