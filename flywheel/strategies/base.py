@@ -22,20 +22,49 @@ class PoolView:
     embeddings: (N, D) float32 or None.
     candidates: (M,) int64 positions that may be selected (unlabelled, not yet sent).
     labelled: (L,) int64 positions that already carry a label.
+    labelled_targets: (L,) int class index of each entry of `labelled`, or None when unknown.
     """
 
     candidates: np.ndarray
     labelled: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     probs: np.ndarray | None = None
     embeddings: np.ndarray | None = None
+    labelled_targets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.ndim != 2:
             raise FlywheelError(f"probs must be (N, C), got shape {self.probs.shape}")
-        if self.candidates.size and self.probs is not None and self.candidates.max() >= len(self.probs):
-            raise FlywheelError(
-                f"candidate position {self.candidates.max()} outside probs of {len(self.probs)} rows"
-            )
+        if self.embeddings is not None and self.embeddings.ndim != 2:
+            raise FlywheelError(f"embeddings must be (N, D), got shape {self.embeddings.shape}")
+        if self.probs is not None and self.embeddings is not None and len(self.probs) != len(self.embeddings):
+            raise FlywheelError(f"probs has {len(self.probs)} rows but embeddings has {len(self.embeddings)}")
+        for name, rows in (("probs", self.probs), ("embeddings", self.embeddings)):
+            for what, positions in (("candidate", self.candidates), ("labelled", self.labelled)):
+                if rows is not None and positions.size and positions.max() >= len(rows):
+                    raise FlywheelError(f"{what} position {positions.max()} outside {name} of {len(rows)} rows")
+        if self.labelled_targets is not None:
+            if len(self.labelled_targets) != len(self.labelled):
+                raise FlywheelError(
+                    f"labelled_targets has {len(self.labelled_targets)} entries but labelled has {len(self.labelled)}"
+                )
+            if self.labelled_targets.size and self.labelled_targets.min() < 0:
+                raise FlywheelError(f"labelled_targets must be class indices >= 0, got {self.labelled_targets.min()}")
+
+    @property
+    def n_classes(self) -> int | None:
+        """C from probs, else from the labelled targets (max index + 1), else None (unknown)."""
+        if self.probs is not None:
+            return int(self.probs.shape[1])
+        if self.labelled_targets is not None and self.labelled_targets.size:
+            return int(self.labelled_targets.max()) + 1
+        return None
+
+    def labelled_counts(self) -> np.ndarray | None:
+        """(C,) labels per class from labelled_targets, or None when the targets (or C) are unknown."""
+        n_classes = self.n_classes
+        if self.labelled_targets is None or n_classes is None:
+            return None
+        return np.bincount(self.labelled_targets.astype(np.int64), minlength=n_classes)[:n_classes]
 
 
 @dataclass(frozen=True)
@@ -59,10 +88,42 @@ def check_request(pool: PoolView, n: int) -> None:
         raise PoolExhaustedError(available=len(pool.candidates), requested=n)
 
 
-def top_k(
-    pool: PoolView, scores: np.ndarray, n: int, *, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def require_probs(
+    pool: PoolView, strategy: str, instead: str = "'random', or 'typiclust' with embeddings"
+) -> np.ndarray:
+    """pool.probs, or a FlywheelError naming the missing input and what to use instead."""
+    if pool.probs is None:
+        raise FlywheelError(f"{strategy} needs model probabilities (PoolView.probs); for the cold start use {instead}")
+    return pool.probs
+
+
+def require_embeddings(pool: PoolView, strategy: str, instead: str = "'margin' or 'random'") -> np.ndarray:
+    """pool.embeddings, or a FlywheelError naming the missing input and what to use instead."""
+    if pool.embeddings is None:
+        raise FlywheelError(f"{strategy} needs embeddings (PoolView.embeddings); without them use {instead}")
+    return pool.embeddings
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """A float32 copy with L2-normalised rows (zero rows stay zero): cosine geometry for every strategy."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
+
+
+def seed_from(rng: np.random.Generator) -> int:
+    """A seed for a library (FAISS) that cannot take a Generator; drawn from rng, so still reproducible."""
+    return int(rng.integers(0, 2**31 - 1))
+
+
+def top_k(pool: PoolView, scores: np.ndarray, n: int, *, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Candidates with the n highest scores; ties broken at random (seeded), so equal scores are fair."""
-    tiebreak = rng.random(len(scores))
-    order = np.lexsort((tiebreak, -scores))[:n]
+    order = ranked(scores, rng=rng)[:n]
     return pool.candidates[order].astype(np.int64), scores[order]
+
+
+def ranked(scores: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `scores`, highest first, ties broken at random (seeded)."""
+    tiebreak = rng.random(len(scores))
+    return np.lexsort((tiebreak, -scores))

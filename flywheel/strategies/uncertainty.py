@@ -1,11 +1,28 @@
-"""Uncertainty sampling: label what the current model is least sure about."""
+"""Uncertainty sampling: label what the current model is least sure about.
+
+Each strategy is a scorer (higher = less sure) plus a selector: the top n candidates, with near-duplicates
+within the batch skipped when embeddings are present (uncertain images come in look-alike bunches).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from flywheel.errors import FlywheelError
-from flywheel.strategies.base import PoolView, Selection, check_request, top_k
+from flywheel.strategies.base import PoolView, Selection, check_request, ranked, require_probs
+from flywheel.strategies.dedup import distinct_top
+
+
+def least_confidence_scores(probs: np.ndarray) -> np.ndarray:
+    """1 - max_c p(c) per row. probs: (N, C), rows sum to 1."""
+    return 1.0 - probs.max(axis=1)
+
+
+def margin_scores(probs: np.ndarray) -> np.ndarray:
+    """1 - (p(top class) - p(runner-up)) per row: 1 at a tie, 0 when certain. probs: (N, C), C >= 2."""
+    if probs.shape[1] < 2:
+        return np.zeros(len(probs))
+    top2 = -np.partition(-probs, 1, axis=1)[:, :2]
+    return 1.0 - (top2[:, 0] - top2[:, 1])
 
 
 def entropy_scores(probs: np.ndarray) -> np.ndarray:
@@ -14,17 +31,39 @@ def entropy_scores(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(clipped)).sum(axis=1)
 
 
+SCORERS = {"least_confidence": least_confidence_scores, "margin": margin_scores, "entropy": entropy_scores}
+_WHAT = {
+    "least_confidence": "1 - max probability",
+    "margin": "1 - (top-1 minus top-2 probability)",
+    "entropy": "predictive entropy (nats)",
+}
+
+
+def _uncertainty(name: str, pool: PoolView, n: int, rng: np.random.Generator) -> Selection:
+    check_request(pool, n)
+    probs = require_probs(pool, name)
+    scores = SCORERS[name](probs[pool.candidates].astype(np.float64))
+    distinct = distinct_top(pool, ranked(scores, rng=rng), n)
+    picked = scores[distinct.order]
+    return Selection(
+        positions=pool.candidates[distinct.order].astype(np.int64),
+        scores=picked,
+        strategy=name,
+        description=f"top {n} of {len(pool.candidates)} candidates by {_WHAT[name]} "
+        f"(picked {picked.min():.3f}..{picked.max():.3f}){distinct.note()}",
+    )
+
+
+def least_confidence(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
+    """The n candidates whose most likely class has the lowest probability."""
+    return _uncertainty("least_confidence", pool, n, rng)
+
+
+def margin(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
+    """The n candidates with the smallest gap between the two most likely classes."""
+    return _uncertainty("margin", pool, n, rng)
+
+
 def entropy(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     """The n candidates whose predicted class distribution has the highest entropy."""
-    check_request(pool, n)
-    if pool.probs is None:
-        raise FlywheelError("entropy needs model probabilities; use 'random' for the cold start")
-    scores = entropy_scores(pool.probs[pool.candidates])
-    positions, picked = top_k(pool, scores, n, rng=rng)
-    return Selection(
-        positions=positions,
-        scores=picked,
-        strategy="entropy",
-        description=f"top {n} of {len(pool.candidates)} candidates by predictive entropy "
-        f"(picked {picked.min():.3f}..{picked.max():.3f} nats)",
-    )
+    return _uncertainty("entropy", pool, n, rng)
