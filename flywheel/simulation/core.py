@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ from flywheel.head import predict_proba, train_head
 from flywheel.strategies import PoolView, Selection, Strategy, get_strategy
 
 TEST_FRACTION = 0.3
-_POOL_FIELDS = frozenset(f.name for f in fields(PoolView))
 # (strategy, seed, budget) after each evaluation: lets the CLI drive a progress bar.
 StepCallback = Callable[[str, int, int], None]
 
@@ -129,13 +128,6 @@ def _check_inputs(
         raise FlywheelError(f"batch_size must be at least 1, got {batch_size}")
 
 
-def pool_view(**arrays: np.ndarray) -> PoolView:
-    """A PoolView; `labelled_targets` is passed only where this PoolView has the field."""
-    if "labelled_targets" not in _POOL_FIELDS:
-        arrays.pop("labelled_targets", None)
-    return PoolView(**arrays)
-
-
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
     """Head fits on a few hundred rows are overhead-bound: one intra-op thread avoids spin contention
@@ -189,7 +181,7 @@ def run_curve(
         if step + 1 == len(budgets):
             break
         n = budgets[step + 1] - budget
-        pool = pool_view(
+        pool = PoolView(
             candidates=np.flatnonzero(~is_labelled).astype(np.int64),
             labelled=labelled,
             probs=predict_proba(head, x_train),
