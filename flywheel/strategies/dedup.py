@@ -44,6 +44,7 @@ def _neighbours(x: np.ndarray, threshold: float) -> list[np.ndarray]:
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     lims, _, ids = index.range_search(x, threshold)
+    lims = lims.astype(np.int64)
     return [ids[lims[i] : lims[i + 1]][ids[lims[i] : lims[i + 1]] != i] for i in range(len(x))]
 
 

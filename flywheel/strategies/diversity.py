@@ -26,10 +26,20 @@ _CHUNK = 65536  # rows per block when streaming distances over a large pool (655
 
 
 def kmeans(x: np.ndarray, k: int, *, rng: np.random.Generator, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS k-means: x (N, D) float32 -> (centroids (k, D), assignment (N,) int64). k is capped at N."""
+    """FAISS k-means, k-means++ seeded, best of 3: x (N, D) float32 -> (centroids (k, D), assignment (N,)).
+
+    k is capped at N. Large pools are subsampled to 512 points per centroid for training (all are assigned).
+    """
     k = max(1, min(k, len(x)))
     km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed_from(rng), min_points_per_centroid=1, max_points_per_centroid=512
+        x.shape[1],
+        k,
+        niter=niter,
+        nredo=3,
+        seed=seed_from(rng),
+        min_points_per_centroid=1,
+        max_points_per_centroid=512,
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
     )
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     _, assignment = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
@@ -245,6 +255,7 @@ def probcover(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     lims, _, ids = index.range_search(x, float(1.0 - delta**2 / 2.0) - 1e-6)  # chord <= delta <=> cos >= 1-d^2/2
+    lims = lims.astype(np.int64)
     rows = np.repeat(np.arange(len(x)), np.diff(lims))
     ball = sparse.csr_matrix((np.ones(len(ids), dtype=np.float32), (rows, ids)), shape=(len(x), len(x)))
     row_of = np.searchsorted(positions, pool.candidates)
