@@ -16,7 +16,6 @@ from flywheel.strategies.base import (
     Selection,
     check_request,
     require_embeddings,
-    seed_from,
     unit_rows,
 )
 
@@ -25,25 +24,54 @@ from flywheel.strategies.base import (
 _CHUNK = 65536  # rows per block when streaming distances over a large pool (65536 x 512 float32 = 128 MB)
 
 
-def kmeans(x: np.ndarray, k: int, *, rng: np.random.Generator, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS k-means, k-means++ seeded, best of 3: x (N, D) float32 -> (centroids (k, D), assignment (N,)).
+def _sq_dists(x: np.ndarray, x_sq: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (N, K) between rows of x (with |x|^2 given) and rows of c."""
+    return np.maximum(x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(axis=1)[None, :], 0.0)
 
-    k is capped at N. Large pools are subsampled to 512 points per centroid for training (all are assigned).
+
+def kmeans(
+    x: np.ndarray, k: int, *, rng: np.random.Generator, niter: int = 20, per_centroid: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means (k-means++ seeding, then Lloyd): x (N, D) -> (centroids (k, D) float32, assignment (N,) int64).
+
+    k is capped at N. Trained on at most `per_centroid` * k rows drawn with rng; every row is assigned.
+    Plain numpy: the matrix products go to BLAS, which beats FAISS's k-means on pools of this size here.
     """
+    x = np.asarray(x, dtype=np.float32)
     k = max(1, min(k, len(x)))
-    km = faiss.Kmeans(
-        x.shape[1],
-        k,
-        niter=niter,
-        nredo=3,
-        seed=seed_from(rng),
-        min_points_per_centroid=1,
-        max_points_per_centroid=512,
-        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+    train = x if len(x) <= per_centroid * k else x[np.sort(rng.choice(len(x), per_centroid * k, replace=False))]
+    train_sq = (train * train).sum(axis=1)
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(len(train)))
+    centroids[0] = train[first]
+    nearest = _sq_dists(train, train_sq, centroids[:1])[:, 0]
+    for j in range(1, k):  # k-means++: next centre drawn in proportion to squared distance
+        total = nearest.sum()
+        pick = int(rng.choice(len(train), p=nearest / total)) if total > 0 else int(rng.integers(len(train)))
+        centroids[j] = train[pick]
+        np.minimum(nearest, _sq_dists(train, train_sq, centroids[j : j + 1])[:, 0], out=nearest)
+    for _ in range(niter):
+        d = _sq_dists(train, train_sq, centroids)
+        assignment = d.argmin(axis=1)
+        counts = np.bincount(assignment, minlength=k)
+        onehot = sparse.csr_matrix(
+            (np.ones(len(train), dtype=np.float32), (assignment, np.arange(len(train)))), shape=(k, len(train))
+        )
+        sums = onehot @ train
+        moved = centroids.copy()
+        filled = counts > 0
+        moved[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        if not filled.all():  # an empty cluster restarts at the points worst served
+            worst = np.argsort(-d[np.arange(len(train)), assignment])[: int((~filled).sum())]
+            moved[~filled] = train[worst]
+        if np.allclose(moved, centroids, atol=1e-6):
+            break
+        centroids = moved
+    x_sq = (x * x).sum(axis=1)
+    assignment = np.concatenate(
+        [_sq_dists(x[s : s + 8192], x_sq[s : s + 8192], centroids).argmin(axis=1) for s in range(0, len(x), 8192)]
     )
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    _, assignment = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    return km.centroids, assignment[:, 0].astype(np.int64)
+    return centroids, assignment.astype(np.int64)
 
 
 def _rows(embeddings: np.ndarray, positions: np.ndarray, start: int, stop: int) -> np.ndarray:
