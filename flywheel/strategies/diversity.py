@@ -30,20 +30,29 @@ def _sq_dists(x: np.ndarray, x_sq: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def kmeans(
-    x: np.ndarray, k: int, *, rng: np.random.Generator, niter: int = 20, per_centroid: int = 256
+    x: np.ndarray, k: int, *, rng: np.random.Generator, restarts: int = 3, niter: int = 20, per_centroid: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k-means (k-means++ seeding, then Lloyd): x (N, D) -> (centroids (k, D) float32, assignment (N,) int64).
-
-    k is capped at N. Trained on at most `per_centroid` * k rows drawn with rng; every row is assigned.
-    Plain numpy: the matrix products go to BLAS, which beats FAISS's k-means on pools of this size here.
+    """k-means, best of `restarts` (k-means++ seeding, then Lloyd): x (N, D) -> (centroids (k, D) float32,
+    assignment (N,) int64). k is capped at N. Trained on at most `per_centroid` * k rows drawn with rng;
+    every row is assigned. Plain numpy: the matrix products go to BLAS, faster than FAISS's k-means here.
     """
     x = np.asarray(x, dtype=np.float32)
     k = max(1, min(k, len(x)))
     train = x if len(x) <= per_centroid * k else x[np.sort(rng.choice(len(x), per_centroid * k, replace=False))]
+    runs = [_lloyd(train, k, rng, niter) for _ in range(max(1, restarts))]
+    centroids = min(runs, key=lambda run: run[1])[0]
+    x_sq = (x * x).sum(axis=1)
+    assignment = np.concatenate(
+        [_sq_dists(x[s : s + 8192], x_sq[s : s + 8192], centroids).argmin(axis=1) for s in range(0, len(x), 8192)]
+    )
+    return centroids, assignment.astype(np.int64)
+
+
+def _lloyd(train: np.ndarray, k: int, rng: np.random.Generator, niter: int) -> tuple[np.ndarray, float]:
+    """One k-means run: (centroids, sum of squared distances to them)."""
     train_sq = (train * train).sum(axis=1)
-    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
-    first = int(rng.integers(len(train)))
-    centroids[0] = train[first]
+    centroids = np.empty((k, train.shape[1]), dtype=np.float32)
+    centroids[0] = train[int(rng.integers(len(train)))]
     nearest = _sq_dists(train, train_sq, centroids[:1])[:, 0]
     for j in range(1, k):  # k-means++: next centre drawn in proportion to squared distance
         total = nearest.sum()
@@ -67,11 +76,8 @@ def kmeans(
         if np.allclose(moved, centroids, atol=1e-6):
             break
         centroids = moved
-    x_sq = (x * x).sum(axis=1)
-    assignment = np.concatenate(
-        [_sq_dists(x[s : s + 8192], x_sq[s : s + 8192], centroids).argmin(axis=1) for s in range(0, len(x), 8192)]
-    )
-    return centroids, assignment.astype(np.int64)
+    inertia = float(_sq_dists(train, train_sq, centroids).min(axis=1).sum())
+    return centroids, inertia
 
 
 def _rows(embeddings: np.ndarray, positions: np.ndarray, start: int, stop: int) -> np.ndarray:

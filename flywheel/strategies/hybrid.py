@@ -35,7 +35,7 @@ def hybrid_picks(
     order = ranked(unc, rng=rng)
     size = min(len(order), shortlist * n)
     short = order[:size]
-    _, assignment = kmeans(unit_rows(embeddings[pool.candidates[short]]), n, rng=rng)
+    _, assignment = kmeans(unit_rows(embeddings[pool.candidates[short]]), n, rng=rng, restarts=1)
     # from each cluster its most uncertain member (the shortlist is sorted, so the first one seen)
     _, first_in_cluster = np.unique(assignment, return_index=True)
     chosen = short[np.sort(first_in_cluster)]
