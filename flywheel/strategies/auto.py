@@ -7,6 +7,11 @@
   the smallest), part of the batch (BALANCED_SHARE) goes to class-balanced margin sampling, which favours the
   classes with the fewest labels, so a rare class is not starved.
 The Selection's description says which was used and why, with the numbers.
+
+Measured (linear head, l2=0.1; 2 -> 20 labels per class in batches of 10; 3 seeds; AULC = mean test accuracy
+over the budgets): Fashion-MNIST 5k (EfficientNet-Lite0 features, 64 px) random 65.8, margin 63.9, hybrid 65.6,
+falcun 65.6, typiclust 67.4, auto 67.9 (68.1 with the switch at 10/class); scikit-learn digits (pixels)
+random 84.8, auto 89.5. Uncertainty alone trails random at these budgets; the typical picks carry auto.
 """
 
 from __future__ import annotations
