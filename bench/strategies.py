@@ -187,7 +187,8 @@ def table(report: dict, wall_s: float) -> str:
         f"(per class {min(counts)}..{max(counts)}), {len(report['seeds'])} seeds, "
         f"{report['strategies'][OUR_RANDOM if OUR_RANDOM in report['strategies'] else THEIR_RANDOM]['budgets'][0]}"
         f"..{max(c['budgets'][-1] for c in report['strategies'].values())} labels, "
-        f"all-label accuracy {100 * report['full_label_accuracy']:.1f}%, wall {wall_s:.0f} s\n\n"
+        f"all-label accuracy {100 * report['full_label_accuracy']:.1f}%, {wall_s:.0f} s of compute "
+        "(sum over strategies)\n\n"
         "| strategy | AULC | gain vs own random | balanced AULC | balanced gain | final acc | s |\n"
         "|---|---:|---:|---:|---:|---:|---:|\n"
     )
