@@ -260,6 +260,12 @@ _GROUPERS: dict[str, Callable[[nn.Module], list[Group]]] = {
 }
 
 
+def group_modules(body: nn.Module, name: str) -> list[Group]:
+    """The body's modules in the same ordered groups as `layer_groups` (for forward hooks on a stage)."""
+    get_spec(name)
+    return _GROUPERS[name](body)
+
+
 def layer_groups(body: nn.Module, name: str) -> list[tuple[str, list[nn.Parameter]]]:
     """The body's parameters in ordered groups, input -> output; every parameter in exactly one group."""
     get_spec(name)

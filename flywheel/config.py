@@ -74,6 +74,19 @@ class FinetuneSettings(_Section):
     head_lr: float = Field(1e-3, gt=0, description="AdamW; earlier groups get 1/10 and 1/100 of it")
     weight_decay: float = Field(1e-4, ge=0)
     depth: Literal["auto", "head", "last", "all"] = "auto"
+    domain: Literal["auto", "near", "far"] = Field(
+        "auto", description="auto: measured by a stage probe (transfer.probe_domain); near/far force it"
+    )
+    gradual_unfreeze: bool = Field(True, description="unfreeze the policy's groups one at a time from the top")
+    patience: int = Field(2, ge=0, description="body epochs without a better validation score before stopping; 0: off")
+    hflip: bool = Field(True, description="random horizontal flips (turn off for text, digits, oriented data)")
+    resume: bool = Field(True, description="continue an interrupted fine-tune from its last epoch checkpoint")
+    backbones: list[str] = Field(
+        default_factory=list,
+        description="candidates scored by transferability before the first fine-tune; empty: every backbone "
+        "whose weights are available offline",
+    )
+    transferability: Literal["logme", "knn"] = "logme"
     device: str = "auto"  # auto: cuda when present, else cpu
 
 

@@ -18,12 +18,17 @@ overfit or transfer negatively, and the caller compares the result against the s
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +39,7 @@ from flywheel.backbones import Classifier, get_spec
 from flywheel.config import FinetuneSettings
 from flywheel.embed import resolve_device
 from flywheel.errors import DataError
-from flywheel.images import ImageDataset
+from flywheel.images import Augmentation, ImageDataset, choose_augmentation
 from flywheel.policy import DepthDecision, freeze_body, param_groups, set_frozen_eval
 
 LABEL_SMOOTHING = 0.1
@@ -49,12 +54,16 @@ class FinetuneResult:
 
     classifier: Classifier
     decision: DepthDecision
-    history: list[dict]  # per epoch: epoch, phase ("head"|"body"), train_loss, val_accuracy, val_loss, seconds
+    history: list[dict]  # per epoch: epoch, phase ("head"|"body"), trainable_groups, train_loss, val_accuracy,
+    # val_loss, seconds
     lr_by_group: dict[str, float]  # peak learning rate of each trained group ("head", "stage7", ...)
     seconds: float
     device: str
     best_epoch: int = 0
     notes: list[str] = field(default_factory=list)
+    augmentation: Augmentation | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None  # epochs already done when this call resumed a checkpoint
 
 
 def _as_device(device: torch.device | str) -> torch.device:
@@ -188,6 +197,89 @@ def _train_epoch(
     return total / max(1, count)
 
 
+def unfrozen_count(body_epoch: int, body_epochs: int, n_groups: int, *, gradual: bool) -> int:
+    """How many of the policy's body groups (from the top) train in body epoch `body_epoch` (0-based).
+
+    Gradual unfreezing (ULMFiT-style, TRANSFER.md's "fine-tuning continues transfer") spreads the groups
+    over the first half of the body phase, one or more per epoch, so the whole chosen depth trains for at
+    least the second half: 4 body epochs, 4 groups -> 2, 4, 4, 4; 4 body epochs, 9 groups -> 5, 9, 9, 9.
+    """
+    if not gradual or n_groups == 0:
+        return n_groups
+    ramp = max(1, body_epochs // 2)
+    return min(n_groups, math.ceil((body_epoch + 1) * n_groups / ramp))
+
+
+def should_stop(history: Sequence[dict], patience: int) -> bool:
+    """Early stopping: the last `patience` body epochs all failed to beat the best validation score so far.
+
+    Scores are (accuracy, -loss), as for the best epoch. Head epochs count for the best score but never
+    stop the run (LP-FT needs its body phase). patience 0 or no validation: never stops.
+    """
+    scored = [h for h in history if h.get("val_accuracy") is not None]
+    if patience <= 0 or not scored or history[-1]["phase"] != "body":
+        return False
+    best = max(range(len(scored)), key=lambda i: (scored[i]["val_accuracy"], -scored[i]["val_loss"]))
+    since = scored[best + 1 :]
+    return len(since) >= patience and all(h["phase"] == "body" for h in since[-patience:])
+
+
+def run_key(
+    classifier: Classifier,
+    train_paths: Sequence[str],
+    train_targets: np.ndarray,
+    val_paths: Sequence[str],
+    val_targets: np.ndarray,
+    *,
+    decision: DepthDecision,
+    settings: FinetuneSettings,
+    seed: int,
+    augmentation: Augmentation,
+) -> str:
+    """A digest of everything that determines a fine-tune: a checkpoint only resumes the very same run."""
+    digest = hashlib.sha256()
+    config = {
+        "backbone": classifier.backbone,
+        "classes": classifier.classes,
+        "image_size": classifier.image_size,
+        "decision": [decision.trainable_groups, decision.label],
+        "settings": settings.model_dump(mode="json", exclude={"resume", "backbones", "transferability"}),
+        "seed": seed,
+        "augmentation": [augmentation.hflip, augmentation.colour_jitter, list(augmentation.crop_scale)],
+        "train": [list(map(str, train_paths)), np.asarray(train_targets).tolist()],
+        "val": [list(map(str, val_paths)), np.asarray(val_targets).tolist()],
+    }
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in classifier.state_dict().items():  # the starting weights (body version, LP head)
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What `on_epoch_end` sees after each epoch (and after its checkpoint is on disk)."""
+
+    epoch: int  # 1-based, over both phases
+    entry: dict
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    checkpoint: Path | None
+
+
 def finetune(
     classifier: Classifier,
     train_paths: Sequence[str],
@@ -199,11 +291,20 @@ def finetune(
     settings: FinetuneSettings,
     seed: int,
     progress: bool = True,
+    augmentation: Augmentation | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[EpochEnd], None] | None = None,
 ) -> FinetuneResult:
     """LP-FT fine-tune of a copy of `classifier`; the input is left untouched (it stays the champion).
 
     targets: (N,) int in [0, C), indices into classifier.classes. With no validation images the last
     epoch's weights are returned (and a note says so).
+
+    Checkpoints: with `checkpoint_dir`, the model, optimizer, scheduler, RNG states, history and best-so-far
+    are written atomically after every epoch to checkpoint_dir/<run_key>/last.pt; `resume=True` continues
+    from there (on CPU to bit-identical final weights) and the file is removed once the run completes.
+    `augmentation` defaults to `images.choose_augmentation` on the training images.
     """
     started = time.perf_counter()
     n_classes = len(classifier.classes)
@@ -215,6 +316,15 @@ def finetune(
     spec = get_spec(classifier.backbone)
     cuda = device.type == "cuda"
     notes: list[str] = []
+    if augmentation is None:
+        augmentation = choose_augmentation(train_paths, hflip=settings.hflip)
+    ckpt: Path | None = None
+    if checkpoint_dir is not None:
+        key = run_key(
+            classifier, train_paths, train_targets, val_paths, val_targets,
+            decision=decision, settings=settings, seed=seed, augmentation=augmentation,
+        )  # fmt: skip
+        ckpt = Path(checkpoint_dir) / key / "last.pt"
 
     with torch.random.fork_rng(devices=[device] if cuda else []):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
@@ -222,7 +332,7 @@ def finetune(
         gen = torch.Generator().manual_seed(seed)
         n_train = len(train_targets)
         loader = DataLoader(
-            ImageDataset(train_paths, spec, classifier.image_size, train_targets, augment=True),
+            ImageDataset(train_paths, spec, classifier.image_size, train_targets, augment=augmentation),
             batch_size=settings.batch_size,
             shuffle=True,
             generator=gen,
@@ -245,12 +355,28 @@ def finetune(
         elif head_epochs == 0:
             notes.append("head_epochs=0: body unfrozen with a random head (no LP-FT warm start)")
         body_epochs = settings.epochs - head_epochs
+        plan = ["head"] * head_epochs + ["body"] * body_epochs
 
         history: list[dict] = []
         best: tuple[float, float] | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch = 0
         lr_by_group: dict[str, float] = {}
+        stopped = False
+        start = 0
+        saved: dict | None = None
+        if ckpt is not None and resume and ckpt.exists():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["model"])
+            history, best_epoch, lr_by_group = saved["history"], saved["best_epoch"], saved["lr_by_group"]
+            best = tuple(saved["best"]) if saved["best"] is not None else None
+            best_state, stopped, start = saved["best_state"], saved["stopped"], saved["epoch"]
+            torch.set_rng_state(saved["rng_torch"])
+            gen.set_state(saved["rng_loader"])
+            if cuda and saved.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng_cuda"], device)
+            notes.append(f"resumed from {ckpt} after epoch {start}")
+
         bar_ctx = nullcontext(None)
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -263,57 +389,103 @@ def finetune(
                 transient=True,
             )
         with bar_ctx as bar:
-            task = bar.add_task("fine-tune", total=settings.epochs) if bar else None
-            for phase, n_epochs in (("head", head_epochs), ("body", body_epochs)):
-                if n_epochs == 0:
-                    continue
-                if phase == "head":
-                    freeze_body(model)
-                    groups = [
+            task = bar.add_task("fine-tune", total=settings.epochs, completed=start) if bar else None
+            phase_now: str | None = None
+            optimizer = scheduler = None
+            body_groups: list[dict] = []
+            adapt_bn = False
+            for e in range(start, len(plan)):
+                if stopped:
+                    break
+                phase = plan[e]
+                if phase != phase_now:
+                    phase_now = phase
+                    if phase == "head":
+                        freeze_body(model)
+                        groups = [
+                            {
+                                "name": "head",
+                                "params": list(model.head.parameters()),
+                                "lr": settings.head_lr,
+                                "weight_decay": settings.weight_decay,
+                            }
+                        ]
+                    else:
+                        groups = param_groups(model, decision, settings.head_lr, settings.weight_decay)
+                    body_groups = groups[1:]  # from the output end inwards
+                    lr_by_group.update({g["name"]: g["lr"] for g in groups})
+                    adapt_bn = phase == "body" and decision.label == "all"
+                    if adapt_bn:
+                        for bn in _batchnorms(model.body):
+                            bn.momentum = max(bn.momentum or 0.0, BN_MOMENTUM)
+                    optimizer = torch.optim.AdamW(groups)
+                    scheduler = _warmup_cosine(optimizer, plan.count(phase) * steps)
+                    if saved is not None and e == start and e > 0 and plan[e - 1] == phase:
+                        optimizer.load_state_dict(saved["optimizer"])
+                        scheduler.load_state_dict(saved["scheduler"])
+                n_trainable = 0
+                if phase == "body":
+                    body_epoch = e - head_epochs
+                    n_trainable = unfrozen_count(
+                        body_epoch, body_epochs, len(body_groups), gradual=settings.gradual_unfreeze
+                    )
+                    for i, group in enumerate(body_groups):
+                        for p in group["params"]:
+                            p.requires_grad_(i < n_trainable)
+                t0 = time.perf_counter()
+                train_loss = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, adapt_bn=adapt_bn)
+                entry: dict = {
+                    "epoch": e + 1,
+                    "phase": phase,
+                    "trainable_groups": n_trainable,
+                    "train_loss": train_loss,
+                    "val_accuracy": None,
+                    "val_loss": None,
+                }
+                if len(val_targets):
+                    logits = _logits(model, val_cache if val_cache is not None else val_loader, device)
+                    entry["val_accuracy"] = float((logits.argmax(1) == val_y).float().mean())
+                    entry["val_loss"] = float(nn.functional.cross_entropy(logits, val_y))
+                    score = (entry["val_accuracy"], -entry["val_loss"])
+                    if best is None or score > best:  # accuracy first; ties go to the lower loss
+                        best, best_epoch = score, entry["epoch"]
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                entry["seconds"] = time.perf_counter() - t0
+                history.append(entry)
+                stopped = should_stop(history, settings.patience)
+                if stopped:
+                    notes.append(
+                        f"early stop after epoch {e + 1}: no better validation score for {settings.patience} epochs"
+                    )
+                if ckpt is not None:
+                    _save_atomic(
                         {
-                            "name": "head",
-                            "params": list(model.head.parameters()),
-                            "lr": settings.head_lr,
-                            "weight_decay": settings.weight_decay,
-                        }
-                    ]
-                else:
-                    groups = param_groups(model, decision, settings.head_lr, settings.weight_decay)
-                lr_by_group.update({g["name"]: g["lr"] for g in groups})
-                adapt_bn = phase == "body" and decision.label == "all"
-                if adapt_bn:
-                    for bn in _batchnorms(model.body):
-                        bn.momentum = max(bn.momentum or 0.0, BN_MOMENTUM)
-                optimizer = torch.optim.AdamW(groups)
-                scheduler = _warmup_cosine(optimizer, n_epochs * steps)
-                for _ in range(n_epochs):
-                    t0 = time.perf_counter()
-                    train_loss = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, adapt_bn=adapt_bn)
-                    entry: dict = {
-                        "epoch": len(history) + 1,
-                        "phase": phase,
-                        "train_loss": train_loss,
-                        "val_accuracy": None,
-                        "val_loss": None,
-                    }
-                    if len(val_targets):
-                        logits = _logits(model, val_cache if val_cache is not None else val_loader, device)
-                        entry["val_accuracy"] = float((logits.argmax(1) == val_y).float().mean())
-                        entry["val_loss"] = float(nn.functional.cross_entropy(logits, val_y))
-                        score = (entry["val_accuracy"], -entry["val_loss"])
-                        if best is None or score > best:  # accuracy first; ties go to the lower loss
-                            best, best_epoch = score, entry["epoch"]
-                            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                    entry["seconds"] = time.perf_counter() - t0
-                    history.append(entry)
-                    if bar is not None:
-                        acc = entry["val_accuracy"]
-                        bar.update(
-                            task,
-                            advance=1,
-                            description=f"fine-tune {phase} "
-                            f"loss {train_loss:.3f}" + (f" val {acc:.3f}" if acc is not None else ""),
-                        )
+                            "epoch": e + 1,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng_torch": torch.get_rng_state(),
+                            "rng_loader": gen.get_state(),
+                            "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None,
+                            "history": history,
+                            "best": list(best) if best is not None else None,
+                            "best_state": best_state,
+                            "best_epoch": best_epoch,
+                            "lr_by_group": lr_by_group,
+                            "stopped": stopped,
+                        },
+                        ckpt,
+                    )
+                if on_epoch_end is not None:
+                    on_epoch_end(EpochEnd(e + 1, entry, model, optimizer, ckpt))
+                if bar is not None:
+                    acc = entry["val_accuracy"]
+                    bar.update(
+                        task,
+                        advance=1,
+                        description=f"fine-tune {phase} "
+                        f"loss {train_loss:.3f}" + (f" val {acc:.3f}" if acc is not None else ""),
+                    )
 
     if best_state is None:
         notes.append("no validation images: returning the last epoch's weights")
@@ -324,6 +496,8 @@ def finetune(
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+    if ckpt is not None:
+        shutil.rmtree(ckpt.parent, ignore_errors=True)  # complete: the model goes to MLflow, not here
     return FinetuneResult(
         classifier=model,
         decision=decision,
@@ -333,4 +507,7 @@ def finetune(
         device=str(device),
         best_epoch=best_epoch,
         notes=notes,
+        augmentation=augmentation,
+        stopped_early=any(n.startswith("early stop") for n in notes),
+        resumed_from=start if saved is not None else None,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,15 +44,52 @@ def eval_transform(spec: BackboneSpec, image_size: int) -> v2.Transform:
     return v2.Compose([v2.Resize((image_size, image_size), antialias=True), _normalize(spec)])
 
 
-def train_transform(spec: BackboneSpec, image_size: int) -> v2.Transform:
-    """eval_transform with a random resized crop (scale 0.7-1) and a horizontal flip."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop((image_size, image_size), scale=CROP_SCALE, antialias=True),
-            v2.RandomHorizontalFlip(),
-            _normalize(spec),
-        ]
+@dataclass(frozen=True)
+class Augmentation:
+    """Train-time augmentation chosen for the domain (see `choose_augmentation`)."""
+
+    hflip: bool = True
+    colour_jitter: bool = False
+    crop_scale: tuple[float, float] = CROP_SCALE
+    reason: str = "default: random resized crop and horizontal flip"
+
+    def as_params(self) -> dict[str, object]:
+        return {"augment_hflip": self.hflip, "augment_colour_jitter": self.colour_jitter,
+                "augment_crop_scale": f"{self.crop_scale[0]:g}-{self.crop_scale[1]:g}"}  # fmt: skip
+
+
+def is_grayscale(paths: Sequence[str], *, sample: int = 32) -> bool:
+    """True when every one of the first `sample` images has identical R, G and B planes."""
+    for path in list(paths)[:sample]:
+        image = load_image(path)
+        if not (torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])):
+            return False
+    return bool(len(paths))
+
+
+def choose_augmentation(paths: Sequence[str], *, hflip: bool = True) -> Augmentation:
+    """Keep it simple and safe: crops always (scale 0.7-1: the object stays in frame, at a familiar size);
+    horizontal flips unless the settings turn them off (text, digits, oriented data); colour jitter only for
+    colour images (on grayscale images it would only add a tint the test images never have); never vertical
+    flips or rotations (most photos have an up)."""
+    grey = is_grayscale(paths)
+    reason = (
+        ("grayscale images: no colour jitter" if grey else "colour images: mild colour jitter")
+        + ("; horizontal flips" if hflip else "; no flips (settings)")
+        + f"; random resized crop {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g}"
     )
+    return Augmentation(hflip=hflip, colour_jitter=not grey, reason=reason)
+
+
+def train_transform(spec: BackboneSpec, image_size: int, augmentation: Augmentation | None = None) -> v2.Transform:
+    """eval_transform with a random resized crop, and per `augmentation` a horizontal flip and colour jitter."""
+    aug = augmentation or Augmentation()
+    steps: list[v2.Transform] = [v2.RandomResizedCrop((image_size, image_size), scale=aug.crop_scale, antialias=True)]
+    if aug.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if aug.colour_jitter:
+        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
+    return v2.Compose([*steps, _normalize(spec)])
 
 
 def check_image_size(spec: BackboneSpec, image_size: int) -> None:
@@ -75,8 +113,8 @@ def preprocess(batch_uint8: torch.Tensor, spec: BackboneSpec, image_size: int) -
 class ImageDataset(Dataset):
     """Preprocessed images from absolute paths; items are x (3, S, S), or (x, target) when targets given.
 
-    `augment=True` applies the fine-tuning augmentation; randomness comes from torch's RNG (seeded by the
-    caller, and per DataLoader worker from the loader's generator), so runs are reproducible.
+    `augment=True` (or an Augmentation) applies the fine-tuning augmentation; randomness comes from torch's
+    RNG (seeded by the caller, and per DataLoader worker from the loader's generator), so runs are reproducible.
     """
 
     def __init__(
@@ -86,14 +124,18 @@ class ImageDataset(Dataset):
         image_size: int,
         targets: Sequence[int] | np.ndarray | None = None,
         *,
-        augment: bool = False,
+        augment: bool | Augmentation = False,
     ):
         check_image_size(spec, image_size)
         if targets is not None and len(targets) != len(paths):
             raise DataError(f"{len(paths)} paths but {len(targets)} targets")
         self.paths = [str(p) for p in paths]
         self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
-        self.transform = train_transform(spec, image_size) if augment else eval_transform(spec, image_size)
+        if augment:
+            aug = augment if isinstance(augment, Augmentation) else None
+            self.transform = train_transform(spec, image_size, aug)
+        else:
+            self.transform = eval_transform(spec, image_size)
 
     def __len__(self) -> int:
         return len(self.paths)

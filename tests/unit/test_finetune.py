@@ -9,10 +9,11 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from flywheel.backbones import layer_groups, new_classifier
+from flywheel.backbones import get_spec, layer_groups, new_classifier
 from flywheel.config import FinetuneSettings
 from flywheel.errors import DataError
-from flywheel.finetune import evaluate, finetune, predict_proba
+from flywheel.finetune import evaluate, finetune, predict_proba, should_stop, unfrozen_count
+from flywheel.images import choose_augmentation, train_transform
 from flywheel.policy import DepthDecision
 
 SIZE = 32
@@ -145,3 +146,144 @@ def test_bad_targets_are_data_errors(classifier, stripes):
         )
     with pytest.raises(DataError, match="40 paths but 3 targets"):
         evaluate(copy.deepcopy(classifier), train_p, train_y[:3], device="cpu")
+
+
+# ------------------------------------------------------------------ checkpoint, resume, unfreezing, stopping
+
+RESUME = FinetuneSettings(
+    epochs=4, head_epochs=1, batch_size=8, head_lr=1e-2, device="cpu", patience=0, gradual_unfreeze=True
+)
+FAR = DepthDecision(4, "last", "test: last four groups")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after(k):
+    def callback(info):
+        if info.epoch == k:
+            raise Interrupt(f"killed after epoch {k}")
+
+    return callback
+
+
+@pytest.mark.parametrize("interrupt_after", [1, 2])  # at the phase boundary, and mid body phase
+def test_resume_after_interruption_gives_bit_identical_weights(classifier, stripes, tmp_path, interrupt_after):
+    train_p, train_y, val_p, val_y = stripes
+    args = (classifier, train_p[:20], train_y[:20], val_p[:8], val_y[:8])
+    kwargs = dict(decision=FAR, settings=RESUME, seed=3, progress=False)
+    straight = finetune(*args, **kwargs, checkpoint_dir=tmp_path / "a")
+    assert not list((tmp_path / "a").rglob("*.pt"))  # a completed run removes its checkpoint
+
+    with pytest.raises(Interrupt):
+        finetune(*args, **kwargs, checkpoint_dir=tmp_path / "b", on_epoch_end=_stop_after(interrupt_after))
+    saved = list((tmp_path / "b").rglob("last.pt"))
+    assert len(saved) == 1 and not list((tmp_path / "b").rglob("*.partial"))
+    assert torch.load(saved[0], weights_only=True)["epoch"] == interrupt_after
+    resumed = finetune(*args, **kwargs, checkpoint_dir=tmp_path / "b", resume=True)
+    assert resumed.resumed_from == interrupt_after and any("resumed" in n for n in resumed.notes)
+    a, b = straight.classifier.state_dict(), resumed.classifier.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    assert resumed.best_epoch == straight.best_epoch
+
+
+def test_resume_false_starts_over_and_other_runs_do_not_share_checkpoints(classifier, stripes, tmp_path):
+    train_p, train_y, val_p, val_y = stripes
+    kwargs = dict(decision=FAR, settings=RESUME, progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(Interrupt):
+        finetune(classifier, train_p[:20], train_y[:20], val_p[:8], val_y[:8], seed=3, **kwargs,
+                 on_epoch_end=_stop_after(2))  # fmt: skip
+    other_seed = finetune(classifier, train_p[:20], train_y[:20], val_p[:8], val_y[:8], seed=4, resume=True, **kwargs)
+    assert other_seed.resumed_from is None  # a different run key: nothing to resume
+    fresh = finetune(classifier, train_p[:20], train_y[:20], val_p[:8], val_y[:8], seed=3, resume=False, **kwargs)
+    assert fresh.resumed_from is None and len(fresh.history) == 4
+
+
+def test_optimizer_built_by_finetune_has_the_configured_rate_ratios(classifier, stripes):
+    train_p, train_y, val_p, val_y = stripes
+    seen = {}
+
+    def record(info):
+        seen[info.epoch] = {g["name"]: (g["lr"], g["initial_lr"]) for g in info.optimizer.param_groups}
+
+    finetune(classifier, train_p[:16], train_y[:16], val_p[:8], val_y[:8], decision=FAR, settings=RESUME, seed=0,
+             progress=False, on_epoch_end=record)  # fmt: skip
+    assert list(seen[1]) == ["head"]
+    body = seen[4]
+    assert list(body) == ["head", "head_conv", "stage7", "stage6", "stage5"]
+    head_lr, head_initial = body["head"]
+    assert head_initial == RESUME.head_lr
+    for name, factor in (("head_conv", 10), ("stage7", 100), ("stage6", 100), ("stage5", 100)):
+        lr, initial = body[name]
+        assert initial == pytest.approx(head_initial / factor)
+        assert lr == pytest.approx(head_lr / factor)  # the schedule scales every group alike
+
+
+def test_gradual_unfreezing_opens_groups_from_the_top(classifier, stripes):
+    train_p, train_y, val_p, val_y = stripes
+    trainable = {}
+
+    def record(info):
+        groups = layer_groups(info.model.body, "efficientnet_lite0")
+        trainable[info.epoch] = [name for name, params in groups if params[0].requires_grad]
+
+    settings = RESUME.model_copy(update={"epochs": 5})  # 1 head + 4 body epochs: 4 groups over 2 epochs
+    res = finetune(classifier, train_p[:16], train_y[:16], val_p[:8], val_y[:8], decision=FAR, settings=settings,
+                   seed=0, progress=False, on_epoch_end=record)  # fmt: skip
+    assert trainable[1] == []
+    assert trainable[2] == ["stage7", "head_conv"]
+    assert trainable[3] == trainable[4] == trainable[5] == ["stage5", "stage6", "stage7", "head_conv"]
+    assert [h["trainable_groups"] for h in res.history] == [0, 2, 4, 4, 4]
+    tuned = dict(layer_groups(res.classifier.body, "efficientnet_lite0"))
+    original = dict(layer_groups(classifier.body, "efficientnet_lite0"))
+    assert all(torch.equal(a, b) for a, b in zip(tuned["stage4"], original["stage4"], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("body_epochs", "groups", "gradual", "expected"),
+    [(4, 4, True, [2, 4, 4, 4]), (4, 9, True, [5, 9, 9, 9]), (1, 9, True, [9]), (6, 2, True, [1, 2, 2, 2, 2, 2]),
+     (4, 4, False, [4, 4, 4, 4]), (3, 0, True, [0, 0, 0])],
+)  # fmt: skip
+def test_unfrozen_count_schedule(body_epochs, groups, gradual, expected):
+    assert [unfrozen_count(e, body_epochs, groups, gradual=gradual) for e in range(body_epochs)] == expected
+
+
+def _h(phase, acc, loss=1.0):
+    return {"phase": phase, "val_accuracy": acc, "val_loss": loss}
+
+
+def test_should_stop_counts_only_body_epochs_without_improvement():
+    assert not should_stop([_h("head", 0.5), _h("head", 0.4), _h("head", 0.3)], 2)  # never in the head phase
+    assert should_stop([_h("head", 0.6), _h("body", 0.5), _h("body", 0.55)], 2)
+    assert not should_stop([_h("head", 0.6), _h("body", 0.5), _h("body", 0.7)], 2)
+    assert not should_stop([_h("head", 0.6), _h("body", 0.6, 0.9), _h("body", 0.5)], 2)  # lower loss is better
+    assert not should_stop([_h("head", 0.6), _h("body", 0.5), _h("body", 0.5)], 0)  # patience 0: off
+    assert not should_stop([{"phase": "body", "val_accuracy": None, "val_loss": None}] * 3, 1)
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(classifier, stripes):
+    train_p, train_y, val_p, val_y = stripes
+    # a validation set of the wrong answers: every improvement in training makes it worse
+    settings = RESUME.model_copy(update={"epochs": 6, "patience": 1})
+    res = finetune(classifier, train_p[:16], train_y[:16], val_p[:8], 1 - val_y[:8], decision=FAR,
+                   settings=settings, seed=0, progress=False)  # fmt: skip
+    assert res.stopped_early and len(res.history) < 6
+    assert any(n.startswith("early stop") for n in res.notes)
+
+
+def test_augmentation_is_chosen_for_the_domain(stripes, tmp_path):
+    colour = choose_augmentation(stripes[0][:4])
+    assert colour.colour_jitter and colour.hflip and "colour" in colour.reason
+    grey_paths = []
+    for i in range(3):
+        grey = torch.full((1, 20, 20), 40 * i, dtype=torch.uint8).expand(3, 20, 20).contiguous()
+        grey_paths.append(str(tmp_path / f"g{i}.png"))
+        write_png(grey, grey_paths[-1])
+    grey = choose_augmentation(grey_paths, hflip=False)
+    assert not grey.colour_jitter and not grey.hflip and "grayscale" in grey.reason
+    names = [type(t).__name__ for t in train_transform(get_spec("efficientnet_lite0"), 32, grey).transforms]
+    assert "ColorJitter" not in names and "RandomHorizontalFlip" not in names
+    names = [type(t).__name__ for t in train_transform(get_spec("efficientnet_lite0"), 32, colour).transforms]
+    assert "ColorJitter" in names and "RandomHorizontalFlip" in names
