@@ -15,12 +15,14 @@ import numpy as np
 from label_studio_sdk.client import LabelStudio
 from mlflow import MlflowClient
 
-from flywheel import features, labelstudio, tracking
+from flywheel import features, labelstudio, tracking, transfer
 from flywheel.backbones import Classifier, layer_groups
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
+from flywheel.embed import resolve_device
 from flywheel.errors import DataError
 from flywheel.finetune import evaluate, finetune
+from flywheel.finetune import predict_proba as finetune_predict_proba
 from flywheel.head import accuracy, predict_proba, train_head
 from flywheel.policy import choose_depth, should_finetune
 from flywheel.reports import confusion_figure, confusion_matrix, per_class_counts
@@ -79,6 +81,13 @@ class FinetuneReport:
     promoted: bool
     promotion_reason: str
     seconds: float
+    far_domain: bool = False
+    domain_reason: str = ""
+    domain_probe: transfer.DomainProbe | None = None
+    backbone_scores: dict[str, list] | None = None  # the transferability table, when candidates were scored
+    best_epoch: int = 0
+    stopped_early: bool = False
+    resumed_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -322,7 +331,14 @@ def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> Sy
 def run_finetune(
     settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, *, progress: bool = True
 ) -> FinetuneReport:
-    """LP-FT from the current body: head on frozen features first, then unfreeze as deep as the policy says."""
+    """LP-FT from the current body: head on frozen features first, then unfreeze as deep as the policy says.
+
+    Before training it measures instead of guessing: a stage probe on the labels decides whether the domain
+    is far from the pretraining data (transfer.probe_domain), and, when more than one backbone's weights are
+    available offline, the candidates are scored by transferability and the table is logged. The probe, the
+    policy's choice and its inputs, a holdout confusion matrix and a per-class report go to the MLflow run.
+    """
+    ft = settings.finetune
     classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     if len(np.unique(split.targets[split.train])) < 2:
         raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels")
@@ -334,11 +350,36 @@ def run_finetune(
     baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
     classifier = Classifier(settings.backbone, copy.deepcopy(body), head, classes, settings.image_size)
     labels_per_class = len(split.train) / len(classes)
-    decision = choose_depth(
-        labels_per_class,
-        len(layer_groups(classifier.body, settings.backbone)),
-        override=settings.finetune.depth,
-    )
+    labelled_paths = [pool.paths[i] for i in split.train]
+    device = resolve_device(ft.device)
+
+    tables: dict[str, dict[str, list]] = {}
+    extra_params: dict[str, object] = {}
+    first_finetune = int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0) == 0
+    candidates = transfer.available_backbones(ft.backbones)
+    if first_finetune and len(candidates) > 1:
+        scores = transfer.score_backbones(
+            candidates, labelled_paths, split.targets[split.train], settings.image_size,
+            metric=ft.transferability, seed=settings.seed, device=device, bodies={settings.backbone: body},
+        )  # fmt: skip
+        tables["backbone_scores.json"] = transfer.scores_table(scores)
+        extra_params["backbone_best"] = scores[0].backbone
+        if scores[0].backbone != settings.backbone:
+            extra_params["backbone_note"] = (
+                f"{scores[0].backbone} transfers best by {ft.transferability}; set backbone="
+                f"{scores[0].backbone} to use it (the pool is embedded with {settings.backbone})"
+            )
+
+    probe = None
+    if ft.domain == "auto":
+        probe = transfer.probe_domain(
+            classifier.body, settings.backbone, labelled_paths, split.targets[split.train], len(classes),
+            settings.image_size, l2=settings.head_l2, seed=settings.seed, device=device,
+        )  # fmt: skip
+        classifier.body.to("cpu")
+    far_domain, domain_reason = transfer.resolve_domain(ft.domain, probe)
+    n_groups = len(layer_groups(classifier.body, settings.backbone))
+    decision = choose_depth(labels_per_class, n_groups, override=ft.depth, far_domain=far_domain)
     result = finetune(
         classifier,
         [pool.paths[i] for i in train],
@@ -346,13 +387,24 @@ def run_finetune(
         [pool.paths[i] for i in val],
         split.targets[val],
         decision=decision,
-        settings=settings.finetune,
+        settings=ft,
         seed=settings.seed,
         progress=progress,
+        checkpoint_dir=settings.checkpoints_dir,
+        resume=ft.resume,
     )
     holdout_paths, holdout_targets = [pool.paths[i] for i in split.holdout], split.targets[split.holdout]
-    holdout_acc = evaluate(result.classifier, holdout_paths, holdout_targets)
+    holdout_probs = finetune_predict_proba(result.classifier, holdout_paths, device=ft.device)
+    holdout_acc = accuracy(holdout_probs, holdout_targets)
+    figures = {}
+    if len(holdout_targets):
+        matrix = confusion_matrix(holdout_targets, holdout_probs.argmax(1), len(classes))
+        figures["confusion_holdout.png"] = confusion_figure(
+            matrix, classes, f"fine-tune ({decision.label}), held-out labels"
+        )
+        tables["per_class_holdout.json"] = tracking.per_class_table(matrix, classes)
     champion_acc = _champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
+    aug = result.augmentation
     logged = tracking.log_classifier(
         mlflow_client,
         settings,
@@ -363,20 +415,37 @@ def run_finetune(
             "backbone": settings.backbone,
             "body_version": version,
             "image_size": settings.image_size,
+            "strategy": settings.strategy,
             "depth": decision.label,
+            "depth_setting": ft.depth,
             "trainable_groups": decision.trainable_groups,
+            "body_groups": n_groups,
             "depth_reason": decision.reason,
+            "domain_setting": ft.domain,
+            "far_domain": far_domain,
+            "domain_reason": domain_reason,
+            **(probe.as_params() if probe is not None else {}),
             "labels_per_class": round(labels_per_class, 2),
             "n_labels": len(labels),
             "n_train": len(train),
             "n_val": len(val),
             "n_holdout": len(split.holdout),
-            "epochs": settings.finetune.epochs,
-            "head_epochs": settings.finetune.head_epochs,
-            "head_lr": settings.finetune.head_lr,
-            "weight_decay": settings.finetune.weight_decay,
+            "epochs": ft.epochs,
+            "head_epochs": ft.head_epochs,
+            "gradual_unfreeze": ft.gradual_unfreeze,
+            "patience": ft.patience,
+            "head_lr": ft.head_lr,
+            "weight_decay": ft.weight_decay,
+            "batch_size": ft.batch_size,
+            **(aug.as_params() if aug is not None else {}),
+            "augment_reason": aug.reason if aug is not None else "",
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+            "resumed_from_epoch": result.resumed_from if result.resumed_from is not None else "",
             "device": result.device,
             "seed": settings.seed,
+            **extra_params,
             **{f"lr_{name}": lr for name, lr in result.lr_by_group.items()},
         },
         metrics={
@@ -384,9 +453,21 @@ def run_finetune(
             "baseline_holdout_accuracy": baseline_acc,
             "labels": float(len(labels)),
             "seconds": result.seconds,
-        },
+            **(
+                {
+                    "domain_probe_middle_acc": probe.middle_acc,
+                    "domain_probe_last_acc": probe.last_acc,
+                    "domain_probe_knn_acc": probe.knn_acc,
+                    "domain_probe_seconds": probe.seconds,
+                }
+                if probe is not None
+                else {}
+            ),
+        },  # fmt: skip
         tags={"kind": "finetune", "depth": decision.label, "body_version": version},
         history=[{k: v for k, v in row.items() if k != "phase"} for row in result.history],
+        figures=figures,
+        tables=tables,
     )
     decision_promote = tracking.decide_promotion(
         holdout_acc, champion_acc, margin=settings.promotion_margin, baseline=baseline_acc
@@ -417,6 +498,13 @@ def run_finetune(
         promoted=decision_promote.promoted,
         promotion_reason=decision_promote.reason,
         seconds=result.seconds,
+        far_domain=far_domain,
+        domain_reason=domain_reason,
+        domain_probe=probe,
+        backbone_scores=tables.get("backbone_scores.json"),
+        best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early,
+        resumed_from=result.resumed_from,
     )
 
 

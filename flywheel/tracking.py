@@ -154,3 +154,24 @@ def apply_promotion(client: MlflowClient, settings: Settings, version: str, deci
 
 def _param(value: object) -> object:
     return value if isinstance(value, int | float | str | bool) else str(value)
+
+
+def per_class_table(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, list]:
+    """Precision, recall, F1 and support per class from a (C, C) confusion matrix (rows true, cols predicted).
+
+    A column for mlflow.log_table; a class never predicted (or never present) gets 0.0, not NaN.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    predicted, support = matrix.sum(0), matrix.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "class": list(classes),
+        "precision": [round(float(v), 4) for v in precision],
+        "recall": [round(float(v), 4) for v in recall],
+        "f1": [round(float(v), 4) for v in f1],
+        "support": [int(v) for v in support],
+    }

@@ -1,0 +1,219 @@
+"""How deep to fine-tune: head-only vs last stage vs all vs the policy's pick, on Fashion-MNIST.
+
+    .venv/bin/python bench/finetune.py                      # 10, 50, 500 labels/class, 5 epochs
+    .venv/bin/python bench/finetune.py --sizes 10,50 --epochs 3
+
+Per size n (labels per class, drawn with a fixed seed from a 12,000-image sample of the train split):
+- head:   the linear probe flywheel trains every round (head.train_head on frozen last-stage features, all
+          n labels) - the negative-transfer baseline of run_finetune;
+- last:   finetune() with the last stage trainable (stage7 + head_conv of EfficientNet-Lite0);
+- all:    finetune() with the whole body trainable;
+- policy: transfer.probe_domain on the labels, then policy.choose_depth(labels/class, far_domain=probe.far),
+          fine-tuned the same way (reusing the cell above when the pick is the same configuration).
+Fine-tunes start like run_finetune: a head fitted on frozen features of the training part (LP init), then
+finetune() with 15% of the labels held out for best-epoch selection and early stopping. Everything is
+evaluated on the same fixed 2,000-image subset of the test split at 64 px; same seeds everywhere.
+Writes bench/results/finetune.json and .md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flywheel.backbones import Classifier, build_body, layer_groups
+from flywheel.config import FinetuneSettings
+from flywheel.data import materialize_fashion_mnist, read_image_folder
+from flywheel.embed import embed_paths
+from flywheel.finetune import evaluate, finetune
+from flywheel.head import accuracy, predict_proba, train_head
+from flywheel.policy import DepthDecision, choose_depth
+from flywheel.transfer import probe_domain, stratified_folds
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONE, SIZE, SEED, HEAD_L2 = "efficientnet_lite0", 64, 0, 0.1
+VAL_SHARE = 0.15
+
+
+def _sample(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:per_class] for c in np.unique(targets)])
+    )
+
+
+def _features(body, paths: list[str]) -> np.ndarray:
+    from flywheel.backbones import get_spec
+
+    return embed_paths(paths, body, get_spec(BACKBONE), image_size=SIZE, batch_size=128, device=torch.device("cpu"),
+                       progress=False)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,50,500")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--head-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = FinetuneSettings(
+        epochs=args.epochs, head_epochs=args.head_epochs, batch_size=64, head_lr=1e-3, device="cpu"
+    )
+    pool_root, test_root = materialize_fashion_mnist(
+        REPO / ".flywheel" / "sources" / "bench-finetune", pool_size=12000, test_size=2000, seed=SEED
+    )
+    pool, classes = read_image_folder(pool_root)
+    test, _ = read_image_folder(test_root)
+    paths = [r.path for r in pool]
+    targets = np.array([classes.index(r.label) for r in pool])
+    test_paths = [r.path for r in test]
+    test_targets = np.array([classes.index(r.label) for r in test])
+    body = build_body(BACKBONE)
+    n_groups = len(layer_groups(body, BACKBONE))
+    t0 = time.perf_counter()
+    test_features = _features(body, test_paths)
+    print(f"test features: {len(test_paths)} images in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    rows = []
+    for per_class in [int(s) for s in args.sizes.split(",")]:
+        chosen = _sample(targets, per_class, SEED)
+        y = targets[chosen]
+        is_val = stratified_folds(y, round(1 / VAL_SHARE), SEED) == 0
+        train, val = chosen[~is_val], chosen[is_val]
+        cells: dict[str, dict] = {}
+
+        t0 = time.perf_counter()
+        feats = _features(body, [paths[i] for i in chosen])
+        head = train_head(feats, y, len(classes), l2=HEAD_L2, seed=SEED)
+        cells["head"] = {
+            "test_accuracy": accuracy(predict_proba(head, test_features), test_targets),
+            "seconds": time.perf_counter() - t0,
+            "depth": "head (linear probe)",
+        }
+        print(per_class, "head", cells["head"], flush=True)
+        lp_head = train_head(feats[~is_val], y[~is_val], len(classes), l2=HEAD_L2, seed=SEED)
+
+        t0 = time.perf_counter()
+        probe = probe_domain(body, BACKBONE, [paths[i] for i in chosen], y, len(classes), SIZE, l2=HEAD_L2,
+                             seed=SEED)  # fmt: skip
+        probe_seconds = time.perf_counter() - t0
+        print(per_class, probe.reason, f"{probe_seconds:.1f}s", flush=True)
+        pick = choose_depth(len(train) / len(classes), n_groups, far_domain=probe.far)
+
+        configs = {"last": DepthDecision(2, "last", "last stage"), "all": DepthDecision(n_groups, "all", "all")}
+        for name, decision in configs.items():
+            cells[name] = _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision, settings,
+                                         test_paths, test_targets)  # fmt: skip
+            print(per_class, name, cells[name], flush=True)
+        same = next((n for n, d in configs.items() if d.trainable_groups == pick.trainable_groups), None)
+        if pick.trainable_groups == 0:
+            same = "head"
+        if same is not None:
+            cells["policy"] = {**cells[same], "same_as": same}
+        else:
+            cells["policy"] = _finetune_cell(body, classes, lp_head, paths, targets, train, val, pick, settings,
+                                             test_paths, test_targets)  # fmt: skip
+        cells["policy"].update(depth=f"{pick.label} ({pick.trainable_groups} groups)", reason=pick.reason)
+        best = max(cells[n]["test_accuracy"] for n in ("head", "last", "all"))
+        best_all = max(best, cells["policy"]["test_accuracy"])
+        rows.append(
+            {
+                "labels_per_class": per_class,
+                "n_train": int(len(train)),
+                "n_val": int(len(val)),
+                "cells": cells,
+                "probe": probe.as_params(),
+                "probe_seconds": probe_seconds,
+                "policy_gap_points": 100 * (best_all - cells["policy"]["test_accuracy"]),
+                "policy_within_1_point": 100 * (best_all - cells["policy"]["test_accuracy"]) <= 1.0,
+            }
+        )
+        print(per_class, "policy", cells["policy"], flush=True)
+
+    meta = {
+        "epochs": args.epochs,
+        "head_epochs": args.head_epochs,
+        "patience": settings.patience,
+        "gradual_unfreeze": settings.gradual_unfreeze,
+        "threads": args.threads,
+        "load_average_at_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    table = _markdown(rows, meta)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+def _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision, settings, test_paths, test_targets):
+    classifier = Classifier(BACKBONE, copy.deepcopy(body), copy.deepcopy(lp_head), classes, SIZE)
+    t0 = time.perf_counter()
+    result = finetune(
+        classifier,
+        [paths[i] for i in train],
+        targets[train],
+        [paths[i] for i in val],
+        targets[val],
+        decision=decision,
+        settings=settings,
+        seed=SEED,
+        progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    return {
+        "test_accuracy": evaluate(result.classifier, test_paths, test_targets, device="cpu"),
+        "seconds": seconds,
+        "depth": f"{decision.label} ({decision.trainable_groups} groups)",
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "val_accuracy": [h["val_accuracy"] for h in result.history],
+    }
+
+
+def _markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Fashion-MNIST, {BACKBONE}, {SIZE} px, test = fixed 2,000-image subset of t10k; fine-tunes: "
+        f"{meta['epochs']} epochs ({meta['head_epochs']} head + {meta['epochs'] - meta['head_epochs']} body), "
+        f"patience {meta['patience']}, gradual unfreezing {meta['gradual_unfreeze']}; CPU, {meta['threads']} "
+        f"torch threads, load average at end {meta['load_average_at_end'][0]:.1f}",
+        "",
+        "| labels/class | head (linear probe) | last stage | all | policy's pick | policy within 1 pt |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        c = row["cells"]
+
+        def cell(name: str, c=c) -> str:
+            return f"{100 * c[name]['test_accuracy']:.1f}% ({c[name]['seconds']:.0f}s)"
+
+        pick = c["policy"]
+        lines.append(
+            f"| {row['labels_per_class']} | {cell('head')} | {cell('last')} | {cell('all')} | "
+            f"{cell('policy')} {pick['depth']}{' = ' + pick['same_as'] if 'same_as' in pick else ''} | "
+            f"{'yes' if row['policy_within_1_point'] else 'no'} ({row['policy_gap_points']:.1f} pt) |"
+        )
+    lines.append("")
+    for row in rows:
+        p = row["probe"]
+        lines.append(
+            f"- {row['labels_per_class']}/class probe: {p['domain_probe_middle_stage']} "
+            f"{p['domain_probe_middle_acc']} vs last {p['domain_probe_last_acc']} (kNN {p['domain_probe_knn_acc']}) "
+            f"-> far={p['domain_probe_far']} ({row['probe_seconds']:.0f}s)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The negative-transfer guard against the real MLflow server: a challenger trained on shuffled labels never
+takes the champion alias; it is registered as `challenger` with the reason, and the fine-tune run carries the
+domain probe, the policy's choice, a confusion matrix and a per-class report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flywheel import loop, tracking
+from flywheel.catalog import Catalog
+from flywheel.data import import_source
+
+pytestmark = pytest.mark.integration
+
+
+def _labelled_project(settings):
+    catalog = Catalog(settings.catalog_url)
+    import_source(catalog, settings, "fashion-mnist", pool_size=200, test_size=100)
+    truth = catalog.truth_of(int(s.id) for s in catalog.samples())
+    with catalog.transaction() as session:
+        for sample_id, label in truth.items():
+            catalog.upsert_label(session, sample_id=sample_id, label=label, annotator="test", ls_annotation_id=None)
+    return catalog
+
+
+def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypatch):
+    settings = settings.model_copy(
+        update={
+            "image_size": 32,
+            "finetune": settings.finetune.model_copy(
+                update={"epochs": 2, "head_epochs": 1, "batch_size": 32, "depth": "last", "patience": 0}
+            ),
+        }
+    )
+    catalog = _labelled_project(settings)
+    mlflow_client = tracking.connect(settings)
+    first = loop.run_round(settings, catalog, None, mlflow_client, select=False, progress=False)
+    assert first.promoted and first.holdout_accuracy > 0.4
+    champion = tracking.champion_version(mlflow_client, settings)
+    assert champion == first.model_version
+
+    real_split = loop.split_labels
+
+    def shuffled_split(pool, labels, classes, holdout_fraction):
+        split = real_split(pool, labels, classes, holdout_fraction)
+        targets = split.targets.copy()
+        targets[split.train] = np.random.default_rng(0).permutation(targets[split.train])  # held-out stays true
+        return loop.LabelledSplit(train=split.train, holdout=split.holdout, targets=targets)
+
+    monkeypatch.setattr(loop, "split_labels", shuffled_split)
+    report = loop.run_finetune(settings, catalog, mlflow_client, progress=False)
+
+    assert not report.promoted and report.holdout_accuracy < first.holdout_accuracy
+    assert tracking.champion_version(mlflow_client, settings) == champion  # the champion did not move
+    name = settings.registered_model_name
+    challenger = mlflow_client.get_model_version_by_alias(name, "challenger")
+    assert challenger.version == report.model_version
+    assert challenger.tags["promotion"] == report.promotion_reason
+    assert "does not beat" in report.promotion_reason
+
+    run = mlflow_client.get_run(challenger.run_id)
+    params = run.data.params
+    assert params["depth"] == "last" and params["depth_setting"] == "last"
+    assert params["domain_setting"] == "auto" and params["far_domain"] in ("True", "False")
+    assert "domain_probe_middle_acc" in params and params["domain_probe_middle_stage"] == "stage4"
+    assert float(params["lr_head"]) == pytest.approx(10 * float(params["lr_head_conv"]))
+    assert "domain_probe_last_acc" in run.data.metrics
+    artifacts = {a.path for a in mlflow_client.list_artifacts(challenger.run_id)}
+    assert {"confusion_holdout.png", "per_class_holdout.json"} <= artifacts
+    assert report.domain_probe is not None and report.domain_reason == report.domain_probe.reason
+    assert not list(settings.checkpoints_dir.rglob("*.pt"))  # the completed run cleaned its checkpoint
