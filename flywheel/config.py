@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(128, ge=1)
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
 
-    strategy: str = "entropy"
+    strategy: str = "auto"
     k_per_round: int = Field(100, ge=1)
     seed: int = 0
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of labels kept for validation")

@@ -26,7 +26,7 @@ from flywheel.finetune import predict_proba as finetune_predict_proba
 from flywheel.head import accuracy, predict_proba, train_head
 from flywheel.policy import choose_depth, should_finetune
 from flywheel.reports import confusion_figure, confusion_matrix, per_class_counts
-from flywheel.strategies import PoolView, get_strategy
+from flywheel.strategies import MODEL_FREE, PoolView, get_strategy
 
 LABELS_AT_LAST_FINETUNE = "labels_at_last_finetune"
 VALIDATION_FOLDS = 15  # share (of 100 folds) of the training labels kept for early stopping in fine-tunes
@@ -270,10 +270,12 @@ def _select_and_push(
     if n == 0:
         report.description = "nothing left to select"
         return
-    name = settings.strategy if probs is not None else "random"
+    name = settings.strategy if probs is not None or settings.strategy in MODEL_FREE else "random"
+    labelled = np.flatnonzero(split.targets >= 0)
     view = PoolView(
         candidates=candidates,
-        labelled=np.flatnonzero(split.targets >= 0),
+        labelled=labelled,
+        labelled_targets=split.targets[labelled],
         probs=probs,
         embeddings=pool.vectors,
     )

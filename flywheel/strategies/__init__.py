@@ -33,6 +33,9 @@ STRATEGIES: dict[str, Strategy] = {
     "auto": auto,
 }
 
+# Strategies that need no model (embeddings at most): usable for the cold start as configured.
+MODEL_FREE = frozenset({"random", "kcenter", "typiclust", "probcover", "auto"})
+
 
 def get_strategy(name: str) -> Strategy:
     try:
@@ -41,4 +44,4 @@ def get_strategy(name: str) -> Strategy:
         raise UnknownChoiceError("strategy", name, list(STRATEGIES)) from None
 
 
-__all__ = ["STRATEGIES", "PoolView", "Selection", "Strategy", "get_strategy"]
+__all__ = ["MODEL_FREE", "STRATEGIES", "PoolView", "Selection", "Strategy", "get_strategy"]

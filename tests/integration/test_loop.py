@@ -42,7 +42,8 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     mlflow_client = tracking.connect(settings)
 
     first = loop.run_round(settings, catalog, ls_client, mlflow_client, progress=False)
-    assert first.model_version is None and first.strategy == "random" and len(first.selected) == 40
+    assert first.model_version is None and first.strategy == "auto" and len(first.selected) == 40
+    assert "typiclust" in first.description and "cold start" in first.description
     annotated, outcome = _answer_and_sync(settings, catalog, ls_client)
     assert annotated == 40 and outcome.report.new == 40 and outcome.n_labels == 40
     assert not outcome.finetune_due  # 40 < min_labels
@@ -53,7 +54,7 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     assert again.report.new == 0 and again.n_labels == 40  # idempotent
 
     second = loop.run_round(settings, catalog, ls_client, mlflow_client, progress=False)
-    assert second.model_version is not None and second.strategy == "entropy"
+    assert second.model_version is not None and second.strategy == "auto" and "auto:" in second.description
     assert second.promoted  # the first model becomes champion
     assert tracking.champion_version(mlflow_client, settings) == second.model_version
     project_id = labelstudio.ensure_project(ls_client, settings, catalog, [])

@@ -412,3 +412,12 @@ def test_auto_does_not_starve_a_rare_class():
     assert (predicted == rare).sum() >= 2
     assert predicted[0] == rare
     assert "uneven (2..13" in selection.description and "balanced margin" in selection.description
+
+
+def test_model_free_strategies_run_without_probabilities():
+    from flywheel.strategies import MODEL_FREE
+
+    rng = np.random.default_rng(0)
+    pool = PoolView(candidates=np.arange(50), embeddings=rng.normal(size=(50, 8)).astype(np.float32))
+    for name in MODEL_FREE:
+        assert len(get_strategy(name)(pool, 5, rng=np.random.default_rng(1)).positions) == 5, name
