@@ -38,7 +38,7 @@ def test_toml_file_is_read(tmp_path, monkeypatch):
         ({"finetune": {"depth": "deepest"}}, "finetune.depth"),
         ({"classes": ["a", "a"]}, "classes"),
         ({"backbone": "alexnet"}, "backbone: .*unknown backbone 'alexnet'.*efficientnet_lite0"),
-        ({"strategy": "magic"}, "strategy: .*unknown strategy 'magic'.*entropy, random"),
+        ({"strategy": "magic"}, "strategy: .*unknown strategy 'magic'.*auto, badge"),
     ],
 )
 def test_bad_settings_name_the_setting(overrides, names):
