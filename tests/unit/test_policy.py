@@ -27,7 +27,7 @@ from flywheel.policy import (
         (0, False, "head", 0),
         (HEAD_ONLY_BELOW - 0.5, True, "head", 0),
         (HEAD_ONLY_BELOW, False, "last", LAST_GROUPS_NEAR),
-        (50, True, "last", LAST_GROUPS_FAR),
+        (150, True, "last", LAST_GROUPS_FAR),
         (LAST_LAYERS_BELOW - 1, False, "last", LAST_GROUPS_NEAR),
         (LAST_LAYERS_BELOW, False, "all", 9),
         (5000, True, "all", 9),
@@ -44,7 +44,7 @@ def test_far_domain_with_little_data_points_at_earlier_stages():
 
 
 def test_last_never_exceeds_the_body():
-    assert choose_depth(50, 1, far_domain=True).trainable_groups == 1
+    assert choose_depth(150, 1, far_domain=True).trainable_groups == 1
 
 
 @pytest.mark.parametrize(("override", "groups"), [("head", 0), ("last", LAST_GROUPS_NEAR), ("all", 9)])
