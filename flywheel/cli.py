@@ -235,9 +235,12 @@ def demo(
             f"fine-tune v{f['model_version']} ({f['depth']}): held-out {_pct(f['holdout_accuracy'])}, "
             f"test {_pct(f['test_accuracy'])}, {'promoted' if f['promoted'] else 'kept as challenger'}: {f['reason']}"
         )
+    champion_rounds = [r for r in summary["rounds"] if r["model_version"] == summary["champion"]]
+    champion_test = f" (test {_pct(champion_rounds[0]['test_accuracy'])})" if champion_rounds else ""
     console.print(
-        f"labels used: [bold]{summary['labels']}[/], champion: version [bold]{summary['champion']}[/] "
-        f"of {settings.registered_model_name}, time {summary['seconds']:.0f} s"
+        f"labels used: [bold]{summary['labels']}[/], final test accuracy "
+        f"[bold]{_pct(summary['rounds'][-1]['test_accuracy'])}[/], champion: version [bold]{summary['champion']}[/]"
+        f"{champion_test} of {settings.registered_model_name}, time {summary['seconds']:.0f} s"
     )
     for name, url in services.urls(settings).items():
         console.print(f"{name:13s} {url}")
