@@ -80,6 +80,9 @@ class FinetuneSettings(_Section):
     gradual_unfreeze: bool = Field(True, description="unfreeze the policy's groups one at a time from the top")
     patience: int = Field(2, ge=0, description="body epochs without a better validation score before stopping; 0: off")
     hflip: bool = Field(True, description="random horizontal flips (turn off for text, digits, oriented data)")
+    adapt_batchnorm: bool = Field(
+        False, description="re-estimate BatchNorm statistics at depth 'all' (off: statistics stay ImageNet's)"
+    )
     resume: bool = Field(True, description="continue an interrupted fine-tune from its last epoch checkpoint")
     backbones: list[str] = Field(
         default_factory=list,

@@ -8,8 +8,9 @@
    (i.e. small and medium data) the unfrozen groups' BatchNorm statistics stay frozen too, only its affine
    weights train: a few dozen steps cannot re-estimate them (EfficientNet-Lite's momentum is 0.01), and
    batch statistics in training vs stale running ones at evaluation cost accuracy (Fashion-MNIST, 400
-   images, depth "last": val loss 0.73 with frozen statistics vs 1.33 with them training). With "all"
-   (much data) they adapt, at momentum BN_MOMENTUM.
+   images, depth "last": val loss 0.73 with frozen statistics vs 1.33 with them training). At "all" they
+   stay frozen as well unless `settings.adapt_batchnorm` (then at momentum BN_MOMENTUM): with them adapting,
+   500 labels/class, validation accuracy fell from 0.83 to 0.50 in one body epoch (bench/finetune.py).
 
 Every epoch is scored on the validation set and the best epoch's weights are returned: fine-tuning can
 overfit or transfer negatively, and the caller compares the result against the simpler model anyway.
@@ -414,7 +415,7 @@ def finetune(
                         groups = param_groups(model, decision, settings.head_lr, settings.weight_decay)
                     body_groups = groups[1:]  # from the output end inwards
                     lr_by_group.update({g["name"]: g["lr"] for g in groups})
-                    adapt_bn = phase == "body" and decision.label == "all"
+                    adapt_bn = phase == "body" and decision.label == "all" and settings.adapt_batchnorm
                     if adapt_bn:
                         for bn in _batchnorms(model.body):
                             bn.momentum = max(bn.momentum or 0.0, BN_MOMENTUM)

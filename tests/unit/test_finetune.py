@@ -287,3 +287,15 @@ def test_augmentation_is_chosen_for_the_domain(stripes, tmp_path):
     assert "ColorJitter" not in names and "RandomHorizontalFlip" not in names
     names = [type(t).__name__ for t in train_transform(get_spec("efficientnet_lite0"), 32, colour).transforms]
     assert "ColorJitter" in names and "RandomHorizontalFlip" in names
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_batchnorm_statistics_adapt_at_depth_all_only_when_asked(classifier, stripes, adapt):
+    train_p, train_y, val_p, val_y = stripes
+    settings = SETTINGS.model_copy(update={"epochs": 2, "adapt_batchnorm": adapt, "patience": 0})
+    everything = DepthDecision(len(layer_groups(classifier.body, "efficientnet_lite0")), "all", "test: all")
+    tuned = finetune(
+        classifier, train_p, train_y, val_p, val_y, decision=everything, settings=settings, seed=3, progress=False
+    )
+    unchanged = torch.equal(tuned.classifier.body._bn1.running_mean, classifier.body._bn1.running_mean)
+    assert unchanged is not adapt
