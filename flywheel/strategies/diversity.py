@@ -184,9 +184,12 @@ def kcenter(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
 
 # ------------------------------------------------------------------------------------------------ TypiClust
 
-TYPICLUST_NEIGHBOURS = 20  # typicality = 1 / mean distance to this many nearest neighbours in the cluster
+TYPICLUST_NEIGHBOURS = 5  # typicality = 1 / mean distance to this many nearest neighbours in the cluster
+# (5, as scikit-activeml; 20 before: digits 5 seeds typiclust +3.0 over random with 20 and the old cluster
+# order, +3.3 with 5 and uncovered clusters first; within the noise, but not worse)
 TYPICLUST_MAX_CLUSTERS = 500  # as in the paper: more clusters than this buys nothing on large pools
-TYPICLUST_MIN_CLUSTER = 5  # clusters smaller than this are outliers, used only when nothing else is left
+TYPICLUST_MIN_CLUSTER = 5  # once all clusters hold a label, ones smaller than this are used only when nothing
+# else is left
 
 
 def typicality(x: np.ndarray, k: int = TYPICLUST_NEIGHBOURS) -> np.ndarray:
@@ -217,11 +220,16 @@ def typiclust_picks(pool: PoolView, n: int, rng: np.random.Generator) -> tuple[n
     tiebreak = rng.random(k)
     picks, scores = [], []
     for _ in range(n):
-        # fewest labels first, then biggest; tiny clusters only once nothing else is left
-        usable = (available > 0) & (size >= TYPICLUST_MIN_CLUSTER)
-        if not usable.any():
-            usable = available > 0
-        c = int(np.lexsort((tiebreak, -size, covered, ~usable))[0])
+        # clusters without a label first, biggest first, whatever their size (as in the paper and
+        # scikit-activeml); once every cluster holds a label: fewest labels, then biggest, tiny clusters last
+        uncovered = (available > 0) & (covered == 0)
+        if uncovered.any():
+            c = int(np.lexsort((tiebreak, -size, ~uncovered))[0])
+        else:
+            usable = (available > 0) & (size >= TYPICLUST_MIN_CLUSTER)
+            if not usable.any():
+                usable = available > 0
+            c = int(np.lexsort((tiebreak, -size, covered, ~usable))[0])
         mem = members[c]
         if c not in typical:
             typical[c] = typicality(x[mem])
@@ -237,7 +245,7 @@ def typiclust_picks(pool: PoolView, n: int, rng: np.random.Generator) -> tuple[n
 
 
 def typiclust(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
-    """TypiClust: k-means into (labelled + n) clusters; from the largest clusters holding the fewest labels,
+    """TypiClust: k-means into (labelled + n) clusters; from the largest clusters holding no label (then the fewest),
     the most typical point (densest neighbourhood). Pure representativeness: the low-budget choice."""
     check_request(pool, n)
     order, scores, k = typiclust_picks(pool, n, rng)

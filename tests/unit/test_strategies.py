@@ -378,15 +378,15 @@ def _auto_pool(n_labels: int, n_classes: int = 4, targets: np.ndarray | None = N
     )
 
 
-def test_auto_switches_from_typiclust_to_falcun_at_the_threshold():
+def test_auto_switches_from_typiclust_to_kcenter_at_the_threshold():
     n_classes = 4
     below = int(LOW_BUDGET_PER_CLASS * n_classes) - 1
     low = get_strategy("auto")(_auto_pool(below), 5, rng=_rng())
-    assert f"{below} labels for 4 classes ({below / 4:.1f}/class < 5): typiclust" in low.description
+    assert f"{below} labels for 4 classes ({below / 4:.1f}/class < {LOW_BUDGET_PER_CLASS:g}): typiclust" in low.description
     at = int(LOW_BUDGET_PER_CLASS * n_classes)
     high = get_strategy("auto")(_auto_pool(at), 5, rng=_rng())
-    assert f"{at} labels for 4 classes (5.0/class >= 5)" in high.description
-    assert "falcun" in high.description and "typiclust" not in high.description
+    assert f"{at} labels for 4 classes ({at / 4:.1f}/class >= {LOW_BUDGET_PER_CLASS:g})" in high.description
+    assert "k-center" in high.description and "typiclust" not in high.description
 
 
 def test_auto_cold_start_without_a_model_or_embeddings():
