@@ -12,7 +12,6 @@ policy.py freezes and unfreezes layers and assigns the 1/10, 1/100 learning rate
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from flywheel.atomic import atomic_path
 from flywheel.errors import UnknownChoiceError, WeightsUnavailableError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,17 +120,13 @@ def weights_cache_path(name: str) -> Path:
 
 def _download(url: str, dest: Path, timeout: float) -> None:
     """Fetch url to dest atomically, failing fast when offline (torch.hub's own download has no timeout)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - fixed torchvision URLs
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with (
+        urllib.request.urlopen(url, timeout=timeout) as response,  # noqa: S310 - fixed torchvision URLs
+        atomic_path(dest) as tmp,
+        open(tmp, "wb") as out,
+    ):
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
 
 
 def _ensure_torchvision_weights(name: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flywheel.atomic import atomic_path
 from flywheel.backbones import BackboneSpec
 from flywheel.errors import DataError, FlywheelError
 from flywheel.images import ImageDataset
@@ -106,16 +106,10 @@ def embed_paths(
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     """np.save to a temp file in the same directory, fsync, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class EmbeddingStore:

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flywheel.atomic import atomic_path
 from flywheel.backbones import Classifier, get_spec
 from flywheel.config import FinetuneSettings
 from flywheel.embed import resolve_device
@@ -259,15 +259,8 @@ def run_key(
 
 def _save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

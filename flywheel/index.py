@@ -7,13 +7,12 @@ add a kind there (IVF also needs `index.train` on a sample before `add_with_ids`
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from flywheel.atomic import atomic_path
 from flywheel.errors import DataError, UnknownChoiceError
 
 # kind -> faiss.index_factory description; all built with inner product on L2-normalised vectors = cosine.
@@ -63,16 +62,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 def save_index(index: faiss.Index, path: Path | str) -> None:
     """Write atomically (temp file + os.replace): a reader never loads half an index."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_index(path: Path | str) -> faiss.Index:
