@@ -92,9 +92,7 @@ def _manifest_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
     if manifest.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames or not {"path", "uri"} & set(reader.fieldnames):
-            raise DataError(
-                f"{manifest}:1: the CSV header needs a 'path' or 'uri' column, got {reader.fieldnames}"
-            )
+            raise DataError(f"{manifest}:1: the CSV header needs a 'path' or 'uri' column, got {reader.fieldnames}")
         return [(line, row) for line, row in enumerate(reader, start=2)]
     raise DataError(f"manifest {manifest}: unsupported suffix {manifest.suffix!r} (use .csv or .jsonl)")
 
@@ -161,9 +159,7 @@ def _read_idx(source_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     labels_file = source_dir / f"{prefix}-labels-idx1-ubyte.gz"
     for file in (images_file, labels_file):
         if not file.is_file():
-            raise DataError(
-                f"{file} is missing: install the Debian package dataset-fashion-mnist (make setup)"
-            )
+            raise DataError(f"{file} is missing: install the Debian package dataset-fashion-mnist (make setup)")
     with gzip.open(labels_file) as fh:
         labels = np.frombuffer(fh.read(), dtype=np.uint8, offset=8)
     with gzip.open(images_file) as fh:
@@ -193,9 +189,7 @@ def import_records(
     samples = []
     for record in records:
         try:
-            samples.append(
-                NewSample(uri=record.path, content_hash=hash_file(record.path), truth=record.label)
-            )
+            samples.append(NewSample(uri=record.path, content_hash=hash_file(record.path), truth=record.label))
         except OSError as exc:
             raise DataError(f"cannot read {record.path}: {exc.strerror}") from None
     return catalog.add_samples(
@@ -229,9 +223,7 @@ def import_source(
         results = {}
         for name, root in ((POOL, pool_root), (TEST, test_root)):
             records, _ = read_image_folder(root)
-            results[name] = import_records(
-                catalog, settings, records, FASHION_MNIST_CLASSES, source=source, split=name
-            )
+            results[name] = import_records(catalog, settings, records, FASHION_MNIST_CLASSES, source=source, split=name)
         return results
     path = Path(source).expanduser()
     if path.is_dir():

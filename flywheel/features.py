@@ -61,9 +61,7 @@ def split_features(
     """Embeddings of every sample of a split, computing only the ones not cached yet."""
     rows = catalog.samples(split)
     spec = get_spec(settings.backbone)
-    store = EmbeddingStore(
-        settings.embeddings_dir, EmbeddingStore.key_for(spec, version, settings.image_size)
-    )
+    store = EmbeddingStore(settings.embeddings_dir, EmbeddingStore.key_for(spec, version, settings.image_size))
     ids = np.array([r.id for r in rows], dtype=np.int64)
     paths = [r.uri for r in rows]
     vectors = embed_samples(

@@ -37,9 +37,7 @@ def train_head(
     linear = nn.Linear(x.shape[1], n_classes)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(
-        linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
-    )
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
