@@ -382,7 +382,8 @@ def test_auto_switches_from_typiclust_to_kcenter_at_the_threshold():
     n_classes = 4
     below = int(LOW_BUDGET_PER_CLASS * n_classes) - 1
     low = get_strategy("auto")(_auto_pool(below), 5, rng=_rng())
-    assert f"{below} labels for 4 classes ({below / 4:.1f}/class < {LOW_BUDGET_PER_CLASS:g}): typiclust" in low.description
+    expected = f"{below} labels for 4 classes ({below / 4:.1f}/class < {LOW_BUDGET_PER_CLASS:g}): typiclust"
+    assert expected in low.description
     at = int(LOW_BUDGET_PER_CLASS * n_classes)
     high = get_strategy("auto")(_auto_pool(at), 5, rng=_rng())
     assert f"{at} labels for 4 classes ({at / 4:.1f}/class >= {LOW_BUDGET_PER_CLASS:g})" in high.description
