@@ -10,13 +10,13 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import FlywheelError, ServiceUnavailableError
+from flywheel.errors import FlywheelError
+from flywheel.health import require_healthy
 
 app = typer.Typer(
     help="Active-learning data flywheel: label less, learn more, trace every model.", no_args_is_help=True
@@ -47,10 +47,7 @@ def _settings() -> Settings:
 def _use_prefect_server(settings: Settings) -> None:
     """Flows report to the Prefect server from the settings; refuse early and clearly when it is down."""
     url = settings.prefect.api_url
-    try:
-        httpx.get(f"{url}/health", timeout=5).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailableError("Prefect", url, type(exc).__name__) from None
+    require_healthy("Prefect", url)
     os.environ["PREFECT_API_URL"] = url
 
 

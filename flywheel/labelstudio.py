@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from flywheel.catalog import Catalog, Label, Task
 from flywheel.config import Settings
 from flywheel.errors import ConfigError, DataError, FlywheelError, ServiceUnavailableError, UnknownChoiceError
+from flywheel.health import require_healthy
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,7 @@ def connect(settings: Settings) -> LabelStudio:
     Raises ServiceUnavailableError when /health does not answer, ConfigError when the token is refused.
     """
     url = settings.label_studio.url
-    try:
-        response = httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailableError(SERVICE, url, f"{type(exc).__name__}: {exc}") from None
-    if response.status_code != 200:
-        raise ServiceUnavailableError(SERVICE, url, f"GET /health answered HTTP {response.status_code}")
+    require_healthy(SERVICE, url, timeout=HEALTH_TIMEOUT_S)
     client = LabelStudio(base_url=url, api_key=settings.label_studio.token.get_secret_value(), timeout=API_TIMEOUT_S)
     try:
         client.users.whoami()

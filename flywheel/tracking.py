@@ -9,7 +9,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import httpx
 import mlflow
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,7 +17,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from flywheel.config import Settings
-from flywheel.errors import ServiceUnavailableError, UnknownChoiceError
+from flywheel.errors import UnknownChoiceError
+from flywheel.health import require_healthy
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -39,10 +39,7 @@ class PromotionDecision:
 def connect(settings: Settings) -> MlflowClient:
     """Point mlflow at the server from the settings (checked first) and select the project's experiment."""
     url = settings.mlflow.url
-    try:
-        httpx.get(f"{url}/health", timeout=5).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailableError("MLflow", url, type(exc).__name__) from None
+    require_healthy("MLflow", url)
     mlflow.set_tracking_uri(url)
     mlflow.set_registry_uri(url)
     mlflow.set_experiment(settings.experiment_name)
