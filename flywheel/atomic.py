@@ -1,24 +1,106 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""Atomic file writes with optional checksums: a reader (or a crash) never sees half a file, and a file
+damaged afterwards (disk, copy, hand edit) is recognised instead of being trusted.
+
+A checksummed file `f` has a sidecar `f.sha256` listing the sha256 digests `f` may have. A write first adds
+the new digest to the sidecar, then replaces `f`, then drops the old digest, each step an atomic rename: a
+crash at any point leaves `f` matching one of the listed digests.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flywheel.errors import CorruptFileError
+
+SIDECAR_SUFFIX = ".sha256"
+
+
+def sidecar(path: Path | str) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _recorded(path: Path) -> list[str]:
+    """The digests the sidecar allows (sha256sum format: '<hex>  <name>' per line); empty when absent."""
+    try:
+        lines = sidecar(path).read_text().splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return []
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+def _replace_with(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_sidecar(path: Path, digests: list[str]) -> None:
+    unique = list(dict.fromkeys(digests))
+    _replace_with(sidecar(path), lambda fh: fh.write("".join(f"{d}  {path.name}\n" for d in unique)))
+
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[str]:
-    """Yield a temporary path beside `path` to write to; it replaces `path` only if the block succeeds."""
+def atomic_path(path: Path | str, *, checksum: bool = False) -> Iterator[str]:
+    """Yield a temporary path beside `path` to write to; it replaces `path` only if the block succeeds.
+
+    With `checksum`, the new content's sha256 is recorded in the sidecar (see the module docstring), so
+    `verify_checksum` can tell a damaged file from a good one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
     os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if checksum:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            digest = file_sha256(tmp)
+            _write_sidecar(path, [digest, *_recorded(path)])
+            os.replace(tmp, path)
+            _write_sidecar(path, [digest])
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def verify_checksum(path: Path | str) -> None:
+    """Raise CorruptFileError naming the file unless its sha256 is one its sidecar lists."""
+    path = Path(path)
+    allowed = _recorded(path)
+    if not allowed:
+        raise CorruptFileError(f"{path} has no checksum file {sidecar(path).name} (written by an interrupted run?)")
+    actual = file_sha256(path)
+    if actual not in allowed:
+        raise CorruptFileError(
+            f"{path} is corrupt: its sha256 is {actual[:16]}…, {sidecar(path).name} expects {allowed[0][:16]}…"
+        )
+
+
+def remove_with_sidecar(path: Path | str) -> None:
+    """Delete a checksummed file and its sidecar (missing ones are fine)."""
+    Path(path).unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)

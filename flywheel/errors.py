@@ -41,3 +41,19 @@ class PoolExhaustedError(FlywheelError):
 
     def __init__(self, available: int, requested: int):
         super().__init__(f"pool exhausted: {available} candidates available / {requested} requested")
+
+
+class CorruptFileError(DataError):
+    """A stored file (embeddings, index, checkpoint) does not match its recorded checksum."""
+
+
+class BadImageError(DataError):
+    """An image that cannot be used: `reason` is a short category for reports, the message has the details."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path, self.reason = path, reason
+        super().__init__(f"{reason}: {path}{': ' + detail if detail else ''}")
+
+
+class ProjectBusyError(FlywheelError):
+    """Another process is running a step of the same project (see flywheel.locking)."""

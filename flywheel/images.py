@@ -7,32 +7,115 @@ and the features it sees at serving time come from identical pixels.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from flywheel.backbones import BackboneSpec
-from flywheel.errors import DataError
+from flywheel.errors import BadImageError, DataError
 
 # Train-time augmentation (TRANSFER.md: augmentation is one answer to label scarcity). Mild crops only:
 # the crop must keep the object, and pretrained features expect objects at roughly their usual scale.
 CROP_SCALE = (0.7, 1.0)
 
 
-def load_image(path: str) -> torch.Tensor:
-    """Decode a file to RGB uint8 (3, H, W); grayscale and RGBA become RGB. DataError names a bad file."""
+# Pixels above which an image is refused unreadable: PIL's own decompression-bomb limit (it refuses twice
+# its warning threshold outright). The configurable, lower limit (settings.max_image_pixels) is checked at import.
+HARD_MAX_PIXELS = 2 * 89_478_485
+TORCHVISION_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")  # decoded by torchvision (libjpeg-turbo, libpng); others by PIL
+ALPHA_FORMATS = ("PNG", "WEBP")  # torchvision decodes their alpha channel (RGB_ALPHA mode)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the file's header says, read without decoding the pixels."""
+
+    format: str
+    mode: str  # PIL's: RGB, L, P, RGBA, LA, CMYK, I;16, ...
+    width: int
+    height: int
+    has_alpha: bool
+
+
+def read_header(path: str, *, max_pixels: int = HARD_MAX_PIXELS) -> ImageHeader:
+    """The image's format, mode and size from its header; BadImageError (with a short reason) when the file is
+    missing, empty, not an image, or larger than `max_pixels` (a decompression bomb costs nothing here)."""
     if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
+        raise BadImageError(path, "missing file")
+    if os.path.getsize(path) == 0:
+        raise BadImageError(path, "empty file", "0 bytes")
     try:
-        image = decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
-    return image[0] if image.ndim == 4 else image  # an animated GIF decodes to frames: keep the first
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                header = ImageHeader(str(im.format), im.mode, im.width, im.height, bool(im.has_transparency_data))
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, "too many pixels", str(exc)) from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image", "no known image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(path, "truncated or corrupt", f"header: {exc}") from None
+    if header.width * header.height > max_pixels:
+        raise BadImageError(
+            path, "too many pixels", f"{header.width} x {header.height} is above the limit of {max_pixels:,} pixels"
+        )
+    return header
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode a file to RGB uint8 (3, H, W), upright per its EXIF orientation.
+
+    Grayscale, palette and CMYK become RGB; 16-bit samples keep their 8 high bits; transparency is composited
+    over white (what an annotator sees); an animated GIF keeps its first frame. BadImageError names the file
+    and a short reason (empty, not an image, too many pixels, truncated or corrupt).
+    """
+    header = read_header(path)
+    try:
+        if header.format in TORCHVISION_FORMATS:
+            alpha = header.has_alpha and header.format in ALPHA_FORMATS
+            mode = ImageReadMode.RGB_ALPHA if alpha else ImageReadMode.RGB
+            image = decode_image(path, mode=mode, apply_exif_orientation=True)
+            image = image[0] if image.ndim == 4 else image  # an animated GIF decodes to frames: keep the first
+        else:
+            image = _decode_with_pil(path)
+    except (RuntimeError, ValueError, OSError, SyntaxError) as exc:
+        raise BadImageError(path, "truncated or corrupt", _decoder_message(exc)) from None
+    if image.dtype == torch.uint16:  # 16-bit PNG: keep the high byte
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.shape[0] == 4:
+        image = _over_white(image)
+    return image
+
+
+def _decoder_message(exc: Exception) -> str:
+    """torchvision prefixes its C++ source location ("decode_png, /…/decode_png.cpp:79, Out of …"): drop it."""
+    text = str(exc).strip()
+    _, sep, rest = text.partition(".cpp:")
+    return rest.partition(", ")[2] if sep and ", " in rest else text
+
+
+def _decode_with_pil(path: str) -> torch.Tensor:
+    """Formats torchvision does not read (BMP, TIFF, ...): RGB, or RGBA when transparent, as uint8/uint16."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # PIL's RGB conversion would clip, not scale
+            plane = torch.from_numpy(np.asarray(im).astype(np.int64) >> 8).clamp(0, 255).to(torch.uint8)
+            return plane.expand(3, *plane.shape).clone()
+        im = im.convert("RGBA" if im.has_transparency_data else "RGB")
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+
+
+def _over_white(rgba: torch.Tensor) -> torch.Tensor:
+    """uint8 (4, H, W) -> (3, H, W): alpha-composite over a white background."""
+    rgb, alpha = rgba[:3].to(torch.int32), rgba[3:].to(torch.int32)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).to(torch.uint8)
 
 
 def _normalize(spec: BackboneSpec) -> v2.Transform:
