@@ -13,14 +13,17 @@ from label_studio_sdk import LabelStudio
 
 from flywheel.catalog import Catalog
 from flywheel.errors import ConfigError
-from flywheel.labelstudio import choice_result, filter_query, list_tasks, number_filter, task_sample_id
+from flywheel.labelstudio import OPEN_TASKS, choice_result, list_tasks, task_sample_id
 
 log = logging.getLogger(__name__)
 
-# Tasks nobody has touched: no submitted and no skipped annotation (a skip is a person's decision).
-OPEN_TASKS = filter_query(
-    [number_filter("total_annotations", "equal", 0), number_filter("cancelled_annotations", "equal", 0)]
-)
+
+def careless(label: str, classes: list[str], noise_rate: float, rng: np.random.Generator) -> str:
+    """`label`, or with probability `noise_rate` another class drawn uniformly (a careless annotator)."""
+    others = [c for c in classes if c != label]
+    if rng.random() < noise_rate and others:
+        return others[int(rng.integers(len(others)))]
+    return label
 
 
 def annotate_open_tasks(
@@ -54,9 +57,7 @@ def annotate_open_tasks(
         if label is None:
             left += 1
             continue
-        others = [c for c in classes if c != label]
-        if rng.random() < noise_rate and others:
-            label = others[int(rng.integers(len(others)))]
+        label = careless(label, classes, noise_rate, rng)
         client.annotations.create(id=task_id, result=choice_result(label), project=project_id)
         annotated += 1
     if left:

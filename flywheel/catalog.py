@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import ForeignKey, String, create_engine, event, func, select
+from sqlalchemy import ForeignKey, String, Text, create_engine, event, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -96,6 +96,116 @@ class Meta(Base):
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(String(2048))
+
+
+class Annotation(Base):
+    """Every Label Studio annotation flywheel has seen, in its latest known state (one row per annotation).
+
+    Webhook deliveries and polling syncs both land here (flywheel.labelstudio.ledger); labels are derived
+    from these rows, so a delivery seen twice, late or out of order changes nothing twice.
+    """
+
+    __tablename__ = "annotations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ls_annotation_id: Mapped[int] = mapped_column(unique=True)
+    # None only for a deletion that arrived before the annotation itself (a tombstone)
+    ls_task_id: Mapped[int | None] = mapped_column(index=True)
+    ls_project_id: Mapped[int | None] = mapped_column(index=True)
+    sample_id: Mapped[int | None] = mapped_column(ForeignKey("samples.id"), index=True)
+    annotator: Mapped[str] = mapped_column(String(256))
+    choices: Mapped[str] = mapped_column(Text)  # JSON list of the chosen classes
+    state: Mapped[str] = mapped_column(String(16))  # submitted | skipped | rejected | deleted
+    problem: Mapped[str | None] = mapped_column(Text)  # why it was rejected
+    ls_updated_at: Mapped[datetime] = mapped_column()  # Label Studio's clock: orders versions of one annotation
+    seen_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)  # ours: when this state arrived
+
+
+class LabelChange(Base):
+    """History of a sample's label: every new label, relabel, retraction and tie sent to review."""
+
+    __tablename__ = "label_history"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), index=True)
+    label: Mapped[str | None] = mapped_column(String(1024))  # None: no label (retracted or in review)
+    previous: Mapped[str | None] = mapped_column(String(1024))
+    reason: Mapped[str] = mapped_column(String(32))  # labelled | relabelled | retracted | review
+    votes: Mapped[str] = mapped_column(Text)  # JSON {label: [annotation ids]} behind the decision
+    at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Review(Base):
+    """A sample whose annotators tied: no label until someone breaks the tie in Label Studio."""
+
+    __tablename__ = "reviews"
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), primary_key=True)
+    votes: Mapped[str] = mapped_column(Text)
+    since: Mapped[datetime] = mapped_column(default=_now)
+
+
+class WebhookEvent(Base):
+    """Each authenticated webhook delivery, as received, with what it changed."""
+
+    __tablename__ = "webhook_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=_now)
+    action: Mapped[str] = mapped_column(String(64))
+    ls_project_id: Mapped[int | None] = mapped_column()
+    ls_annotation_ids: Mapped[str] = mapped_column(Text)  # JSON list
+    body_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    payload: Mapped[str] = mapped_column(Text)  # the annotation(s) and task part of the body, JSON
+    outcome: Mapped[str] = mapped_column(Text)  # applied | duplicate | stale | ignored | rejected: ...
+    emitted: Mapped[bool] = mapped_column(default=False)  # whether the Prefect event went out
+
+
+class Provenance(Base):
+    """How a sample came to be labelled (flywheel.provenance). Why it was asked for: the round, the strategy and
+    its parameters (JSON), the model version that scored the pool, its score and rank in the selection (1 = most
+    wanted). How it was answered, from Label Studio: each annotation's annotator, choice, creation time and the
+    annotator's working time (`lead_time`), and the first annotation's time."""
+
+    __tablename__ = "provenance"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), unique=True)
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), index=True)
+    strategy: Mapped[str | None] = mapped_column(String(64))
+    params: Mapped[str | None] = mapped_column(Text)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    score: Mapped[float | None] = mapped_column()
+    rank: Mapped[int | None] = mapped_column()
+    selected_at: Mapped[datetime | None] = mapped_column()
+    annotations: Mapped[str | None] = mapped_column(Text)  # JSON list; None until read from Label Studio
+    first_annotated_at: Mapped[datetime | None] = mapped_column()
+    lead_time_s: Mapped[float | None] = mapped_column()  # summed over the task's annotations, when recorded
+    annotations_read_at: Mapped[datetime | None] = mapped_column()
+
+
+class LabelReview(Base):
+    """A label sent back to Label Studio because it looks wrong (flywheel.review), and what the reviewer said."""
+
+    __tablename__ = "label_reviews"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), unique=True)  # a label is reviewed once
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
+    ls_project_id: Mapped[int] = mapped_column()
+    ls_task_id: Mapped[int] = mapped_column(unique=True)
+    reasons: Mapped[str] = mapped_column(Text)  # JSON list of why it was flagged
+    label_before: Mapped[str] = mapped_column(String(1024))
+    suggested: Mapped[str] = mapped_column(String(1024))  # the model's (out-of-sample) suggestion
+    self_confidence: Mapped[float | None] = mapped_column()  # out-of-sample probability of label_before
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)  # open | confirmed | corrected
+    label_after: Mapped[str | None] = mapped_column(String(1024))
+    reviewer: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    resolved_at: Mapped[datetime | None] = mapped_column()
+
+
+class ForecastRecord(Base):
+    """A round's label-budget forecast (flywheel.forecast.Forecast as JSON), for `flywheel status`."""
+
+    __tablename__ = "forecasts"
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    forecast: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ class LabelStudioSettings(_Section):
     document_root: Path = Path("/")
     # Server executable; empty: <repo>/.ls-venv/bin/label-studio when present, else `label-studio` on PATH.
     executable: str = ""
+    label_mode: Literal["single", "multi"] = Field("single", description="one class per image, or any number")
+    instructions: str = Field("", description="shown to annotators above the image and as the project's instructions")
+    overlap: int = Field(1, ge=1, le=20, description="annotators per task; above 1, labels are a majority vote")
+    export_above: int = Field(
+        2000, ge=0, description="sync reads an export snapshot when more tasks than this are annotated, else pages"
+    )
 
     @property
     def url(self) -> str:
@@ -52,6 +58,32 @@ class MLflowSettings(_Section):
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+class WebhookSettings(_Section):
+    """The receiver Label Studio posts annotation events to (`flywheel webhook`)."""
+
+    host: str = LOOPBACK
+    port: int = Field(8765, ge=1, le=65535)
+    # Shared with Label Studio in the X-Flywheel-Secret header; empty: no receiver, no registration (polling only).
+    secret: SecretStr = SecretStr("")
+    url: str = Field("", description="where Label Studio reaches the receiver; empty: http://<host>:<port>/webhook")
+    emit_events: bool = Field(True, description="emit flywheel.annotation.* Prefect events for applied changes")
+
+    @property
+    def endpoint(self) -> str:
+        return self.url or f"http://{self.host}:{self.port}/webhook"
+
+
+class StorageSettings(_Section):
+    """S3-compatible object storage: s3:// image URIs reach annotators as presigned URLs."""
+
+    endpoint: str = Field("", description="e.g. http://127.0.0.1:9000 (MinIO); empty: AWS S3 in `region`")
+    region: str = "us-east-1"
+    access_key: SecretStr = SecretStr("")
+    secret_key: SecretStr = SecretStr("")
+    addressing: Literal["path", "virtual"] = Field("path", description="bucket in the path or in the host name")
+    presign_expiry_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600, description="SigV4 allows 7 days at most")
 
 
 class PrefectSettings(_Section):
@@ -140,6 +172,8 @@ class Settings(BaseSettings):
     @field_validator("workspace")
     @classmethod
     def _absolute_workspace(cls, value: Path) -> Path:
+    webhook: WebhookSettings = WebhookSettings()
+    storage: StorageSettings = StorageSettings()
         return value.expanduser().absolute()
 
     @field_validator("backbone")

@@ -318,8 +318,14 @@ def _select_and_push(
 
 
 def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> SyncOutcome:
+        if report.promoted and probs is not None and report.model_version is not None:  # new champion
+            predicted = {int(sid): classes[int(row.argmax())] for sid, row in zip(pool.ids, probs, strict=True)}
+            labelstudio.refresh_predictions(ls_client, catalog, project_id, predicted, model_version=report.model_version)
     project_id = labelstudio.ensure_project(ls_client, settings, catalog, _classes(catalog))
-    sync = labelstudio.sync_annotations(ls_client, catalog, project_id)
+    ls = settings.label_studio
+    sync = labelstudio.sync_annotations(
+        ls_client, catalog, project_id, mode=ls.label_mode, export_above=ls.export_above
+    )
     n_labels = catalog.count_labels()
     due = should_finetune(
         n_labels,

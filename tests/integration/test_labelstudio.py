@@ -462,7 +462,8 @@ def test_sync_rejects_foreign_ambiguous_and_duplicate_tasks(client, settings, ca
     text = "\n".join(report.rejected)
     assert f"task {extra[0]}: no data.sample_id" in text
     assert f"task {extra[1]}: sample {10**9} is not in the catalog" in text
-    assert f"task {extra[2]} (sample {sample_id}): sample already labelled through task {task_id}" in text
+    assert f"task {extra[2]} (sample {sample_id}): annotation" in text
+    assert f"the sample was sent as task {task_id}; this task is a duplicate" in text
     assert f"task {ambiguous} " in text and "2 choices" in text
     assert catalog.labels() == {sample_id: "dog"}
 

@@ -1,0 +1,144 @@
+"""Polling sync: read a complete snapshot of the project's annotations and feed it to the same ledger
+the webhook receiver writes, so the two paths converge.
+
+Large projects are read as one export snapshot; small ones are paged by task id and applied page by page,
+so a sync interrupted half-way keeps what it applied and the next run finishes the rest (re-applying a
+page changes nothing). Deletions are inferred only from a complete pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from label_studio_sdk import LabelStudio
+from sqlalchemy.orm import Session
+
+from flywheel.catalog import Catalog
+from flywheel.labelstudio import ledger
+from flywheel.labelstudio.client import filter_query, number_filter, unavailable
+from flywheel.labelstudio.interface import LabelMode
+
+PAGE_SIZE = 500
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    new: int  # samples labelled for the first time
+    updated: int  # samples whose label changed
+    unchanged: int  # samples with a valid annotation whose label stayed
+    skipped: int  # tasks whose annotations were all skips (counted, never re-sent)
+    rejected: list[str] = field(default_factory=list)  # annotations that cannot become labels, and why
+    retracted: int = 0  # samples that lost their label (annotations deleted)
+    review: list[int] = field(default_factory=list)  # samples whose annotators tie, waiting for a tie-break
+    mode: str = "pages"  # "export" snapshot or "pages"
+    agreement: float | None = None  # mean share of votes for the majority, on tasks with 2+ annotators
+    agreement_by_annotator: dict[str, float] = field(default_factory=dict)
+
+
+def users_by_id(client: LabelStudio) -> dict[int, str]:
+    """Label Studio user id -> email (what the catalog records as the annotator)."""
+    return {int(u.id): u.email or str(u.id) for u in client.users.list()}
+
+
+def export_annotated(client: LabelStudio, project_id: int) -> list[dict[str, Any]]:
+    """Every task of the project with at least one annotation (skips included), as exported JSON dicts."""
+    chunks = client.projects.exports.download_sync(project_id, export_type="JSON", download_all_tasks=False)
+    return json.loads(b"".join(chunks))
+
+
+def _pages(client: LabelStudio, project_id: int, page_size: int) -> Iterator[list[dict[str, Any]]]:
+    """All tasks in pages ordered by id, each page asked for by `id > last` so concurrent edits cannot
+    shift a task past a page boundary."""
+    last = 0
+    while True:
+        query = json.loads(filter_query([number_filter("id", "greater", last)]))
+        query["ordering"] = ["tasks:id"]
+        pager = client.tasks.list(project=project_id, fields="all", page_size=page_size, query=json.dumps(query))
+        page = [task.dict() for task in next(iter(pager.iter_pages())).items or []]
+        if not page:
+            return
+        yield page
+        last = max(int(t["id"]) for t in page)
+        if len(page) < page_size:
+            return
+
+
+def sync_annotations(
+    client: LabelStudio,
+    catalog: Catalog,
+    project_id: int,
+    *,
+    mode: LabelMode = "single",
+    export_above: int = 2000,
+    page_size: int = PAGE_SIZE,
+    on_page: Callable[[int], None] | None = None,
+) -> SyncReport:
+    """Bring the catalog's annotations and labels in line with the project; idempotent.
+
+    Labels outside catalog.classes() are rejected and reported (every run), skips are counted, annotations
+    gone from Label Studio retract their votes. `on_page(n)` is called after the n-th page is committed.
+    """
+    started = ledger.now()
+    classes = catalog.classes()
+    try:
+        users = users_by_id(client)
+        annotated = client.projects.get(project_id).num_tasks_with_annotations or 0
+        if annotated > export_above:
+            snapshot: Iterator[list[dict[str, Any]]] = iter([export_annotated(client, project_id)])
+            how = "export"
+        else:
+            snapshot, how = _pages(client, project_id, page_size), "pages"
+        totals = ledger.Applied()
+        present: set[int] = set()
+        skipped = 0
+        for n, tasks in enumerate(snapshot, start=1):
+            observations = []
+            for task in tasks:
+                annotations = task.get("annotations") or []
+                skipped += bool(annotations) and all(a.get("was_cancelled") for a in annotations)
+                observations += [ledger.observe(a, task, users) for a in annotations]
+            present.update(o.annotation_id for o in observations)
+            _add(totals, _apply(catalog, observations, classes, mode))
+            if on_page is not None and how == "pages":
+                on_page(n)
+    except httpx.TransportError as exc:  # the server went away mid-sync: what was committed stays
+        raise unavailable(client, exc) from None
+
+    def retract(session: Session) -> ledger.Applied:
+        gone = ledger.missing_since(session, project_id, present, started)
+        return ledger.apply(session, gone, classes=classes, mode=mode)
+
+    _add(totals, ledger.with_retries(catalog, retract))
+    reasons = [reason for _, _, reason in totals.changes]
+    labelled = set(catalog.labels())
+    changed = {sample for sample, _, reason in totals.changes if reason in ("labelled", "relabelled")}
+    score = ledger.agreement(catalog, mode=mode)
+    return SyncReport(
+        new=reasons.count("labelled"),
+        updated=reasons.count("relabelled"),
+        unchanged=len((totals.touched & labelled) - changed),
+        skipped=skipped,
+        rejected=totals.problems,
+        retracted=reasons.count("retracted"),
+        review=sorted(ledger.in_review(catalog)),
+        mode=how,
+        agreement=score.mean,
+        agreement_by_annotator=score.per_annotator,
+    )
+
+
+def _apply(
+    catalog: Catalog, observations: Sequence[ledger.Observation], classes: list[str], mode: LabelMode
+) -> ledger.Applied:
+    return ledger.with_retries(catalog, lambda session: ledger.apply(session, observations, classes=classes, mode=mode))
+
+
+def _add(total: ledger.Applied, part: ledger.Applied) -> None:
+    total.outcomes += part.outcomes
+    total.problems += part.problems
+    total.changes += part.changes
+    total.touched |= part.touched

@@ -1,0 +1,182 @@
+"""Tasks flywheel sends: each sample at most once, with the model's prediction and the selection score,
+and the predictions of still-open tasks refreshed when a new champion arrives."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from label_studio_sdk import LabelStudio
+from sqlalchemy import func, select
+
+from flywheel.catalog import Catalog, Task
+from flywheel.config import Settings
+from flywheel.errors import FlywheelError, UnknownChoiceError
+from flywheel.labelstudio.client import (
+    SERVICE,
+    filter_query,
+    list_tasks,
+    number_filter,
+    task_sample_id,
+    task_sample_ids,
+)
+from flywheel.labelstudio.interface import choice_result
+from flywheel.labelstudio.media import ensure_storages_for, image_url
+
+log = logging.getLogger(__name__)
+
+IMPORT_CHUNK = 1000  # tasks per import request
+# Tasks nobody has touched: no submitted and no skipped annotation (a skip is a person's decision).
+OPEN_TASKS = filter_query(
+    [number_filter("total_annotations", "equal", 0), number_filter("cancelled_annotations", "equal", 0)]
+)
+
+
+@dataclass(frozen=True)
+class TaskToPush:
+    sample_id: int
+    path: str  # a local path, file://, http(s):// or s3:// URI
+    predicted: str
+    confidence: float
+    score: float
+
+
+def _prediction(predicted: str, score: float, model_version: str) -> dict[str, Any]:
+    return {"model_version": model_version, "score": float(score), "result": choice_result(predicted)}
+
+
+def _task_payload(task: TaskToPush, settings: Settings, model_version: str | None) -> dict[str, Any]:
+    payload: dict[str, Any] = {"data": {"image": image_url(task.path, settings), "sample_id": task.sample_id}}
+    if model_version is not None:
+        payload["predictions"] = [_prediction(task.predicted, task.score, model_version)]
+    return payload
+
+
+def push_tasks(
+    client: LabelStudio,
+    catalog: Catalog,
+    settings: Settings,
+    project_id: int,
+    tasks: Sequence[TaskToPush],
+    *,
+    model_version: str | None,
+    round_id: int | None,
+) -> dict[int, int]:
+    """Send samples not yet sent as tasks (with the model's prediction unless `model_version` is None).
+
+    Before importing, tasks already in the project whose sample the catalog does not know as sent (a crash
+    between import and record) are recorded instead of imported again. Everything is recorded in one
+    catalog transaction. Returns sample id -> task id for every sample this call recorded (reconciled or
+    imported); samples sent before are left out.
+    """
+    sent = catalog.sent_sample_ids()
+    todo: dict[int, TaskToPush] = {}
+    for task in tasks:
+        if task.sample_id not in sent and task.sample_id not in todo:
+            todo[task.sample_id] = task
+    if not todo:
+        return {}
+    if model_version is not None:
+        allowed = catalog.classes()
+        for task in todo.values():
+            if task.predicted not in allowed:
+                raise UnknownChoiceError("predicted class", task.predicted, allowed)
+    payloads = {sid: _task_payload(task, settings, model_version) for sid, task in todo.items()}  # checks paths
+
+    # Reconcile. Every push records what it imported, or the next push finds it here first, so tasks the
+    # catalog lacks have ids above the highest it recorded for the project: list only those (cheap).
+    with catalog.transaction() as session:
+        last = session.scalar(select(func.max(Task.ls_task_id)).where(Task.ls_project_id == project_id))
+    recorded: dict[int, int] = {}
+    for task_id, sample_id in sorted(task_sample_ids(client, project_id, after_task_id=last).items()):
+        if sample_id in todo and sample_id not in recorded:  # the oldest task wins if there are several
+            recorded[sample_id] = task_id
+    if recorded:
+        log.warning("recording %d tasks found in Label Studio but not in the catalog", len(recorded))
+
+    to_import = [sid for sid in todo if sid not in recorded]
+    ensure_storages_for(client, project_id, (todo[sid].path for sid in to_import), settings)
+    for start in range(0, len(to_import), IMPORT_CHUNK):
+        chunk = to_import[start : start + IMPORT_CHUNK]
+        response = client.projects.import_tasks(
+            project_id, request=[payloads[sid] for sid in chunk], return_task_ids=True, commit_to_project=True
+        )
+        task_ids = [int(t) for t in (getattr(response, "task_ids", None) or [])]
+        if len(task_ids) != len(chunk):
+            raise FlywheelError(
+                f"{SERVICE} created {len(task_ids)} tasks for {len(chunk)} samples in project {project_id} "
+                f"(import response: {response}); the next push reconciles what was created"
+            )
+        # Label Studio returns a bulk import's task ids in request order. Listing every created task to
+        # prove it costs ~2 s per 1,000, so check both ends of the chunk; labels never depend on this
+        # mapping anyway (sync reads data.sample_id from each task).
+        ends = {task_ids[0]: chunk[0], task_ids[-1]: chunk[-1]}
+        found = task_sample_ids(client, project_id, task_ids=list(ends))
+        if found != ends:
+            raise FlywheelError(
+                f"the tasks {SERVICE} returned for project {project_id} do not match the samples pushed "
+                f"(task id -> sample id {found}, expected {ends}); the next push reconciles what was created"
+            )
+        recorded.update(zip(chunk, task_ids, strict=True))
+
+    with catalog.transaction() as session:
+        catalog.record_tasks(
+            session,
+            ls_project_id=project_id,
+            task_ids=recorded,
+            round_id=round_id,
+            model_version=model_version,
+            scores={sid: float(todo[sid].score) for sid in recorded},
+        )
+    return recorded
+
+
+def refresh_predictions(
+    client: LabelStudio,
+    catalog: Catalog,
+    project_id: int,
+    predicted: Mapping[int, str],
+    *,
+    model_version: str,
+) -> int:
+    """Give every still-open task of the project the new champion's prediction; returns how many changed.
+
+    `predicted` maps sample id -> class for (at least) the open tasks' samples. Tasks keep their selection
+    score; only the prediction and its model_version change, and no task is created. Safe to rerun: tasks
+    already carrying `model_version` are left alone, then older predictions on the refreshed tasks go.
+    """
+    allowed = set(catalog.classes())
+    open_tasks = list_tasks(client, project_id, query=OPEN_TASKS, fields="all")
+    with catalog.transaction() as session:
+        scores = dict(
+            session.execute(select(Task.ls_task_id, Task.score).where(Task.ls_project_id == project_id)).tuples()
+        )
+    requests: list[dict[str, Any]] = []
+    stale: list[int] = []
+    refreshed: dict[int, int] = {}  # task id -> sample id
+    for task in open_tasks:
+        sample_id = task_sample_id(task.data)
+        if sample_id is None or sample_id not in predicted or int(task.id) not in scores:
+            continue  # not a task flywheel recorded, or no prediction for it
+        label = predicted[sample_id]
+        if label not in allowed:
+            raise UnknownChoiceError("predicted class", label, sorted(allowed))
+        versions = {int(p["id"]): p.get("model_version") for p in task.predictions or []}
+        stale += [pid for pid, version in versions.items() if version != model_version]
+        if model_version not in versions.values():
+            score = scores[int(task.id)] or 0.0
+            requests.append({"task": int(task.id), **_prediction(label, score, model_version)})
+            refreshed[int(task.id)] = sample_id
+    for start in range(0, len(requests), IMPORT_CHUNK):
+        client.projects.import_predictions(project_id, request=requests[start : start + IMPORT_CHUNK])
+    for prediction_id in stale:
+        client.predictions.delete(prediction_id)
+    if refreshed:
+        client.projects.update(project_id, model_version=model_version)
+        with catalog.transaction() as session:
+            for row in session.scalars(select(Task).where(Task.ls_task_id.in_(list(refreshed)))):
+                row.model_version = model_version
+        log.info("refreshed predictions of %d open tasks to model version %s", len(refreshed), model_version)
+    return len(refreshed)
