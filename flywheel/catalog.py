@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import ForeignKey, String, Text, create_engine, event, func, select
+from sqlalchemy import ForeignKey, String, Text, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from flywheel.errors import DataError
@@ -88,6 +89,27 @@ class Round(Base):
     holdout_accuracy: Mapped[float | None] = mapped_column()
     test_accuracy: Mapped[float | None] = mapped_column()
     started_at: Mapped[datetime] = mapped_column(default=_now)
+    # None while the round runs, or after it crashed: the next run_round resumes that round (same id).
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Quarantine(Base):
+    """A file kept out of the pool, and why: unreadable, too large, or a duplicate of another sample.
+
+    Refused at import (`sample_id` None: it never became a sample), or found bad later (embedding, selection):
+    then the sample stays in `samples` (its labels and tasks are history) but is left out of every split.
+    """
+
+    __tablename__ = "quarantine"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uri: Mapped[str] = mapped_column(String(2048), index=True)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    sample_id: Mapped[int | None] = mapped_column(ForeignKey("samples.id"), unique=True)
+    reason: Mapped[str] = mapped_column(String(64))  # short: "truncated or corrupt", "duplicate", ...
+    detail: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(String(16))  # import | embed | select
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("samples.id"))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 class Meta(Base):
@@ -112,7 +134,8 @@ class Annotation(Base):
     ls_task_id: Mapped[int | None] = mapped_column(index=True)
     ls_project_id: Mapped[int | None] = mapped_column(index=True)
     sample_id: Mapped[int | None] = mapped_column(ForeignKey("samples.id"), index=True)
-    annotator: Mapped[str] = mapped_column(String(256))
+    ls_user_id: Mapped[int | None] = mapped_column()  # who: one vote per user
+    annotator: Mapped[str] = mapped_column(String(256))  # their email, for people to read
     choices: Mapped[str] = mapped_column(Text)  # JSON list of the chosen classes
     state: Mapped[str] = mapped_column(String(16))  # submitted | skipped | rejected | deleted
     problem: Mapped[str | None] = mapped_column(Text)  # why it was rejected
@@ -224,10 +247,21 @@ class SampleRow:
 
 
 @dataclass(frozen=True)
+class Quarantined:
+    """A file to keep out of the pool (see the Quarantine table)."""
+
+    uri: str
+    reason: str
+    detail: str = ""
+    content_hash: str | None = None
+
+
+@dataclass(frozen=True)
 class ImportResult:
     added: int
     skipped: int
     labelled: int
+    quarantined: int = 0  # unreadable files and exact duplicates, listed in the quarantine table
 
 
 class Catalog:
@@ -241,6 +275,7 @@ class Catalog:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_new_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -272,11 +307,14 @@ class Catalog:
         classes: Sequence[str],
         trust_labels: bool = False,
         allowed_classes: Sequence[str] = (),
+        quarantined: Sequence[Quarantined] = (),
     ) -> ImportResult:
         """Insert new samples in one transaction; URIs already present are skipped, not duplicated.
 
         `allowed_classes` (from the settings) fixes the class list: a sample whose label is outside it
         fails the whole import, naming the sample. `trust_labels` records source labels as labels.
+        A file with the content hash of a sample already in the catalog (or earlier in `samples`) is an
+        exact duplicate: it is quarantined with `duplicate_of`, like the unreadable files in `quarantined`.
         """
         if allowed_classes:
             allowed = set(allowed_classes)
@@ -288,12 +326,29 @@ class Catalog:
                     )
         with self.transaction() as s:
             self.ensure_classes(s, allowed_classes or classes)
-            existing = set(s.scalars(select(Sample.uri).where(Sample.uri.in_([x.uri for x in samples]))))
-            added = labelled = 0
+            uris = [x.uri for x in samples] + [q.uri for q in quarantined]
+            existing = set(s.scalars(select(Sample.uri).where(Sample.uri.in_(uris))))
+            existing |= set(s.scalars(select(Quarantine.uri).where(Quarantine.uri.in_(uris))))
+            hashes = [x.content_hash for x in samples]
+            by_hash = dict(
+                s.execute(select(Sample.content_hash, Sample.id).where(Sample.content_hash.in_(hashes))).tuples().all()
+            )
+            held = 0
+            for bad in quarantined:
+                if bad.uri not in existing:
+                    existing.add(bad.uri)
+                    s.add(Quarantine(**_fields(bad), stage="import"))
+                    held += 1
+            originals: dict[str, Sample | int] = dict(by_hash)  # content hash -> the sample that has it
+            rows: list[tuple[NewSample, Sample]] = []
+            duplicates: list[tuple[NewSample, Sample | int]] = []
             for new in samples:
                 if new.uri in existing:
                     continue
                 existing.add(new.uri)
+                if new.content_hash in originals:
+                    duplicates.append((new, originals[new.content_hash]))
+                    continue
                 row = Sample(
                     uri=new.uri,
                     content_hash=new.content_hash,
@@ -303,25 +358,61 @@ class Catalog:
                     fold=int(new.content_hash[:8], 16) % 100,
                 )
                 s.add(row)
-                added += 1
-                if trust_labels and new.truth is not None and split == POOL:
-                    s.flush()
-                    s.add(Label(sample_id=row.id, label=new.truth, annotator="import", origin="import"))
-                    labelled += 1
-            return ImportResult(added=added, skipped=len(samples) - added, labelled=labelled)
+                originals[new.content_hash] = row
+                rows.append((new, row))
+            s.flush()  # ids for the rows below
+            for new, original in duplicates:
+                original_id = original if isinstance(original, int) else original.id
+                entry = Quarantined(
+                    new.uri, "duplicate", f"same content (sha256) as sample {original_id}", new.content_hash
+                )
+                s.add(Quarantine(**_fields(entry), stage="import", duplicate_of=original_id))
+            held += len(duplicates)
+            added, labelled = len(rows), 0
+            if trust_labels and split == POOL:
+                for new, row in rows:
+                    if new.truth is not None:
+                        s.add(Label(sample_id=row.id, label=new.truth, annotator="import", origin="import"))
+                        labelled += 1
+            skipped = len(samples) + len(quarantined) - added - held
+            return ImportResult(added=added, skipped=skipped, labelled=labelled, quarantined=held)
 
     def samples(self, split: str = POOL) -> list[SampleRow]:
         with self.transaction() as s:
             rows = s.execute(
                 select(Sample.id, Sample.uri, Sample.truth, Sample.fold)
-                .where(Sample.split == split)
+                .where(Sample.split == split, _not_quarantined())
                 .order_by(Sample.id)
             )
             return [SampleRow(*row) for row in rows]
 
     def count_samples(self, split: str = POOL) -> int:
         with self.transaction() as s:
-            return s.scalar(select(func.count()).select_from(Sample).where(Sample.split == split)) or 0
+            query = select(func.count()).select_from(Sample).where(Sample.split == split, _not_quarantined())
+            return s.scalar(query) or 0
+
+    # --- quarantine ----------------------------------------------------------------------------
+    def quarantine_samples(
+        self, entries: dict[int, Quarantined], *, stage: str, duplicate_of: dict[int, int] | None = None
+    ) -> int:
+        """Take samples (id -> why) out of the pool in one transaction; returns how many were not already out."""
+        with self.transaction() as s:
+            known = set(s.scalars(select(Quarantine.sample_id).where(Quarantine.sample_id.in_(list(entries)))))
+            for sample_id, entry in entries.items():
+                if sample_id not in known:
+                    s.add(
+                        Quarantine(
+                            **_fields(entry),
+                            sample_id=sample_id,
+                            stage=stage,
+                            duplicate_of=(duplicate_of or {}).get(sample_id),
+                        )
+                    )
+            return len(set(entries) - known)
+
+    def quarantined(self) -> list[Quarantine]:
+        with self.transaction() as s:
+            return list(s.scalars(select(Quarantine).order_by(Quarantine.id)))
 
     def truth_of(self, sample_ids: Iterable[int]) -> dict[int, str | None]:
         with self.transaction() as s:
@@ -391,17 +482,29 @@ class Catalog:
 
     # --- rounds and project facts --------------------------------------------------------------
     def start_round(self, *, strategy: str, n_labels: int) -> int:
+        """A new round's id, or the id of the round a crash left unfinished (it is resumed, not repeated)."""
         with self.transaction() as s:
-            row = Round(strategy=strategy, n_labels=n_labels)
-            s.add(row)
+            row = s.scalar(select(Round).where(Round.finished_at.is_(None)).order_by(Round.id.desc()))
+            if row is None:
+                row = Round(strategy=strategy, n_labels=n_labels)
+                s.add(row)
+            else:
+                row.strategy, row.n_labels = strategy, n_labels
             s.flush()
             return row.id
 
     def finish_round(self, round_id: int, **values: object) -> None:
+        """Store the round's results and mark it finished, in one transaction."""
         with self.transaction() as s:
             row = s.get_one(Round, round_id)
             for key, value in values.items():
                 setattr(row, key, value)
+            row.finished_at = _now()
+
+    def round_task_count(self, round_id: int) -> int:
+        """Tasks already recorded for a round (a resumed round pushes only the rest)."""
+        with self.transaction() as s:
+            return s.scalar(select(func.count()).select_from(Task).where(Task.round_id == round_id)) or 0
 
     def rounds(self) -> list[Round]:
         with self.transaction() as s:
@@ -415,6 +518,34 @@ class Catalog:
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as s:
             s.merge(Meta(key=key, value=value))
+
+
+def _fields(entry: Quarantined) -> dict[str, str | None]:
+    return {"uri": entry.uri, "reason": entry.reason, "detail": entry.detail, "content_hash": entry.content_hash}
+
+
+def _not_quarantined():  # type: ignore[no-untyped-def]
+    held = select(Quarantine.sample_id).where(Quarantine.sample_id.is_not(None))
+    return Sample.id.not_in(held)
+
+
+# Columns added to existing tables after catalogs were created: (table, column, SQL type, backfill or None).
+# create_all makes new tables only; these are added in place, and rows that existed before get the backfill.
+_NEW_COLUMNS = (("rounds", "finished_at", "TIMESTAMP", "started_at"),)
+
+
+def _add_new_columns(engine: Engine) -> None:
+    for table, column, sql_type, backfill in _NEW_COLUMNS:
+        if column in {c["name"] for c in inspect(engine).get_columns(table)}:
+            continue
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                if backfill:
+                    conn.execute(text(f"UPDATE {table} SET {column} = {backfill}"))
+        except OperationalError:  # another process added it first
+            if column not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                raise
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
