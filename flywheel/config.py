@@ -152,6 +152,26 @@ class Settings(BaseSettings):
     head_l2: float = Field(0.1, gt=0, description="L2 penalty of the linear head (standardised features)")
     promotion_margin: float = Field(0.0, ge=0, description="accuracy points a challenger must add")
 
+    # Bad input (docs/reliability.md): what is quarantined instead of stopping a round, and what is refused.
+    max_image_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        le=178_956_970,
+        description="images with more pixels are quarantined at import (decompression bombs); PIL's hard limit caps it",
+    )
+    near_duplicate_cosine: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="a selected sample at least this close (embedding cosine) to a labelled, already sent or "
+        "better-ranked one is quarantined as a near-duplicate instead of being sent to Label Studio",
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="folders (and http(s):// URL prefixes) manifest entries may point into, besides the "
+        "manifest's own folder and the workspace; anything else, ../ and escaping symlinks included, is refused",
+    )
+
     label_studio: LabelStudioSettings = LabelStudioSettings()
     mlflow: MLflowSettings = MLflowSettings()
     prefect: PrefectSettings = PrefectSettings()
@@ -237,16 +257,66 @@ class Settings(BaseSettings):
         return self.workspace / "logs"
 
 
+SECRET_NAMES = ("password", "token", "secret", "access_key", "secret_key")
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build the settings, turning pydantic's validation error into one naming the setting."""
+    """Build the settings, turning pydantic's validation error into one naming the setting, its environment
+    variable and the allowed values (or known names); a secret in the TOML file is refused (env or Prefect
+    Secret blocks only), and a secret's rejected value is never echoed."""
+    import tomllib
+
     from pydantic import ValidationError
 
     from flywheel.errors import ConfigError
 
+    toml_file = Path(os.environ.get("FLYWHEEL_CONFIG", "flywheel.toml"))
     try:
+        _refuse_secrets_in(toml_file)
         return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{toml_file.absolute()}: invalid TOML: {exc}") from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from None
+        raise ConfigError(f"invalid settings: {'; '.join(_explain(err) for err in exc.errors())}") from None
+
+
+def _refuse_secrets_in(toml_file: Path) -> None:
+    import tomllib
+
+    from flywheel.errors import ConfigError
+
+    if not toml_file.is_file():
+        return
+    pending = [((), tomllib.loads(toml_file.read_text()))]
+    while pending:
+        prefix, table = pending.pop()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                pending.append(((*prefix, key), value))
+            elif key in SECRET_NAMES and value:
+                name = ".".join((*prefix, key))
+                raise ConfigError(
+                    f"{toml_file.absolute()}: {name} is a secret and must not be in a file; set "
+                    f"{_env_name((*prefix, key))} in the environment or use a Prefect Secret block"
+                )
+
+
+def _env_name(loc: tuple[object, ...]) -> str:
+    return "FLYWHEEL_" + "__".join(str(p).upper() for p in loc)
+
+
+def _explain(err: dict) -> str:  # type: ignore[type-arg]
+    """One pydantic error as 'name: message[, got value][; known names: ...] (env ENV_NAME)'."""
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    text = f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Settings
+        for part in loc[:-1]:
+            annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break
+            model = annotation
+        text += f"; known names here: {', '.join(sorted(model.model_fields))}"
+    elif loc and str(loc[-1]) not in SECRET_NAMES and not isinstance(err.get("input"), dict):
+        text += f", got {err.get('input')!r}"
+    return f"{text} (env {_env_name(loc)})" if loc else text
