@@ -182,6 +182,17 @@ def promote(
 @app.command("annotate-sim")
 @_friendly
 def annotate_sim(
+@app.command()
+@_friendly
+def webhook() -> None:
+    """Receive Label Studio's annotation webhooks (needs FLYWHEEL_WEBHOOK__SECRET); registers itself on the project."""
+    from flywheel.webhook import serve
+
+    settings = _settings()
+    console.print(f"starting the webhook receiver for {settings.webhook.endpoint}")
+    serve(settings)
+
+
     noise_rate: Annotated[float, typer.Option(help="share of deliberately wrong answers")] = 0.0,
     limit: Annotated[int | None, typer.Option(help="answer at most this many tasks")] = None,
 ) -> None:

@@ -53,6 +53,7 @@ class Observation:
     task_id: int | None = None
     project_id: int | None = None
     sample_id: int | None = None
+    user_id: int | None = None
     annotator: str = ""
     choices: tuple[str, ...] = ()
     cancelled: bool = False
@@ -70,6 +71,7 @@ def observe(annotation: Mapping[str, Any], task: Mapping[str, Any] | None, users
         task_id=int(task_id) if task_id is not None else None,
         project_id=annotation.get("project") or (task or {}).get("project"),
         sample_id=task_sample_id((task or {}).get("data")),
+        user_id=int(who) if who is not None else None,
         annotator=users.get(int(who), f"user {who}") if who is not None else "unknown",
         choices=tuple(result_choices(annotation.get("result"))),
         cancelled=bool(annotation.get("was_cancelled")),
@@ -184,7 +186,7 @@ def apply(session: Session, observations: Sequence[Observation], *, classes: Seq
             result.outcomes.append(DUPLICATE if obs.updated_at == row.ls_updated_at else STALE)
             continue
         row.ls_task_id, row.ls_project_id, row.sample_id = obs.task_id, obs.project_id, obs.sample_id
-        row.annotator, row.choices = obs.annotator[:256], json.dumps(list(obs.choices))
+        row.ls_user_id, row.annotator, row.choices = obs.user_id, obs.annotator[:256], json.dumps(list(obs.choices))
         row.state, row.problem, row.ls_updated_at, row.seen_at = state, invalid, obs.updated_at, now()
         changed.add(obs.sample_id)  # type: ignore[arg-type]
         result.outcomes.append(APPLIED)
@@ -203,13 +205,14 @@ class Decision:
 
 
 def _votes(rows: Iterable[Annotation]) -> dict[int, dict[str, Annotation]]:
-    """sample id -> annotator -> their latest submitted annotation (one vote per person)."""
+    """sample id -> user -> their latest submitted annotation (one vote per person)."""
     out: dict[int, dict[str, Annotation]] = defaultdict(dict)
     for row in rows:
         mine = out[row.sample_id]
-        best = mine.get(row.annotator)
+        who = str(row.ls_user_id) if row.ls_user_id is not None else row.annotator
+        best = mine.get(who)
         if best is None or (row.ls_updated_at, row.ls_annotation_id) > (best.ls_updated_at, best.ls_annotation_id):
-            mine[row.annotator] = row
+            mine[who] = row
     return out
 
 
@@ -365,7 +368,7 @@ def agreement(catalog: Catalog, *, mode: LabelMode) -> Agreement:
             if len(counts) > 1 and counts[1][1] == counts[0][1]:
                 continue
             for who, key in keys.items():
-                hits[who].append(key == counts[0][0])
+                hits[mine[who].annotator].append(key == counts[0][0])
     per_annotator = {who: sum(h) / len(h) for who, h in sorted(hits.items())}
     mean = sum(per_task.values()) / len(per_task) if per_task else None
     return Agreement(per_task=per_task, per_annotator=per_annotator, mean=mean)

@@ -1,0 +1,317 @@
+"""`flywheel webhook`: the receiver Label Studio posts annotation events to.
+
+It checks the shared secret header in constant time, records every authenticated delivery in the catalog
+(`webhook_events`), applies it through the same ledger as `flywheel sync` (so duplicate, late or
+out-of-order deliveries change nothing twice), and emits a Prefect event
+(`flywheel.annotation.created|updated|deleted`) for each change it applied, which deployments can trigger
+on. Label Studio does not retry a failed delivery: polling `flywheel sync` stays the fallback. Like the
+CLI, this is an entry point: the only library module that talks to Prefect, and only to emit events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from flywheel.catalog import Annotation, Catalog, Label, WebhookEvent
+from flywheel.config import Settings
+from flywheel.errors import ConfigError
+from flywheel.labelstudio import ledger
+from flywheel.labelstudio.project import META_PROJECT_ID, SECRET_HEADER
+
+log = logging.getLogger(__name__)
+
+ACTIONS = {
+    "ANNOTATION_CREATED": "created",
+    "ANNOTATIONS_CREATED": "created",
+    "ANNOTATION_UPDATED": "updated",
+    "ANNOTATIONS_DELETED": "deleted",
+}
+MAX_BODY = 10 * 1024 * 1024  # bytes; a bulk action on thousands of annotations stays far below
+USERS_REFRESH_S = 30.0  # at most one user listing per this many seconds when an unknown user id shows up
+
+
+def require_secret(settings: Settings) -> str:
+    secret = settings.webhook.secret.get_secret_value()
+    if not secret:
+        raise ConfigError(
+            "the webhook receiver needs a shared secret: set webhook.secret (FLYWHEEL_WEBHOOK__SECRET) to a "
+            "long random string; set-up registers it on the Label Studio project"
+        )
+    return secret
+
+
+@dataclass(frozen=True)
+class Change:
+    """One applied change, as the Prefect event tells it."""
+
+    action: str  # created | updated | deleted
+    annotation_id: int
+    task_id: int | None
+    sample_id: int | None
+    label: str | None  # the sample's label after the change (None: none)
+    version: str  # what makes this change unique (Label Studio's updated_at, or "deleted")
+
+
+@dataclass
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    changes: list[Change] = field(default_factory=list)
+    event_row: int | None = None
+
+
+class Receiver:
+    """The receiver's work, without HTTP: authenticate, record, apply. One writer at a time per process."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, users: Callable[[], dict[int, str]] | None = None):
+        self.settings, self.catalog = settings, catalog
+        self._secret = require_secret(settings).encode()
+        self._users_source = users
+        self._users: dict[int, str] = {}
+        self._users_at = float("-inf")
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    def authorized(self, given: str | None) -> bool:
+        ok = given is not None and hmac.compare_digest(given.encode(), self._secret)
+        if not ok:
+            self.refused += 1
+        return ok
+
+    def _user_names(self, ids: Sequence[int]) -> dict[int, str]:
+        """Label Studio user id -> email, listed again (rate-limited) when an id is new."""
+        unknown = any(i not in self._users for i in ids)
+        if self._users_source is not None and unknown and time.monotonic() - self._users_at > USERS_REFRESH_S:
+            self._users_at = time.monotonic()
+            try:
+                self._users = self._users_source()
+            except Exception as exc:  # noqa: BLE001 - names are cosmetic; votes count by user id
+                log.warning("cannot list Label Studio users (%s); annotators recorded by id", type(exc).__name__)
+        return self._users
+
+    def handle(self, body: bytes) -> Outcome:
+        try:
+            payload = json.loads(body)
+            action = str(payload.get("action", ""))
+        except (ValueError, AttributeError):
+            return Outcome(400, {"error": "the body is not a JSON object"})
+        project = (payload.get("project") or {}).get("id")
+        annotations = [payload["annotation"]] if "annotation" in payload else list(payload.get("annotations") or [])
+        if action not in ACTIONS:
+            return self._record(payload, action, project, [], f"ignored: action {action!r}", body)
+        expected = self.catalog.get_meta(META_PROJECT_ID)
+        if expected is None or str(project) != expected:
+            return self._record(payload, action, project, [], f"ignored: project {project} is not {expected}", body)
+        try:
+            if ACTIONS[action] == "deleted":
+                observations = [ledger.deletion(int(a["id"])) for a in annotations]
+            else:
+                users = self._user_names([int(a["completed_by"]) for a in annotations if a.get("completed_by")])
+                observations = [ledger.observe(a, payload.get("task"), users) for a in annotations]
+        except (KeyError, TypeError, ValueError) as exc:
+            return Outcome(400, {"error": f"malformed {action} payload: {type(exc).__name__}: {exc}"})
+        return self._record(payload, action, project, observations, None, body)
+
+    def _record(
+        self,
+        payload: dict[str, Any],
+        action: str,
+        project: int | None,
+        observations: list[ledger.Observation],
+        ignored: str | None,
+        body: bytes,
+    ) -> Outcome:
+        classes = self.catalog.classes()
+        mode = self.settings.label_studio.label_mode
+        kept = {k: payload[k] for k in ("action", "annotation", "annotations", "task") if k in payload}
+
+        def work(session: Session) -> Outcome:
+            applied = ledger.apply(session, observations, classes=classes, mode=mode) if observations else None
+            outcomes = applied.outcomes if applied else [ignored or "ignored: no annotations"]
+            row = WebhookEvent(
+                action=action[:64],
+                ls_project_id=project if isinstance(project, int) else None,
+                ls_annotation_ids=json.dumps([o.annotation_id for o in observations]),
+                body_sha256=hashlib.sha256(body).hexdigest(),
+                payload=json.dumps(kept),
+                outcome="; ".join(outcomes),
+            )
+            session.add(row)
+            session.flush()
+            changes = self._changes(session, action, observations, outcomes, applied) if applied else []
+            summary = {"outcomes": outcomes, "problems": applied.problems if applied else []}
+            return Outcome(200, summary, changes, row.id)
+
+        with self._lock:
+            outcome = ledger.with_retries(self.catalog, work)
+        for problem in outcome.body["problems"]:
+            log.warning("webhook %s: %s", action, problem)
+        return outcome
+
+    def _changes(
+        self,
+        session: Session,
+        action: str,
+        observations: list[ledger.Observation],
+        outcomes: list[str],
+        applied: ledger.Applied,
+    ) -> list[Change]:
+        done = [o for o, status in zip(observations, outcomes, strict=True) if status == ledger.APPLIED]
+        if not done:
+            return []
+        rows = {
+            r.ls_annotation_id: r
+            for r in session.scalars(
+                select(Annotation).where(Annotation.ls_annotation_id.in_([o.annotation_id for o in done]))
+            )
+        }
+        labels = {sample: label for sample, label, _ in applied.changes}
+        current = dict(self.catalog_labels(session, {r.sample_id for r in rows.values() if r.sample_id is not None}))
+        out = []
+        for obs in done:
+            row = rows[obs.annotation_id]
+            out.append(
+                Change(
+                    action=ACTIONS[action],
+                    annotation_id=obs.annotation_id,
+                    task_id=row.ls_task_id,
+                    sample_id=row.sample_id,
+                    label=labels.get(row.sample_id, current.get(row.sample_id)) if row.sample_id is not None else None,
+                    version="deleted" if obs.deleted else obs.updated_at.isoformat(),
+                )
+            )
+        return out
+
+    @staticmethod
+    def catalog_labels(session: Session, sample_ids: set[int]) -> list[tuple[int, str]]:
+        query = select(Label.sample_id, Label.label).where(Label.sample_id.in_(sample_ids))
+        return list(session.execute(query).tuples())
+
+    def mark_emitted(self, event_row: int) -> None:
+        with self.catalog.transaction() as session:
+            session.get_one(WebhookEvent, event_row).emitted = True
+
+
+class PrefectEmitter:
+    """Sends flywheel.annotation.* events to the Prefect server in the settings over one kept connection.
+
+    Event ids are derived from the change, so a change Prefect already has is not counted twice there.
+    """
+
+    def __init__(self, settings: Settings):
+        self.api_url, self.project = settings.prefect.api_url, settings.project
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    def event(self, change: Change) -> Any:
+        from prefect.events import Event
+
+        return Event(
+            event=f"flywheel.annotation.{change.action}",
+            resource={"prefect.resource.id": f"flywheel.project.{self.project}"},
+            payload={
+                "action": change.action,
+                "annotation_id": change.annotation_id,
+                "task_id": change.task_id,
+                "sample_id": change.sample_id,
+                "label": change.label,
+            },
+            id=uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel/{self.project}/{change.annotation_id}/{change.version}"),
+        )
+
+    async def emit(self, changes: Sequence[Change]) -> bool:
+        """True when every event went out; on failure the receiver logs it and polling carries on."""
+        from prefect.events.clients import PrefectEventsClient
+
+        async with self._lock:
+            try:
+                if self._client is None:
+                    client = PrefectEventsClient(api_url=self.api_url)
+                    await client.__aenter__()
+                    self._client = client
+                for change in changes:
+                    await self._client.emit(self.event(change))
+                return True
+            except Exception as exc:  # noqa: BLE001 - the catalog already holds the change
+                log.warning("could not emit %d Prefect events to %s: %s", len(changes), self.api_url, exc)
+                await self.close()
+                return False
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.__aexit__(None, None, None)
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                log.debug("closing the Prefect events connection failed", exc_info=True)
+
+
+def create_app(settings: Settings, catalog: Catalog, *, users: Callable[[], dict[int, str]] | None = None) -> FastAPI:
+    """The FastAPI app: POST /webhook (Label Studio), GET /health."""
+    receiver = Receiver(settings, catalog, users)
+    emitter = PrefectEmitter(settings) if settings.webhook.emit_events else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if emitter is not None:
+            await emitter.close()
+
+    app = FastAPI(title="flywheel webhook receiver", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.receiver = receiver
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "refused": receiver.refused}
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> JSONResponse:
+        if not receiver.authorized(request.headers.get(SECRET_HEADER)):
+            log.warning("refused a webhook delivery from %s: missing or wrong secret", request.client)
+            return JSONResponse({"error": f"missing or wrong {SECRET_HEADER} header"}, status_code=401)
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
+        outcome = await run_in_threadpool(receiver.handle, await request.body())
+        if outcome.changes and emitter is not None and await emitter.emit(outcome.changes):
+            await run_in_threadpool(receiver.mark_emitted, outcome.event_row)
+            outcome.body["emitted"] = len(outcome.changes)
+        return JSONResponse(outcome.body, status_code=outcome.status)
+
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the receiver with uvicorn on webhook.host:webhook.port, after registering it on the project."""
+    import uvicorn
+
+    from flywheel.labelstudio import connect, ensure_webhook
+    from flywheel.labelstudio.sync import users_by_id
+
+    require_secret(settings)
+    catalog = Catalog(settings.catalog_url)
+    client = connect(settings)
+    project_id = catalog.get_meta(META_PROJECT_ID)
+    if project_id is None:
+        raise ConfigError(
+            f"the catalog ({catalog.url}) has no Label Studio project yet: run `flywheel bootstrap` first"
+        )
+    ensure_webhook(client, settings, int(project_id))
+    app = create_app(settings, catalog, users=lambda: users_by_id(client))
+    uvicorn.run(app, host=settings.webhook.host, port=settings.webhook.port, log_level="warning")
