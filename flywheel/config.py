@@ -175,6 +175,8 @@ class Settings(BaseSettings):
     label_studio: LabelStudioSettings = LabelStudioSettings()
     mlflow: MLflowSettings = MLflowSettings()
     prefect: PrefectSettings = PrefectSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    storage: StorageSettings = StorageSettings()
     finetune: FinetuneSettings = FinetuneSettings()
 
     @classmethod

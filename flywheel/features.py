@@ -3,6 +3,10 @@
 The body is the ImageNet-pretrained backbone until a fine-tuned model is promoted; from then on the
 champion's body. Embeddings are cached per (backbone, body version, image size), so switching body never
 mixes vectors from two feature spaces.
+
+The backbone is the configured one (settings.backbone) unless a promoted fine-tune started from another
+candidate that transferred better (loop.run_finetune) or a model of another backbone was promoted by hand:
+then the project runs on that backbone for as long as the configuration names the same one as then.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flywheel.index import build_index, save_index
 
 IMAGENET = "imagenet"
 BODY_KEY = "body"  # catalog meta: {"backbone": ..., "version": "imagenet" | MLflow model version}
+BACKBONE_KEY = "backbone"  # catalog meta: {"configured": settings.backbone then, "in_use": the champion's}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,21 @@ class SplitFeatures:
     truths: list[str | None]
     folds: np.ndarray  # (N,) int
     vectors: np.ndarray  # (N, D) float32
+
+
+def active_settings(settings: Settings, catalog: Catalog) -> Settings:
+    """`settings` with the backbone the project runs on now (see the module docstring)."""
+    stored = catalog.get_meta(BACKBONE_KEY)
+    if stored:
+        moved = json.loads(stored)
+        if moved["configured"] == settings.backbone and moved["in_use"] != settings.backbone:
+            return settings.model_copy(update={"backbone": moved["in_use"]})
+    return settings
+
+
+def record_backbone(catalog: Catalog, *, configured: str, in_use: str) -> None:
+    """Remember that the champion runs on `in_use` while the configuration says `configured`."""
+    catalog.set_meta(BACKBONE_KEY, json.dumps({"configured": configured, "in_use": in_use}))
 
 
 def body_version(settings: Settings, catalog: Catalog) -> str:

