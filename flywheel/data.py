@@ -1,26 +1,26 @@
-"""Sources of samples: an ImageFolder tree, a CSV/JSONL manifest, or the built-in Fashion-MNIST files.
+"""Sources of samples: an ImageFolder tree, a CSV/JSONL manifest (flywheel.manifest), or the built-in
+Fashion-MNIST files.
 
-Each reader returns plain records (absolute path, claimed label); `import_source` hashes the files and
-writes them into the catalog in one transaction.
+Each reader returns plain records (absolute path, claimed label); `import_source` hashes the files, reads
+each image's header, and writes them into the catalog in one transaction. Files that are empty, not images
+or too large (settings.max_image_pixels) and exact duplicates go to the quarantine instead of the pool.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
-import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
-import httpx
 import numpy as np
 
-from flywheel.catalog import POOL, TEST, Catalog, ImportResult, NewSample
+from flywheel.atomic import file_sha256
+from flywheel.catalog import POOL, TEST, Catalog, ImportResult, NewSample, Quarantined
 from flywheel.config import Settings
-from flywheel.errors import DataError
+from flywheel.errors import BadImageError, DataError
+from flywheel.images import read_header
+from flywheel.locking import locked
+from flywheel.manifest import Record, Roots, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -30,21 +30,17 @@ FASHION_MNIST_CLASSES = (
 BUILTIN_SOURCES = ("fashion-mnist",)
 
 
-@dataclass(frozen=True)
-class Record:
-    path: str  # absolute local path
-    label: str | None
-
-
-def read_image_folder(root: Path) -> tuple[list[Record], list[str]]:
-    """`root/<class>/<image>`: classes are the sub-folder names, sorted."""
+def read_image_folder(root: Path, *, allowed_roots: Sequence[str | Path] = ()) -> tuple[list[Record], list[str]]:
+    """`root/<class>/<image>`: classes are the sub-folder names, sorted. A symlink resolving outside `root`
+    (and `allowed_roots`) is refused, naming it."""
     if not root.is_dir():
         raise DataError(f"data path {root} does not exist or is not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+    roots = Roots.build([root, *allowed_roots])
     records = [
-        Record(str(path.resolve()), cls)
+        Record(str(roots.check_path(path, f"{root}: image")), cls)
         for cls in classes
         for path in sorted((root / cls).rglob("*"))
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
@@ -52,77 +48,6 @@ def read_image_folder(root: Path) -> tuple[list[Record], list[str]]:
     if not records:
         raise DataError(f"{root} has no images with suffixes {', '.join(IMAGE_SUFFIXES)}")
     return records, classes
-
-
-def read_manifest(manifest: Path, cache_dir: Path) -> tuple[list[Record], list[str]]:
-    """CSV (header with `path` or `uri`, optional `label`) or JSONL (same keys), one sample per row.
-
-    Relative paths are resolved against the manifest's folder; http(s) URIs are fetched into `cache_dir`.
-    """
-    if not manifest.is_file():
-        raise DataError(f"manifest {manifest} does not exist")
-    rows = _manifest_rows(manifest)
-    records = []
-    for line, row in rows:
-        where = f"{manifest}:{line}"
-        location = row.get("path") or row.get("uri")
-        if not location:
-            raise DataError(f"{where}: needs a 'path' or 'uri' field, got keys {sorted(row)}")
-        label = row.get("label") or None
-        records.append(Record(_localize(str(location), manifest.parent, cache_dir, where), label))
-    classes = sorted({r.label for r in records if r.label is not None})
-    return records, classes
-
-
-def _manifest_rows(manifest: Path) -> list[tuple[int, dict[str, str]]]:
-    text = manifest.read_text(encoding="utf-8")
-    if manifest.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for line, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{manifest}:{line}:{exc.colno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{manifest}:{line}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line, row))
-        return rows
-    if manifest.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or not {"path", "uri"} & set(reader.fieldnames):
-            raise DataError(f"{manifest}:1: the CSV header needs a 'path' or 'uri' column, got {reader.fieldnames}")
-        return [(line, row) for line, row in enumerate(reader, start=2)]
-    raise DataError(f"manifest {manifest}: unsupported suffix {manifest.suffix!r} (use .csv or .jsonl)")
-
-
-def _localize(location: str, base: Path, cache_dir: Path, where: str) -> str:
-    parsed = urlparse(location)
-    if parsed.scheme in ("http", "https"):
-        target = cache_dir / (hashlib.sha256(location.encode()).hexdigest()[:32] + Path(parsed.path).suffix)
-        if not target.exists():
-            try:
-                response = httpx.get(location, timeout=30, follow_redirects=True)
-                response.raise_for_status()
-            except httpx.HTTPError as exc:
-                raise DataError(f"{where}: cannot fetch {location}: {exc}") from None
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_bytes(response.content)
-            tmp.replace(target)
-        return str(target)
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme == "":
-        path = Path(location) if Path(location).is_absolute() else base / location
-    else:
-        raise DataError(
-            f"{where}: unsupported URI scheme {parsed.scheme!r} in {location} (use a path, file:// or http(s)://)"
-        )
-    if not path.is_file():
-        raise DataError(f"{where}: image {path} does not exist")
-    return str(path.resolve())
 
 
 def materialize_fashion_mnist(
@@ -167,14 +92,6 @@ def _read_idx(source_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def hash_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_records(
     catalog: Catalog,
     settings: Settings,
@@ -185,13 +102,20 @@ def import_records(
     split: str = POOL,
     trust_labels: bool = False,
 ) -> ImportResult:
-    """Hash every file first (any unreadable file aborts before the catalog is touched), then insert."""
-    samples = []
+    """Hash every file and read its header first (a file that cannot be opened at all aborts before the
+    catalog is touched; a bad image is quarantined with its reason), then insert in one transaction."""
+    samples, quarantined = [], []
     for record in records:
         try:
-            samples.append(NewSample(uri=record.path, content_hash=hash_file(record.path), truth=record.label))
+            digest = file_sha256(record.path)
         except OSError as exc:
             raise DataError(f"cannot read {record.path}: {exc.strerror}") from None
+        try:
+            read_header(record.path, max_pixels=settings.max_image_pixels)
+        except BadImageError as exc:
+            quarantined.append(Quarantined(record.path, exc.reason, str(exc), digest))
+            continue
+        samples.append(NewSample(uri=record.path, content_hash=digest, truth=record.label))
     return catalog.add_samples(
         samples,
         source=source,
@@ -199,9 +123,11 @@ def import_records(
         classes=classes,
         trust_labels=trust_labels,
         allowed_classes=settings.classes,
+        quarantined=quarantined,
     )
 
 
+@locked
 def import_source(
     catalog: Catalog,
     settings: Settings,
@@ -212,7 +138,10 @@ def import_source(
     pool_size: int = 5000,
     test_size: int = 10000,
 ) -> dict[str, ImportResult]:
-    """Import an ImageFolder tree, a manifest file or a built-in source; returns results per split."""
+    """Import an ImageFolder tree, a manifest file or a built-in source; returns results per split.
+
+    Entries of a manifest must lie in its folder, the workspace or settings.allowed_roots (see manifest.py).
+    """
     if source == "fashion-mnist":
         pool_root, test_root = materialize_fashion_mnist(
             settings.sources_dir / "fashion-mnist",
@@ -226,10 +155,11 @@ def import_source(
             results[name] = import_records(catalog, settings, records, FASHION_MNIST_CLASSES, source=source, split=name)
         return results
     path = Path(source).expanduser()
+    extra_roots = [settings.workspace, *settings.allowed_roots]
     if path.is_dir():
-        records, classes = read_image_folder(path)
+        records, classes = read_image_folder(path, allowed_roots=extra_roots)
     elif path.is_file():
-        records, classes = read_manifest(path, settings.sources_dir / "remote")
+        records, classes = read_manifest(path, settings.sources_dir / "remote", allowed_roots=extra_roots)
     else:
         raise DataError(
             f"data path {path} does not exist (give an ImageFolder tree, a .csv/.jsonl manifest, "

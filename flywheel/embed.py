@@ -6,21 +6,25 @@ new samples — or a new body (backbone, weights version, image size: the store 
 
 from __future__ import annotations
 
-import os
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flywheel.atomic import atomic_path
+from flywheel import faults
+from flywheel.atomic import atomic_path, remove_with_sidecar, verify_checksum
 from flywheel.backbones import BackboneSpec
-from flywheel.errors import DataError, FlywheelError
-from flywheel.images import ImageDataset
+from flywheel.errors import BadImageError, CorruptFileError, DataError, FlywheelError
+from flywheel.images import ImageDataset, load_image
+
+log = logging.getLogger(__name__)
 
 # Images embedded between two saves in embed_samples: bounds the work lost to a crash, while keeping the
 # number of whole-file rewrites (each O(store size)) small.
@@ -105,19 +109,20 @@ def embed_paths(
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """np.save to a temp file in the same directory, fsync, then os.replace: readers never see half a file."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    """np.save to a temp file, then os.replace, with a sha256 sidecar: readers never see half a file, and a
+    file damaged later is recognised (atomic.py)."""
+    with atomic_path(path, checksum=True) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class EmbeddingStore:
     """Embeddings on disk per (backbone, weights version, image size), keyed by sample id; incremental and atomic.
 
-    Files: root/key/ids.npy (N,) int64 and root/key/vectors.npy (N, D) float32, each replaced atomically.
-    `add` writes vectors before ids and only ever appends rows, so a crash between the two replaces leaves
-    extra trailing vectors, which loading drops. One writer per key at a time.
+    Files: root/key/ids.npy (N,) int64 and root/key/vectors.npy (N, D) float32, each replaced atomically
+    with a sha256 sidecar. `add` writes vectors before ids and only ever appends rows, so a crash between
+    the two replaces leaves extra trailing vectors, which loading drops. A file that fails its checksum
+    (or cannot be read) makes the store discard itself: the vectors are recomputed, never trusted. One
+    writer per key at a time.
     """
 
     def __init__(self, root: Path, key: str):
@@ -146,19 +151,32 @@ class EmbeddingStore:
         stamp = self._file_stamp()
         if self._ids is None or stamp != self._stamp:
             ids_path, vec_path = self.dir / "ids.npy", self.dir / "vectors.npy"
-            if ids_path.exists() and vec_path.exists():
-                ids = np.load(ids_path)
-                vectors = np.load(vec_path)
-                if len(vectors) < len(ids):
-                    raise DataError(
-                        f"embedding store {self.dir} is inconsistent: {len(ids)} ids but {len(vectors)} "
-                        "vectors; delete the directory to re-embed"
-                    )
-                vectors = vectors[: len(ids)]  # rows appended by an add whose ids never landed
-            else:
-                ids, vectors = np.empty(0, np.int64), None
+            try:
+                ids, vectors = self._read(ids_path, vec_path)
+            except (CorruptFileError, ValueError, OSError, EOFError) as exc:
+                log.warning(
+                    "embedding store %s is damaged (%s): discarded, its vectors will be recomputed", self.dir, exc
+                )
+                self.discard()
+                ids, vectors, stamp = np.empty(0, np.int64), None, None
             self._ids, self._vectors, self._stamp = ids.astype(np.int64, copy=False), vectors, stamp
         return self._ids, self._vectors  # type: ignore[return-value]
+
+    def _read(self, ids_path: Path, vec_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        if not (ids_path.exists() and vec_path.exists()):
+            return np.empty(0, np.int64), None
+        verify_checksum(ids_path)
+        verify_checksum(vec_path)
+        ids, vectors = np.load(ids_path), np.load(vec_path)
+        if len(vectors) < len(ids):
+            raise CorruptFileError(f"{len(ids)} ids but only {len(vectors)} vectors")
+        return ids, vectors[: len(ids)]  # rows appended by an add whose ids never landed
+
+    def discard(self) -> None:
+        """Delete the stored files (and checksums): everything is embedded again on the next embed_samples."""
+        for name in ("ids.npy", "vectors.npy"):
+            remove_with_sidecar(self.dir / name)
+        self._ids = self._vectors = self._stamp = None
 
     def __len__(self) -> int:
         return len(self._load()[0])
@@ -218,6 +236,7 @@ class EmbeddingStore:
             all_vectors = np.concatenate([old, vectors[~found]])
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.dir / "vectors.npy", all_vectors)  # vectors first: see the class docstring
+        faults.point("embed:after_vectors")
         _atomic_save(self.dir / "ids.npy", all_ids)
         self._ids, self._vectors, self._stamp = all_ids, all_vectors, self._file_stamp()
 
@@ -254,3 +273,35 @@ def embed_samples(
         )
         store.add(chunk, vectors)
     return store.get(ids)
+
+
+def embed_available(
+    store: EmbeddingStore,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    *args: Any,
+    on_bad: Callable[[int, BadImageError], None],
+    **kwargs: Any,
+) -> tuple[np.ndarray, list[int]]:
+    """`embed_samples`, except that images which cannot be decoded are reported to `on_bad(id, error)` and
+    left out, so one bad file does not stop the rest. Returns (vectors, the ids they belong to).
+
+    The happy path costs nothing extra: only when embedding fails are the images not yet embedded decoded
+    one by one to find the culprits (if none is found, the original error propagates).
+    """
+    try:
+        return embed_samples(store, ids, paths, *args, **kwargs), [int(i) for i in ids]
+    except Exception:
+        path_of = dict(zip((int(i) for i in ids), paths, strict=True))
+        broken: dict[int, BadImageError] = {}
+        for i in store.missing(ids):
+            try:
+                load_image(path_of[i])
+            except BadImageError as exc:
+                broken[i] = exc
+        if not broken:
+            raise
+    for i, exc in broken.items():
+        on_bad(i, exc)
+    keep = [k for k, i in enumerate(ids) if int(i) not in broken]
+    return embed_available(store, [ids[k] for k in keep], [paths[k] for k in keep], *args, on_bad=on_bad, **kwargs)

@@ -27,7 +27,7 @@ class ServiceUnavailableError(FlywheelError):
     """A server (Label Studio, MLflow, Prefect) does not answer at its URL."""
 
     def __init__(self, service: str, url: str, detail: str = ""):
-        self.service, self.url = service, url
+        self.service, self.url, self.detail = service, url, detail
         hint = " (start it with `make services` or `flywheel services start`)"
         super().__init__(f"{service} is not reachable at {url}{': ' + detail if detail else ''}{hint}")
 

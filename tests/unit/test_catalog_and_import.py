@@ -66,8 +66,8 @@ def test_csv_and_jsonl_manifests(tree, tmp_path, env):
 @pytest.mark.parametrize(
     ("content", "suffix", "message"),
     [
-        ("path,label\nnowhere.png,cat\n", ".csv", r"m\.csv:2: image .*nowhere\.png does not exist"),
-        ("name,label\nx.png,cat\n", ".csv", r"m\.csv:1: the CSV header needs a 'path' or 'uri' column"),
+        ("path,label\nnowhere.png,cat\n", ".csv", r"m\.csv:2:1: field 'path': image .*nowhere\.png does not exist"),
+        ("name,label\nx.png,cat\n", ".csv", r"m\.csv:1:1: the CSV header needs a 'path' or 'uri' column"),
         ('{"path": "a.png"}\n{not json\n', ".jsonl", r"m\.jsonl:2:2: invalid JSON"),
         ('{"label": "cat"}\n', ".jsonl", r"m\.jsonl:1: needs a 'path' or 'uri' field"),
         ('{"uri": "s3://bucket/a.png"}\n', ".jsonl", r"unsupported URI scheme 's3'"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from flywheel.backbones import BackboneSpec, build_body, get_spec
 from flywheel.embed import (
     EmbeddingStore,
     MissingEmbeddingsError,
+    _atomic_save,
+    embed_available,
     embed_paths,
     embed_samples,
     resolve_device,
@@ -83,7 +87,8 @@ def test_store_round_trip_order_and_missing(tmp_path):
     with pytest.raises(MissingEmbeddingsError, match="2 of 3 ids") as err:
         reopened.get([10, 50, 60])
     assert isinstance(err.value, FlywheelError)
-    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["ids.npy", "vectors.npy"]  # no temp left
+    files = sorted(p.name for p in (tmp_path / "k").iterdir())
+    assert files == ["ids.npy", "ids.npy.sha256", "vectors.npy", "vectors.npy.sha256"]  # no temp left
 
 
 def test_store_add_overwrites_existing_and_appends_new(tmp_path):
@@ -109,12 +114,53 @@ def test_store_recovers_from_a_crash_between_the_two_replaces(tmp_path):
     store = EmbeddingStore(tmp_path, "k")
     store.add([1, 2], np.ones((2, 3), np.float32))
     # simulate: the next add replaced vectors.npy (3 rows) and died before replacing ids.npy
-    np.save(tmp_path / "k" / "vectors.npy", np.arange(9, dtype=np.float32).reshape(3, 3))
+    _atomic_save(tmp_path / "k" / "vectors.npy", np.arange(9, dtype=np.float32).reshape(3, 3))
     reopened = EmbeddingStore(tmp_path, "k")
     assert len(reopened) == 2 and reopened.missing([1, 2, 3]) == [3]
-    np.save(tmp_path / "k" / "vectors.npy", np.zeros((1, 3), np.float32))
-    with pytest.raises(DataError, match="inconsistent"):
-        len(EmbeddingStore(tmp_path, "k"))
+    np.testing.assert_array_equal(reopened.get([1, 2]), [[0, 1, 2], [3, 4, 5]])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "vectors.npy").write_bytes((d / "vectors.npy").read_bytes()[:-1] + b"\1"),  # one byte off
+        lambda d: (d / "ids.npy").write_bytes(b""),  # truncated to nothing
+        lambda d: (d / "vectors.npy.sha256").unlink(),  # no checksum: not trusted
+        lambda d: _atomic_save(d / "vectors.npy", np.zeros((1, 3), np.float32)),  # fewer vectors than ids
+    ],
+    ids=["bit-flip", "truncated", "no-checksum", "fewer-vectors"],
+)
+def test_a_damaged_store_is_discarded_and_rebuilt(tmp_path, images, damage, caplog):
+    body, kw = MeanColour(), {"image_size": 4, "batch_size": 8, "device": CPU, "progress": False}
+    store = EmbeddingStore(tmp_path, "k")
+    first = embed_samples(store, [0, 1, 2], images[:3], body, FAKE, **kw)
+    damage(tmp_path / "k")
+    reopened = EmbeddingStore(tmp_path, "k")
+    assert len(reopened) == 0 and "damaged" in caplog.text  # detected on load, never served
+    again = embed_samples(reopened, [0, 1, 2], images[:3], body, FAKE, **kw)
+    np.testing.assert_allclose(again, first, rtol=1e-5)  # recomputed
+    assert len(EmbeddingStore(tmp_path, "k")) == 3
+
+
+def test_embed_available_quarantines_unreadable_images_and_embeds_the_rest(tmp_path, images):
+    body, kw = MeanColour(), {"image_size": 4, "batch_size": 8, "device": CPU, "progress": False}
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(images[0]).read_bytes()[:-20])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    store = EmbeddingStore(tmp_path, "k")
+    bad: dict[int, str] = {}
+    paths = [images[0], str(truncated), images[1], str(empty), images[2]]
+    vectors, kept = embed_available(
+        store, [0, 1, 2, 3, 4], paths, body, FAKE, on_bad=lambda i, exc: bad.setdefault(i, exc.reason), **kw
+    )
+    assert bad == {1: "truncated or corrupt", 3: "empty file"}
+    assert kept == [0, 2, 4] and vectors.shape == (3, FAKE.embedding_dim)
+    np.testing.assert_allclose(
+        vectors, embed_samples(store, [0, 2, 4], [images[i] for i in range(3)], body, FAKE, **kw)
+    )
+    with pytest.raises(DataError, match="truncated"):  # without on_bad the error still stops the caller
+        embed_samples(EmbeddingStore(tmp_path, "other"), [1], [str(truncated)], body, FAKE, **kw)
 
 
 def test_embed_samples_embeds_only_missing_ids(tmp_path, images):
