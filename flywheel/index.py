@@ -7,13 +7,16 @@ add a kind there (IVF also needs `index.train` on a sample before `add_with_ids`
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from flywheel.atomic import atomic_path
+from flywheel.atomic import atomic_path, verify_checksum
 from flywheel.errors import DataError, UnknownChoiceError
+
+log = logging.getLogger(__name__)
 
 # kind -> faiss.index_factory description; all built with inner product on L2-normalised vectors = cosine.
 _FACTORY = {"flat": "Flat"}
@@ -60,18 +63,56 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return scores, ids.astype(np.int64, copy=False)
 
 
+def radius_search(index: faiss.Index, queries: np.ndarray, min_cosine: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every stored vector with cosine >= min_cosine to each query: per query (ids (m,) int64, scores (m,)),
+    most similar first. Used to find near-duplicates, whose count per query is not known in advance."""
+    q = _normalized(queries, "queries")
+    if q.shape[1] != index.d:
+        raise DataError(f"radius_search: queries are {q.shape[1]}-d, index is {index.d}-d")
+    lims, scores, ids = index.range_search(q, float(min_cosine) - 1e-6)  # faiss keeps scores > radius
+    out = []
+    for i in range(len(q)):
+        found_ids, found = ids[lims[i] : lims[i + 1]].astype(np.int64), scores[lims[i] : lims[i + 1]]
+        order = np.argsort(-found, kind="stable")
+        out.append((found_ids[order], found[order]))
+    return out
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The ids stored in an index built by build_index, (N,) int64."""
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
 def save_index(index: faiss.Index, path: Path | str) -> None:
-    """Write atomically (temp file + os.replace): a reader never loads half an index."""
-    with atomic_path(path) as tmp:
+    """Write atomically (temp file + os.replace) with a sha256 sidecar: a reader never loads half an index,
+    and one damaged later fails `load_index`."""
+    with atomic_path(path, checksum=True) as tmp:
         faiss.write_index(index, tmp)
 
 
 def load_index(path: Path | str) -> faiss.Index:
-    """Read an index written by save_index; DataError names a missing or unreadable file."""
+    """Read an index written by save_index; DataError names a missing or unreadable file, CorruptFileError
+    one whose checksum does not match."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"index file not found: {path}")
+    verify_checksum(path)
     try:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         raise DataError(f"cannot read index {path}: {exc}") from None
+
+
+def load_or_build(path: Path | str, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """The index at `path` if it is intact and holds exactly `ids`; else rebuilt from the vectors and saved
+    (a missing, stale, damaged or unreadable file is never used)."""
+    try:
+        index = load_index(path)
+        if index.d == vectors.shape[1] and np.array_equal(np.sort(index_ids(index)), np.sort(np.asarray(ids))):
+            return index
+        log.info("index %s is out of date; rebuilding", path)
+    except DataError as exc:  # CorruptFileError included
+        log.warning("index %s cannot be used (%s); rebuilding", path, exc)
+    index = build_index(vectors, ids)
+    save_index(index, path)
+    return index

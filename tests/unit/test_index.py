@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel.errors import DataError, UnknownChoiceError
-from flywheel.index import build_index, load_index, save_index, search
+from flywheel.errors import CorruptFileError, DataError, UnknownChoiceError
+from flywheel.index import build_index, index_ids, load_index, load_or_build, radius_search, save_index, search
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_save_load_round_trip(tmp_path, data):
     vectors, ids = data
     path = tmp_path / "sub" / "pool.faiss"
     save_index(build_index(vectors, ids), path)
-    assert [p.name for p in path.parent.iterdir()] == ["pool.faiss"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pool.faiss", "pool.faiss.sha256"]
     _, found = search(load_index(path), vectors[:3], k=1)
     np.testing.assert_array_equal(found[:, 0], ids[:3])
 
@@ -61,3 +61,37 @@ def test_errors_name_the_problem(tmp_path, data):
         build_index(vectors, ids, kind="hnsw")
     with pytest.raises(DataError, match="duplicates"):
         build_index(vectors[:2], np.array([1, 1]))
+
+
+def test_radius_search_finds_every_neighbour_above_the_cosine(data):
+    vectors, ids = data
+    twins = np.vstack([vectors, vectors[3] * 2 + 1e-4, vectors[7]])  # a near copy of row 3, a copy of row 7
+    index = build_index(twins, np.concatenate([ids, [5001, 5002]]))
+    found = radius_search(index, vectors[[3, 7, 9]], 0.999)
+    assert sorted(found[0][0].tolist()) == sorted([ids[3], 5001])
+    assert sorted(found[1][0].tolist()) == sorted([ids[7], 5002])
+    assert found[2][0].tolist() == [ids[9]]  # random 16-d vectors are far apart
+    assert (found[0][1] >= 0.999).all() and (np.diff(found[0][1]) <= 0).all()
+
+
+def test_a_damaged_index_is_refused_on_load_and_rebuilt(tmp_path, data, caplog):
+    vectors, ids = data
+    path = tmp_path / "pool.faiss"
+    save_index(build_index(vectors, ids), path)
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CorruptFileError, match=r"pool\.faiss is corrupt"):
+        load_index(path)
+    index = load_or_build(path, vectors, ids)
+    assert "cannot be used" in caplog.text
+    np.testing.assert_array_equal(np.sort(index_ids(index)), np.sort(ids))
+    np.testing.assert_array_equal(search(load_index(path), vectors[:2], k=1)[1][:, 0], ids[:2])  # saved again
+
+
+def test_a_stale_index_is_rebuilt_for_the_current_ids(tmp_path, data):
+    vectors, ids = data
+    path = tmp_path / "pool.faiss"
+    save_index(build_index(vectors[:10], ids[:10]), path)
+    assert len(index_ids(load_or_build(path, vectors, ids))) == 50
+    assert len(index_ids(load_index(path))) == 50
