@@ -20,9 +20,10 @@ from torch import nn
 
 from flywheel import tracking
 from flywheel.backbones import build_body, get_spec
-from flywheel.catalog import Catalog
+from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
-from flywheel.embed import EmbeddingStore, embed_samples, resolve_device
+from flywheel.embed import EmbeddingStore, embed_available, resolve_device
+from flywheel.errors import BadImageError
 from flywheel.index import build_index, save_index
 
 IMAGENET = "imagenet"
@@ -78,23 +79,30 @@ def load_body(settings: Settings, version: str) -> nn.Module:
 def split_features(
     settings: Settings, catalog: Catalog, split: str, body: nn.Module, version: str, *, progress: bool = True
 ) -> SplitFeatures:
-    """Embeddings of every sample of a split, computing only the ones not cached yet."""
+    """Embeddings of every sample of a split, computing only the ones not cached yet; images that cannot be
+    decoded are quarantined and left out."""
     rows = catalog.samples(split)
     spec = get_spec(settings.backbone)
     store = EmbeddingStore(settings.embeddings_dir, EmbeddingStore.key_for(spec, version, settings.image_size))
     ids = np.array([r.id for r in rows], dtype=np.int64)
     paths = [r.uri for r in rows]
-    vectors = embed_samples(
+    bad: dict[int, BadImageError] = {}
+    vectors, _ = embed_available(
         store,
         ids.tolist(),
         paths,
         body,
         spec,
+        on_bad=bad.__setitem__,
         image_size=settings.image_size,
         batch_size=settings.embed_batch_size,
         device=resolve_device(settings.finetune.device),
         progress=progress,
     )
+    if bad:  # undecodable images leave the pool (flywheel.quarantine) instead of stopping the round
+        catalog.quarantine_samples({i: Quarantined(e.path, e.reason, str(e)) for i, e in bad.items()}, stage="embed")
+        rows = [r for r in rows if r.id not in bad]
+        ids, paths = np.array([r.id for r in rows], dtype=np.int64), [r.uri for r in rows]
     return SplitFeatures(
         ids=ids,
         paths=paths,
