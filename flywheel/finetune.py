@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flywheel.atomic import atomic_path
+from flywheel.atomic import atomic_path, verify_checksum
 from flywheel.backbones import Classifier, get_spec
 from flywheel.config import FinetuneSettings
 from flywheel.embed import resolve_device
-from flywheel.errors import DataError
+from flywheel.errors import CorruptFileError, DataError
 from flywheel.images import Augmentation, ImageDataset, choose_augmentation
 from flywheel.policy import DepthDecision, freeze_body, param_groups, set_frozen_eval
 
@@ -258,9 +258,23 @@ def run_key(
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
+    """torch.save to a temp file in the same folder, then os.replace, with a sha256 sidecar: a crash never
+    leaves half a checkpoint, and a damaged one is refused on resume (`_load_checkpoint`)."""
+    with atomic_path(path, checksum=True) as tmp:
         torch.save(obj, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by _save_atomic (tensors and plain data only: weights_only=True); CorruptFileError
+    naming it, and how to start over, when its checksum does not match."""
+    try:
+        verify_checksum(path)
+    except CorruptFileError as exc:
+        raise CorruptFileError(
+            f"fine-tune checkpoint refused: {exc}; delete {path.parent} (or set finetune.resume=false, "
+            "FLYWHEEL_FINETUNE__RESUME=false) to start this fine-tune over"
+        ) from None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -360,7 +374,7 @@ def finetune(
         start = 0
         saved: dict | None = None
         if ckpt is not None and resume and ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            saved = _load_checkpoint(ckpt)
             model.load_state_dict(saved["model"])
             history, best_epoch, lr_by_group = saved["history"], saved["best_epoch"], saved["lr_by_group"]
             best = tuple(saved["best"]) if saved["best"] is not None else None
