@@ -111,8 +111,10 @@ def model_version(client: MlflowClient, settings: Settings, version: str) -> Mod
 def champion_version(client: MlflowClient, settings: Settings) -> str | None:
     try:
         return str(client.get_model_version_by_alias(settings.registered_model_name, CHAMPION).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias yet
+            return None
+        raise  # a server that fails must not read as "no champion" (the guard would then promote anything)
 
 
 def decide_promotion(
