@@ -1,19 +1,114 @@
-"""What every flow shares: settings from parameters, clients built at the edge, report artifacts."""
+"""What every flow shares: settings from parameters, clients built at the edge, report artifacts.
+
+Also the pieces the deployments rely on: validated parameters, retries with backoff on network tasks,
+persisted results under the workspace, a progress artifact while embedding, and the events that connect
+flows (annotations -> sync -> threshold reached -> fine-tune).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import Task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.events import emit_event
+from prefect.filesystems import LocalFileSystem
+from pydantic import AfterValidator
 
+from flywheel.catalog import Round
 from flywheel.config import Settings, load_settings
-from flywheel.loop import FinetuneReport, RoundReport
+from flywheel.errors import ConfigError
+from flywheel.loop import FinetuneReport, RoundReport, SyncOutcome
+
+THRESHOLD_REACHED = "flywheel.labels.threshold-reached"
+SHOWN_SELECTED = 10  # selected samples listed in the round report itself
+ANNOTATION_EVENTS = ("flywheel.annotation.created", "flywheel.annotation.updated", "flywheel.annotation.deleted")
+
+
+def project_resource_id(project: str) -> str:
+    """The resource every flywheel event names (the webhook receiver's annotation events use it too)."""
+    return f"flywheel.project.{project}"
+
+
+def _valid_overrides(value: dict[str, Any]) -> dict[str, Any]:
+    """Build the settings now, so a bad override fails the run before any task starts, naming the setting."""
+    try:
+        load_settings(**value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+Overrides = Annotated[dict[str, Any], AfterValidator(_valid_overrides)]
+"""Settings overrides as a flow parameter (e.g. {"k_per_round": 50}), validated when the run starts."""
 
 
 def settings_from(overrides: dict[str, Any] | None) -> Settings:
     """Flow parameters carry only overrides; everything else comes from env / flywheel.toml."""
     return load_settings(**(overrides or {}))
+
+
+T = TypeVar("T", bound=Task)
+
+
+def with_retries(network_task: T, settings: Settings) -> T:
+    """A network task with the settings' retries, each delay double the last (plus jitter): a server that is
+    restarting gets time to come back, a dead one fails the run after a bounded wait."""
+    retries, first = settings.prefect.task_retries, settings.prefect.retry_delay_s
+    delays = [first * 2**attempt for attempt in range(retries)]
+    return network_task.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=0.2)
+
+
+def results_storage(settings: Settings) -> str:
+    """A LocalFileSystem block (one per workspace) persisting task results under settings.results_dir."""
+    name = "flywheel-results-" + hashlib.sha256(str(settings.workspace).encode()).hexdigest()[:12]
+    LocalFileSystem(basepath=str(settings.results_dir)).save(name, overwrite=True)
+    return f"local-file-system/{name}"
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact, updated at most every `every_s` seconds (and at 100%)."""
+
+    def __init__(self, settings: Settings, kind: str, description: str, every_s: float = 2.0):
+        self.id = create_progress_artifact(0.0, key=artifact_key(settings, kind), description=description)
+        self.every_s, self._last = every_s, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - self._last >= self.every_s:
+            update_progress_artifact(self.id, 100.0 * done / max(total, 1))
+            self._last = now
+
+    def finish(self) -> None:
+        update_progress_artifact(self.id, 100.0)
+
+
+def emit_threshold_reached(settings: Settings, outcome: SyncOutcome) -> None:
+    """Tell whoever listens (the `finetune` deployment's trigger) that the policy wants a fine-tune."""
+    ft = settings.finetune
+    emit_event(
+        THRESHOLD_REACHED,
+        resource={
+            "prefect.resource.id": project_resource_id(settings.project),
+            "prefect.resource.name": settings.project,
+        },
+        payload={
+            "n_labels": outcome.n_labels,
+            "labels_at_last_finetune": outcome.labels_at_last_finetune,
+            "new_labels": outcome.n_labels - outcome.labels_at_last_finetune,
+            "min_labels": ft.min_labels,
+            "every_new_labels": ft.every_new_labels,
+        },
+    )
 
 
 def artifact_key(settings: Settings, kind: str) -> str:
@@ -22,12 +117,15 @@ def artifact_key(settings: Settings, kind: str) -> str:
     return f"{safe}-{kind}"
 
 
-def _pct(value: float) -> str:
+def _pct(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
-def publish_round_report(settings: Settings, report: RoundReport) -> None:
-    """The round as a person reads it in the Prefect UI: labels so far, accuracy, what was picked and why."""
+def publish_round_report(settings: Settings, report: RoundReport, history: Sequence[Round] = ()) -> None:
+    """The round as a person reads it in the Prefect UI: labels so far, accuracy, what was picked and why.
+
+    `history` (the catalog's rounds, this one included) adds the accuracy so far, round by round.
+    """
     per_class = " ".join(f"{cls}: {n}" for cls, n in report.labels_per_class.items())
     model = (
         f"model version **{report.model_version}** ([MLflow run]({report.run_url})), "
@@ -43,11 +141,39 @@ def publish_round_report(settings: Settings, report: RoundReport) -> None:
         f"- {model}\n"
         f"- selection: `{report.strategy}`: {report.description}\n"
     )
+    if history:
+        markdown += "\n## Accuracy so far\n\n| round | labels | model version | held-out | test |\n"
+        markdown += "|---|---|---|---|---|\n"
+        markdown += "".join(
+            f"| {r.id} | {r.n_labels} | {r.model_version or '-'} | {_pct(r.holdout_accuracy)} "
+            f"| {_pct(r.test_accuracy)} |\n"
+            for r in history
+        )
+    if report.selected:
+        top = report.selected[:SHOWN_SELECTED]
+        markdown += (
+            f"\n## Selected ({len(top)} best of {len(report.selected)}; all in the round-selection table)\n\n"
+            "| sample | score | predicted | confidence |\n|---|---|---|---|\n"
+        )
+        markdown += "".join(
+            f"| {s['sample_id']} | {s['score']:.4f} | {s['predicted'] or '-'} | {s['confidence']:.2f} |\n" for s in top
+        )
     create_markdown_artifact(markdown, key=artifact_key(settings, "round-report"), description="round report")
     if report.selected:
         create_table_artifact(
             report.selected[:200], key=artifact_key(settings, "round-selection"), description="selected samples"
         )
+
+
+def publish_sync_report(settings: Settings, outcome: SyncOutcome, next_step: str) -> None:
+    """What the sync pulled, the counts the fine-tune policy saw, and what happens next."""
+    ft = settings.finetune
+    markdown = (
+        f"# Sync\n\n- annotations: {outcome.report}\n- labels: **{outcome.n_labels}** "
+        f"({outcome.labels_at_last_finetune} at the last fine-tune; policy: first at {ft.min_labels}, "
+        f"then every {ft.every_new_labels} new)\n- fine-tune: **{next_step}**\n"
+    )
+    create_markdown_artifact(markdown, key=artifact_key(settings, "sync-report"), description="sync report")
 
 
 def publish_finetune_report(settings: Settings, report: FinetuneReport) -> None:

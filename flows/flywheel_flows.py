@@ -3,23 +3,40 @@
 bootstrap: import, embed, index, Label Studio project.   round: train head, score, select, push.
 sync: pull labels, check thresholds, start the fine-tune.  finetune: deeper fine-tune, guarded promotion.
 annotate_sim: the simulated annotator.                     demo: all of it, several rounds, with a summary.
+
+Parameters are validated by pydantic when a run starts (bounds, and `overrides` against the settings), so
+a bad one fails the run before any work. flows/deploy.py turns these flows into deployments.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE
+from pydantic import Field
 
-from flows.common import publish_finetune_report, publish_round_report, settings_from
-from flywheel import annotator, labelstudio, loop, tracking
-from flywheel.catalog import Catalog
+from flows.common import (
+    Overrides,
+    ProgressArtifact,
+    emit_threshold_reached,
+    publish_finetune_report,
+    publish_round_report,
+    publish_sync_report,
+    results_storage,
+    settings_from,
+    with_retries,
+)
+from flywheel import annotator, features, labelstudio, loop, tracking
+from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
 from flywheel.data import import_source
+
+Count = Annotated[int, Field(ge=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
 
 
 def _finite(value: float) -> float | None:
@@ -27,17 +44,37 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
-
-
-@task(**IO_RETRIES)
+# Network tasks: flows call them through with_retries(task, settings) (retries with backoff from settings).
+@task(cache_policy=NO_CACHE)
 def connect_label_studio(settings: Settings):
     return labelstudio.connect(settings)
 
 
-@task(**IO_RETRIES)
+@task(cache_policy=NO_CACHE)
 def connect_mlflow(settings: Settings):
     return tracking.connect(settings)
+
+
+@task(cache_policy=NO_CACHE)
+def split_fingerprint(settings: Settings, split: str) -> str:
+    return features.split_fingerprint(settings, Catalog(settings.catalog_url), split)
+
+
+@task
+def embed_split(settings: Settings, split: str, fingerprint: str) -> dict[str, Any]:
+    """Cached on (split, fingerprint): an unchanged split is not even opened again. Progress in the UI."""
+    progress = ProgressArtifact(settings, f"embedding-{split}", f"embedding the {split} split")
+    embedded = features.embed_split(settings, Catalog(settings.catalog_url), split, on_progress=progress)
+    progress.finish()
+    return {"split": split, "samples": len(embedded.ids), "fingerprint": fingerprint}
+
+
+def embed(settings: Settings, split: str) -> dict[str, Any]:
+    """Embed a split unless its fingerprint was embedded before (the result persists under the workspace)."""
+    cached = embed_split.with_options(
+        cache_policy=INPUTS - "settings", persist_result=True, result_storage=results_storage(settings)
+    )
+    return cached(settings, split, split_fingerprint(settings, split))
 
 
 @task(cache_policy=NO_CACHE)
@@ -48,63 +85,76 @@ def import_data(settings: Settings, source: str, pool_size: int, test_size: int)
 
 @flow(name="bootstrap", log_prints=True)
 def bootstrap_flow(
-    source: str = "fashion-mnist", pool_size: int = 5000, test_size: int = 10000, overrides: dict | None = None
+    source: str = "fashion-mnist", pool_size: Count = 5000, test_size: Count = 10000, overrides: Overrides | None = None
 ) -> dict[str, Any]:
     settings = settings_from(overrides)
-    client = connect_label_studio(settings)
+    client = with_retries(connect_label_studio, settings)(settings)
     imported = import_data(settings, source, pool_size, test_size)
+    for split in (POOL, TEST):
+        embed(settings, split)
     report = task(loop.bootstrap, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), client)
     print(f"imported {imported}; embedded {report.n_pool} pool + {report.n_test} test samples")
     return {"imported": imported, **asdict(report)}
 
 
 @flow(name="round", log_prints=True)
-def round_flow(select: bool = True, overrides: dict | None = None) -> loop.RoundReport:
+def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.RoundReport:
     settings = settings_from(overrides)
-    ls_client = connect_label_studio(settings) if select else None
-    mlflow_client = connect_mlflow(settings)
-    report = task(loop.run_round, cache_policy=NO_CACHE)(
-        settings, Catalog(settings.catalog_url), ls_client, mlflow_client, select=select
-    )
-    publish_round_report(settings, report)
+    ls_client = with_retries(connect_label_studio, settings)(settings) if select else None
+    mlflow_client = with_retries(connect_mlflow, settings)(settings)
+    embed(settings, POOL)  # samples imported since the last round
+    catalog = Catalog(settings.catalog_url)
+    report = task(loop.run_round, cache_policy=NO_CACHE)(settings, catalog, ls_client, mlflow_client, select=select)
+    publish_round_report(settings, report, catalog.rounds())
     print(f"round {report.round_id}: {report.n_labels} labels, test accuracy {report.test_accuracy:.3f}")
     return report
 
 
 @flow(name="finetune", log_prints=True)
-def finetune_flow(overrides: dict | None = None) -> loop.FinetuneReport:
+def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport:
     settings = settings_from(overrides)
-    mlflow_client = connect_mlflow(settings)
+    mlflow_client = with_retries(connect_mlflow, settings)(settings)
     report = task(loop.run_finetune, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), mlflow_client)
     publish_finetune_report(settings, report)
     print(f"fine-tune {report.depth}: version {report.model_version}, promoted={report.promoted}")
     return report
 
 
-@task(**IO_RETRIES)
+@task(cache_policy=NO_CACHE)
 def pull_annotations(settings: Settings, client) -> loop.SyncOutcome:
     return loop.run_sync(settings, Catalog(settings.catalog_url), client)
 
 
 @flow(name="sync", log_prints=True)
-def sync_flow(finetune_when_due: bool = True, overrides: dict | None = None) -> dict[str, Any]:
+def sync_flow(finetune_when_due: bool = True, overrides: Overrides | None = None) -> dict[str, Any]:
+    """Pull annotations; when the policy wants a fine-tune, run it here (finetune_when_due) or emit
+    flywheel.labels.threshold-reached for the `finetune` deployment's trigger."""
     settings = settings_from(overrides)
-    outcome = pull_annotations(settings, connect_label_studio(settings))
+    client = with_retries(connect_label_studio, settings)(settings)
+    outcome = with_retries(pull_annotations, settings)(settings, client)
     print(f"sync: {outcome.report}; {outcome.n_labels} labels; fine-tune due: {outcome.finetune_due}")
     finetuned = None
+    if not outcome.finetune_due:
+        next_step = "not due"
+    elif finetune_when_due:
+        next_step = "running now, in this flow"
+    else:
+        next_step = "requested: event flywheel.labels.threshold-reached emitted"
+        emit_threshold_reached(settings, outcome)
+    publish_sync_report(settings, outcome, next_step)
     if outcome.finetune_due and finetune_when_due:
         finetuned = finetune_flow(overrides=overrides)
     return {"sync": asdict(outcome.report), "n_labels": outcome.n_labels, "finetune": finetuned}
 
 
 @flow(name="annotate-sim", log_prints=True)
-def annotate_sim_flow(noise_rate: float = 0.0, limit: int | None = None, overrides: dict | None = None) -> int:
+def annotate_sim_flow(noise_rate: Share = 0.0, limit: Count | None = None, overrides: Overrides | None = None) -> int:
     settings = settings_from(overrides)
-    client = connect_label_studio(settings)
+    client = with_retries(connect_label_studio, settings)(settings)
     catalog = Catalog(settings.catalog_url)
     project_id = labelstudio.ensure_project(client, settings, catalog, catalog.classes())
     rng = np.random.default_rng([settings.seed, catalog.count_labels()])
-    done = task(annotator.annotate_open_tasks, cache_policy=NO_CACHE)(
+    done = with_retries(task(annotator.annotate_open_tasks, cache_policy=NO_CACHE), settings)(
         client, catalog, project_id, noise_rate=noise_rate, rng=rng, limit=limit
     )
     print(f"simulated annotator answered {done} tasks")
@@ -113,12 +163,12 @@ def annotate_sim_flow(noise_rate: float = 0.0, limit: int | None = None, overrid
 
 @flow(name="demo", log_prints=True)
 def demo_flow(
-    rounds: int = 6,
+    rounds: Count = 6,
     source: str = "fashion-mnist",
-    pool_size: int = 5000,
-    test_size: int = 10000,
-    noise_rate: float = 0.0,
-    overrides: dict | None = None,
+    pool_size: Count = 5000,
+    test_size: Count = 10000,
+    noise_rate: Share = 0.0,
+    overrides: Overrides | None = None,
 ) -> dict[str, Any]:
     """bootstrap, then `rounds` x (round -> simulated annotation -> sync, fine-tune when due), then a final
     round that trains on every label without selecting more."""
@@ -133,7 +183,7 @@ def demo_flow(
         if synced["finetune"] is not None:
             finetunes.append(synced["finetune"])
     history.append(round_flow(select=False, overrides=overrides))
-    champion = tracking.champion_version(connect_mlflow(settings), settings)
+    champion = tracking.champion_version(with_retries(connect_mlflow, settings)(settings), settings)
     return {
         "rounds": [
             {

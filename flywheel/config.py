@@ -87,8 +87,17 @@ class StorageSettings(_Section):
 
 
 class PrefectSettings(_Section):
+    """The Prefect server, and how the deployments (flows/deploy.py) run the flywheel by themselves."""
+
     host: str = LOOPBACK
     port: int = Field(4200, ge=1, le=65535)
+    work_pool: str = Field("flywheel", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="process work pool")
+    round_cron: str = Field("0 * * * *", pattern=r"^\S+( \S+){4}$", description="when the `round` deployment runs")
+    timezone: str = Field("UTC", description="of round_cron")
+    sync_interval_s: int = Field(300, ge=10, description="the `sync` deployment also runs on annotation events")
+    task_retries: int = Field(3, ge=0, description="retries of every network task (Label Studio, MLflow)")
+    retry_delay_s: float = Field(2.0, ge=0, description="first retry delay; doubles each retry")
+    worker_poll_s: float = Field(5.0, gt=0, description="how often the worker asks for runs")
 
     @property
     def api_url(self) -> str:
@@ -257,6 +266,11 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.workspace / "logs"
+
+    @property
+    def results_dir(self) -> Path:
+        """Persisted Prefect task results (the embedding tasks' cache)."""
+        return self.workspace / "prefect-results"
 
 
 SECRET_NAMES = ("password", "token", "secret", "access_key", "secret_key")

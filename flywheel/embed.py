@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # number of whole-file rewrites (each O(store size)) small.
 SAVE_EVERY = 8192
 
+ProgressFn = Callable[[int, int], None]
+"""Called as (images embedded so far, images to embed) after each batch, e.g. to update a Prefect artifact."""
+
 
 class MissingEmbeddingsError(FlywheelError, KeyError):
     """Some requested ids have no vector in the store (embed them first with embed_samples)."""
@@ -76,6 +79,7 @@ def embed_paths(
     device: torch.device,
     num_workers: int = 0,
     progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """Features of each image: (N, D) float32, row i for paths[i]. bf16 autocast on CUDA, fp32 on CPU."""
     out = np.empty((len(paths), spec.embedding_dim), dtype=np.float32)
@@ -105,6 +109,8 @@ def embed_paths(
             row += len(feats)
             if bar is not None:
                 bar.update(task, advance=len(feats))
+            if on_progress is not None:
+                on_progress(row, len(paths))
     return out
 
 
@@ -253,8 +259,12 @@ def embed_samples(
     device: torch.device,
     progress: bool = True,
     num_workers: int = 0,
+    on_progress: ProgressFn | None = None,
 ) -> np.ndarray:
-    """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order."""
+    """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order.
+
+    on_progress counts only the images embedded now, across all chunks.
+    """
     if len(ids) != len(paths):
         raise DataError(f"embed_samples: {len(ids)} ids but {len(paths)} paths")
     path_of = dict(zip((int(i) for i in ids), paths, strict=True))
@@ -270,6 +280,7 @@ def embed_samples(
             device=device,
             num_workers=num_workers,
             progress=progress,
+            on_progress=None if on_progress is None else lambda done, _, at=start: on_progress(at + done, len(todo)),
         )
         store.add(chunk, vectors)
     return store.get(ids)

@@ -11,6 +11,7 @@ then the project runs on that backbone for as long as the configuration names th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from flywheel import tracking
 from flywheel.backbones import build_body, get_spec
 from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
-from flywheel.embed import EmbeddingStore, embed_available, resolve_device
+from flywheel.embed import EmbeddingStore, ProgressFn, embed_available, resolve_device
 from flywheel.errors import BadImageError
 from flywheel.index import build_index, save_index
 
@@ -77,7 +78,14 @@ def load_body(settings: Settings, version: str) -> nn.Module:
 
 
 def split_features(
-    settings: Settings, catalog: Catalog, split: str, body: nn.Module, version: str, *, progress: bool = True
+    settings: Settings,
+    catalog: Catalog,
+    split: str,
+    body: nn.Module,
+    version: str,
+    *,
+    progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> SplitFeatures:
     """Embeddings of every sample of a split, computing only the ones not cached yet; images that cannot be
     decoded are quarantined and left out."""
@@ -98,6 +106,7 @@ def split_features(
         batch_size=settings.embed_batch_size,
         device=resolve_device(settings.finetune.device),
         progress=progress,
+        on_progress=on_progress,
     )
     if bad:  # undecodable images leave the pool (flywheel.quarantine) instead of stopping the round
         catalog.quarantine_samples({i: Quarantined(e.path, e.reason, str(e)) for i, e in bad.items()}, stage="embed")
@@ -110,6 +119,27 @@ def split_features(
         folds=np.array([r.fold for r in rows], dtype=np.int64),
         vectors=vectors,
     )
+
+
+def split_fingerprint(settings: Settings, catalog: Catalog, split: str) -> str:
+    """Everything a split's embeddings depend on, hashed: the store key (backbone, weights, body version, image
+    size) and every sample's (id, uri). Equal fingerprints mean there is nothing new to embed."""
+    settings = active_settings(settings, catalog)
+    key = EmbeddingStore.key_for(get_spec(settings.backbone), body_version(settings, catalog), settings.image_size)
+    digest = hashlib.sha256(key.encode())
+    for row in catalog.samples(split):
+        digest.update(f"\n{row.id}\t{row.uri}".encode())
+    return digest.hexdigest()
+
+
+def embed_split(
+    settings: Settings, catalog: Catalog, split: str, *, on_progress: ProgressFn | None = None
+) -> SplitFeatures:
+    """A split embedded by the body in use now; only samples without a stored vector cost a forward pass."""
+    settings = active_settings(settings, catalog)
+    version = body_version(settings, catalog)
+    body = load_body(settings, version)
+    return split_features(settings, catalog, split, body, version, progress=False, on_progress=on_progress)
 
 
 def index_path(settings: Settings, version: str) -> Path:

@@ -66,6 +66,7 @@ class SyncOutcome:
     report: labelstudio.SyncReport
     n_labels: int
     finetune_due: bool
+    labels_at_last_finetune: int = 0  # 0: none yet; with n_labels, the counts the policy decided on
 
 
 @dataclass(frozen=True)
@@ -338,13 +339,14 @@ def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> Sy
         ls_client, catalog, project_id, mode=ls.label_mode, export_above=ls.export_above
     )
     n_labels = catalog.count_labels()
+    at_last = int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0)
     due = should_finetune(
         n_labels,
-        int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0),
+        at_last,
         min_labels=settings.finetune.min_labels,
         every_new_labels=settings.finetune.every_new_labels,
     )
-    return SyncOutcome(report=sync, n_labels=n_labels, finetune_due=due)
+    return SyncOutcome(report=sync, n_labels=n_labels, finetune_due=due, labels_at_last_finetune=at_last)
 
 
 def run_finetune(

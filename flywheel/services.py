@@ -170,10 +170,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_pid(spec: _Spec, settings: Settings) -> int | None:
-    """The pid recorded by this workspace, if that process still runs this server (guards pid reuse)."""
+def running_pid(pid_file: Path, *markers: str) -> int | None:
+    """The pid in `pid_file` if that process still runs with every marker in its command line (guards pid
+    reuse); None otherwise."""
     try:
-        pid = int(spec.pid_file(settings).read_text().strip())
+        pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
     if not _alive(pid):
@@ -182,11 +183,16 @@ def _read_pid(spec: _Spec, settings: Settings) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return pid  # no /proc: trust the pid file
+    return pid if all(marker in cmdline for marker in markers) else None
+
+
+def _read_pid(spec: _Spec, settings: Settings) -> int | None:
+    """The pid recorded by this workspace, if that process still runs this server."""
     marker = {"label_studio": "label-studio", "mlflow": "mlflow", "prefect": "prefect"}[spec.name]
-    return pid if marker in cmdline and f" {spec.port}" in cmdline else None
+    return running_pid(spec.pid_file(settings), marker, f" {spec.port}")
 
 
-def _log_tail(path: Path, lines: int = 25) -> str:
+def log_tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -222,18 +228,27 @@ def _launch(spec: _Spec, settings: Settings) -> subprocess.Popen[bytes] | None:
         argv = spec.argv
         if spec.name == "label_studio":  # resolved only now, so health() works without Label Studio installed
             argv = [label_studio_executable(settings), *argv[1:]]
-        data, log = spec.data_dir(settings), spec.log_file(settings)
+        data = spec.data_dir(settings)
         data.mkdir(parents=True, exist_ok=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                argv, env=spec.env, cwd=data, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: survives the caller, stopped as a whole
-            )  # fmt: skip
-        spec.pid_file(settings).write_text(f"{proc.pid}\n")
-        return proc
+        return spawn_detached(argv, spec.env, data, spec.log_file(settings), spec.pid_file(settings))
+
+
+def spawn_detached(
+    argv: Sequence[str], env: dict[str, str], cwd: Path, log: Path, pid_file: Path
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, so it outlives the caller; output appended to `log`, pid (= process
+    group) written to `pid_file` for kill_group."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            list(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: survives the caller, stopped as a whole
+        )  # fmt: skip
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc
 
 
 def wait_healthy(
@@ -247,10 +262,10 @@ def wait_healthy(
         if not problem:
             return spec.url
         if proc is not None and proc.poll() is not None:
-            detail = f"the server exited with code {proc.returncode}; {_log_tail(spec.log_file(settings))}"
+            detail = f"the server exited with code {proc.returncode}; {log_tail(spec.log_file(settings))}"
             raise ServiceUnavailableError(name, spec.url, detail)
         if time.monotonic() > deadline:
-            detail = f"not healthy after {timeout:.0f} s ({problem}); {_log_tail(spec.log_file(settings))}"
+            detail = f"not healthy after {timeout:.0f} s ({problem}); {log_tail(spec.log_file(settings))}"
             raise ServiceUnavailableError(name, spec.url, detail)
         time.sleep(0.5)
 
@@ -272,13 +287,15 @@ def stop(settings: Settings, names: Sequence[str] = SERVICES, *, grace: float = 
         with _locked(spec, settings):
             pid = _read_pid(spec, settings)
             if pid is not None:
-                _kill_group(pid, grace)
+                kill_group(pid, grace)
                 stopped.append(name)
             spec.pid_file(settings).unlink(missing_ok=True)
     return stopped
 
 
-def _kill_group(pgid: int, grace: float) -> None:
+def kill_group(pgid: int, grace: float) -> None:
+    """TERM the process group, KILL it if it is still there after `grace` seconds."""
+
     def group_alive() -> bool:
         _alive(pgid)  # reaps the leader if it is our child
         try:

@@ -1,0 +1,303 @@
+"""The flywheel as Prefect deployments on a work pool: it runs by itself, the way Prefect users run production flows.
+
+| deployment          | flow         | starts                                              | concurrency (per project) |
+|---------------------|--------------|-----------------------------------------------------|---------------------------|
+| bootstrap-<project> | bootstrap    | by hand                                             | -                         |
+| round-<project>     | round        | cron `prefect.round_cron` in `prefect.timezone`     | 1; later ones queue       |
+| sync-<project>      | sync         | every `prefect.sync_interval_s` s, and on each      | 1; later ones queue       |
+|                     |              | flywheel.annotation.created/updated/deleted event   |                           |
+| finetune-<project>  | finetune     | flywheel.labels.threshold-reached (emitted by sync) | 1; a second is cancelled  |
+| simulate-<project>  | annotate-sim | by hand: the simulated annotator answers open tasks | -                         |
+
+Deployments are named per project, so their concurrency limits and event triggers (matching the resource
+`flywheel.project.<project>`) are per project. Runs get the deploying settings, secrets left out, as FLYWHEEL_*
+variables in the work pool's `env` job variable; secrets come from the worker's own environment.
+
+    python -m flows.deploy up [--no-worker] [--code-dir DIR]   # work pool, deployments, worker
+    python -m flows.deploy down                                # stop this workspace's worker
+    python -m flows.deploy status
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from prefect import Flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+from prefect.exceptions import ObjectNotFound
+from prefect.runner.storage import LocalStorage
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.workers.process import ProcessWorker
+from pydantic import BaseModel, SecretStr
+from pydantic_core import to_jsonable_python
+
+from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, project_resource_id
+from flows.flywheel_flows import annotate_sim_flow, bootstrap_flow, finetune_flow, round_flow, sync_flow
+from flywheel.config import Settings, load_settings
+from flywheel.errors import ConfigError, FlywheelError
+from flywheel.health import require_healthy
+from flywheel.services import kill_group, log_tail, running_pid, spawn_detached
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = Path(sys.executable).parent / "prefect"
+KINDS = ("bootstrap", "round", "sync", "finetune", "simulate")
+FLOWS: dict[str, Flow] = {
+    "bootstrap": bootstrap_flow,
+    "round": round_flow,
+    "sync": sync_flow,
+    "finetune": finetune_flow,
+    "simulate": annotate_sim_flow,
+}
+QUEUE = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+CANCEL_NEW = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
+@contextmanager
+def prefect_api(settings: Settings) -> Iterator[None]:
+    """Talk to the Prefect server from the settings (checked first, so a down server fails clearly)."""
+    require_healthy("Prefect", settings.prefect.api_url)
+    with temporary_settings({PREFECT_API_URL: settings.prefect.api_url}):
+        yield
+
+
+def deployment_name(kind: str, settings: Settings) -> str:
+    return f"{kind}-{settings.project}"
+
+
+def full_name(kind: str, settings: Settings) -> str:
+    """`<flow>/<deployment>`, as `prefect deployment run` and run_deployment take it."""
+    return f"{FLOWS[kind].name}/{deployment_name(kind, settings)}"
+
+
+def _public(model: BaseModel) -> dict[str, Any]:
+    """A settings model as JSON-able values, every SecretStr left out."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = _public(value)
+        elif not isinstance(value, SecretStr):
+            out[name] = to_jsonable_python(value)
+    return out
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as FLYWHEEL_* variables (sections as JSON), secrets left out: load_settings() in a run
+    started with them gives back these settings."""
+    return {
+        f"FLYWHEEL_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+        for name, value in _public(settings).items()
+    }
+
+
+def _round_schedule(settings: Settings) -> Cron:
+    """The round's cron schedule; a bad cron string or time zone names the setting."""
+    pf = settings.prefect
+    try:
+        ZoneInfo(pf.timezone)
+        return Cron(pf.round_cron, timezone=pf.timezone)
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise ConfigError(f"prefect.round_cron {pf.round_cron!r} in prefect.timezone {pf.timezone!r}: {exc}") from None
+
+
+def build_deployments(settings: Settings, *, code_dir: Path = REPO) -> list[RunnerDeployment]:
+    """The five deployments of this project; `code_dir` is where the repository lives for the worker."""
+    pf, project = settings.prefect, settings.project
+    on_project = {"prefect.resource.id": project_resource_id(project)}
+    specific: dict[str, dict[str, Any]] = {
+        "bootstrap": {},
+        "round": {"schedules": [_round_schedule(settings)], "concurrency_limit": QUEUE},
+        "sync": {
+            "interval": pf.sync_interval_s,
+            "parameters": {"finetune_when_due": False},  # the finetune deployment's trigger runs it
+            "triggers": [
+                DeploymentEventTrigger(
+                    name=f"sync {project} on annotations", expect=set(ANNOTATION_EVENTS), match=on_project
+                )
+            ],
+            "concurrency_limit": QUEUE,
+        },
+        "finetune": {
+            "triggers": [
+                DeploymentEventTrigger(
+                    name=f"finetune {project} on threshold", expect={THRESHOLD_REACHED}, match=on_project, threshold=1
+                )
+            ],
+            "concurrency_limit": CANCEL_NEW,
+        },
+        "simulate": {},
+    }
+    deployments = []
+    for kind in KINDS:
+        flow = FLOWS[kind]
+        deployment = flow.to_deployment(
+            name=deployment_name(kind, settings),
+            work_pool_name=pf.work_pool,
+            job_variables={"env": settings_env(settings)},
+            tags=["flywheel", f"project:{project}"],
+            description=f"flywheel {kind} for project {project!r}: {inspect.getdoc(flow.fn) or flow.name}",
+            **specific[kind],
+        )
+        deployment.storage = LocalStorage(path=str(code_dir))  # pull step: set_working_directory(code_dir)
+        deployment.entrypoint = f"{Path(inspect.getfile(flow.fn)).relative_to(REPO)}:{flow.fn.__name__}"
+        deployments.append(deployment)
+    return deployments
+
+
+def ensure_work_pool(settings: Settings) -> None:
+    """Create the process work pool (default job template) unless it exists."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(settings.prefect.work_pool)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(
+                WorkPoolCreate(name=settings.prefect.work_pool, type="process", base_job_template=template)
+            )
+
+
+def apply(settings: Settings, *, code_dir: Path = REPO) -> list[str]:
+    """Create or update the work pool and the deployments; returns their full names."""
+    with prefect_api(settings):
+        ensure_work_pool(settings)
+        for deployment in build_deployments(settings, code_dir=code_dir):
+            deployment.apply(work_pool_name=settings.prefect.work_pool)
+    return [full_name(kind, settings) for kind in KINDS]
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+def _worker_files(settings: Settings) -> tuple[Path, Path]:
+    pool = settings.prefect.work_pool
+    return settings.workspace / "run" / f"worker-{pool}.pid", settings.logs_dir / f"worker-{pool}.log"
+
+
+def worker_name(settings: Settings) -> str:
+    """One name per (host, workspace, pool): a restarted worker takes its predecessor's place."""
+    where = hashlib.sha256(f"{socket.gethostname()}:{settings.workspace}".encode()).hexdigest()[:8]
+    return f"flywheel-{settings.prefect.work_pool}-{where}"
+
+
+def worker_pid(settings: Settings) -> int | None:
+    """The pid of this workspace's worker for the pool, if it runs."""
+    return running_pid(_worker_files(settings)[0], "worker", "--pool", settings.prefect.work_pool)
+
+
+def start_worker(settings: Settings, *, timeout: float = 90) -> int:
+    """Start (or reuse) a process worker for the pool, detached, and wait until the server has seen it."""
+    pid = worker_pid(settings)
+    if pid is not None:
+        return pid
+    pid_file, log = _worker_files(settings)
+    argv = [str(PREFECT), "worker", "start", "--pool", settings.prefect.work_pool, "--type", "process"]
+    argv += ["--name", worker_name(settings)]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": settings.prefect.api_url,
+        "PREFECT_WORKER_QUERY_SECONDS": str(settings.prefect.worker_poll_s),
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": str(max(settings.prefect.worker_poll_s, 5.0)),
+    }
+    proc = spawn_detached(argv, env, REPO, log, pid_file)
+    deadline = time.monotonic() + timeout
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        while True:
+            workers = client.read_workers_for_work_pool(settings.prefect.work_pool)
+            if any(w.name == worker_name(settings) and w.status == "ONLINE" for w in workers):
+                return proc.pid
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"silent for {timeout} s"
+                pool = settings.prefect.work_pool
+                raise FlywheelError(f"the Prefect worker for pool {pool} {state}; {log_tail(log)}")
+            time.sleep(0.5)
+
+
+def stop_worker(settings: Settings) -> bool:
+    """Stop this workspace's worker (and the flow runs it started); False when none was running."""
+    pid = worker_pid(settings)
+    if pid is not None:
+        kill_group(pid, grace=20)
+    _worker_files(settings)[0].unlink(missing_ok=True)
+    return pid is not None
+
+
+def up(settings: Settings, *, worker: bool = True, code_dir: Path = REPO) -> list[str]:
+    names = apply(settings, code_dir=code_dir)
+    if worker:
+        start_worker(settings)
+    return names
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def describe(settings: Settings) -> list[dict[str, str]]:
+    """Each deployment as the server holds it: schedules, triggers, concurrency."""
+    rows = []
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        for kind in KINDS:
+            try:
+                deployment = client.read_deployment_by_name(full_name(kind, settings))
+            except ObjectNotFound:
+                rows.append({"deployment": full_name(kind, settings), "starts": "not deployed", "concurrency": ""})
+                continue
+            starts = [
+                f"cron {s.schedule.cron} {s.schedule.timezone}" if hasattr(s.schedule, "cron") else
+                f"every {s.schedule.interval.total_seconds():g} s"
+                for s in deployment.schedules
+            ]  # fmt: skip
+            automations = client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+            starts += [f"on {', '.join(sorted(a.trigger.expect))}" for a in automations]
+            limit, options = deployment.global_concurrency_limit, deployment.concurrency_options
+            concurrency = f"{limit.limit}, {options.collision_strategy.value.lower()}" if limit and options else "-"
+            rows.append({"deployment": full_name(kind, settings), "starts": "; ".join(starts) or "by hand",
+                         "concurrency": concurrency})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--no-worker", action="store_true", help="up: deployments only (a worker runs elsewhere)")
+    parser.add_argument("--code-dir", type=Path, default=REPO, help="up: where the worker finds this repository")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "down":
+            stopped = stop_worker(settings)
+            print(f"worker for pool {settings.prefect.work_pool}: {'stopped' if stopped else 'was not running'}")
+            return 0
+        if args.command == "up":
+            up(settings, worker=not args.no_worker, code_dir=args.code_dir)
+        for row in describe(settings):
+            print(f"{row['deployment']:34s} {row['starts']:70s} {row['concurrency']}")
+        pid = worker_pid(settings)
+        print(f"worker: {f'pid {pid}' if pid else 'not running'} on pool {settings.prefect.work_pool}, "
+              f"log {_worker_files(settings)[1]}")  # fmt: skip
+        ui = settings.prefect.api_url.removesuffix("/api")
+        print(f"Prefect UI: {ui}/deployments (runs: {ui}/runs, artifacts: {ui}/artifacts)")
+        return 0
+    except FlywheelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
