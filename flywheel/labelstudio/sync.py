@@ -17,6 +17,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from sqlalchemy.orm import Session
 
+from flywheel import faults
 from flywheel.catalog import Catalog
 from flywheel.labelstudio import ledger
 from flywheel.labelstudio.client import filter_query, number_filter, unavailable
@@ -134,7 +135,12 @@ def sync_annotations(
 def _apply(
     catalog: Catalog, observations: Sequence[ledger.Observation], classes: list[str], mode: LabelMode
 ) -> ledger.Applied:
-    return ledger.with_retries(catalog, lambda session: ledger.apply(session, observations, classes=classes, mode=mode))
+    def work(session: Session) -> ledger.Applied:
+        applied = ledger.apply(session, observations, classes=classes, mode=mode)
+        faults.point("sync:before_commit")  # crash test: written inside the transaction, not committed
+        return applied
+
+    return ledger.with_retries(catalog, work)
 
 
 def _add(total: ledger.Applied, part: ledger.Applied) -> None:

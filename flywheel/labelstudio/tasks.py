@@ -11,6 +11,7 @@ from typing import Any
 from label_studio_sdk import LabelStudio
 from sqlalchemy import func, select
 
+from flywheel import faults
 from flywheel.catalog import Catalog, Task
 from flywheel.config import Settings
 from flywheel.errors import FlywheelError, UnknownChoiceError
@@ -67,17 +68,21 @@ def push_tasks(
     """Send samples not yet sent as tasks (with the model's prediction unless `model_version` is None).
 
     Before importing, tasks already in the project whose sample the catalog does not know as sent (a crash
-    between import and record) are recorded instead of imported again. Everything is recorded in one
-    catalog transaction. Returns sample id -> task id for every sample this call recorded (reconciled or
-    imported); samples sent before are left out.
+    between import and record) are recorded instead of imported again (`reconcile_tasks`). What is imported
+    is recorded in one catalog transaction. Returns sample id -> task id for every sample of `tasks` this
+    call recorded (reconciled or imported); samples sent before are left out.
     """
+    wanted = {task.sample_id for task in tasks}
+    reconciled = {
+        s: t for s, t in reconcile_tasks(client, catalog, project_id, round_id=round_id).items() if s in wanted
+    }
     sent = catalog.sent_sample_ids()
     todo: dict[int, TaskToPush] = {}
     for task in tasks:
         if task.sample_id not in sent and task.sample_id not in todo:
             todo[task.sample_id] = task
     if not todo:
-        return {}
+        return reconciled
     if model_version is not None:
         allowed = catalog.classes()
         for task in todo.values():
@@ -85,18 +90,8 @@ def push_tasks(
                 raise UnknownChoiceError("predicted class", task.predicted, allowed)
     payloads = {sid: _task_payload(task, settings, model_version) for sid, task in todo.items()}  # checks paths
 
-    # Reconcile. Every push records what it imported, or the next push finds it here first, so tasks the
-    # catalog lacks have ids above the highest it recorded for the project: list only those (cheap).
-    with catalog.transaction() as session:
-        last = session.scalar(select(func.max(Task.ls_task_id)).where(Task.ls_project_id == project_id))
     recorded: dict[int, int] = {}
-    for task_id, sample_id in sorted(task_sample_ids(client, project_id, after_task_id=last).items()):
-        if sample_id in todo and sample_id not in recorded:  # the oldest task wins if there are several
-            recorded[sample_id] = task_id
-    if recorded:
-        log.warning("recording %d tasks found in Label Studio but not in the catalog", len(recorded))
-
-    to_import = [sid for sid in todo if sid not in recorded]
+    to_import = list(todo)
     ensure_storages_for(client, project_id, (todo[sid].path for sid in to_import), settings)
     for start in range(0, len(to_import), IMPORT_CHUNK):
         chunk = to_import[start : start + IMPORT_CHUNK]
@@ -120,7 +115,9 @@ def push_tasks(
                 f"(task id -> sample id {found}, expected {ends}); the next push reconciles what was created"
             )
         recorded.update(zip(chunk, task_ids, strict=True))
+        faults.point("push:after_import")
 
+    faults.point("push:before_record")
     with catalog.transaction() as session:
         catalog.record_tasks(
             session,
@@ -130,7 +127,34 @@ def push_tasks(
             model_version=model_version,
             scores={sid: float(todo[sid].score) for sid in recorded},
         )
-    return recorded
+    return {**reconciled, **recorded}
+
+
+def reconcile_tasks(client: LabelStudio, catalog: Catalog, project_id: int, *, round_id: int | None) -> dict[int, int]:
+    """Record the project's flywheel tasks that the catalog does not know, so no sample is ever sent twice.
+
+    Such tasks exist when a push died between Label Studio's import and the catalog's commit (a crash, a
+    lost response). Every push records what it imported or finds it here first, so they have ids above the
+    highest task id the catalog holds for the project: only those are listed (cheap). They are recorded for
+    `round_id` (the round being resumed) whether or not that round selects them again. Returns sample id ->
+    task id of what was recorded.
+    """
+    with catalog.transaction() as session:
+        last = session.scalar(select(func.max(Task.ls_task_id)).where(Task.ls_project_id == project_id))
+    sent = catalog.sent_sample_ids()
+    found: dict[int, int] = {}
+    for task_id, sample_id in sorted(task_sample_ids(client, project_id, after_task_id=last).items()):
+        if sample_id not in sent and sample_id not in found:  # the oldest task wins if there are several
+            found[sample_id] = task_id
+    known = set(catalog.truth_of(found))  # a task naming a sample of another catalog is not ours
+    found = {s: t for s, t in found.items() if s in known}
+    if found:
+        log.warning("recording %d tasks found in Label Studio but not in the catalog", len(found))
+        with catalog.transaction() as session:
+            catalog.record_tasks(
+                session, ls_project_id=project_id, task_ids=found, round_id=round_id, model_version=None, scores={}
+            )
+    return found
 
 
 def refresh_predictions(
