@@ -24,6 +24,7 @@ from prefect.events import emit_event
 from prefect.filesystems import LocalFileSystem
 from pydantic import AfterValidator
 
+from flywheel import insight
 from flywheel.catalog import Round
 from flywheel.config import Settings, load_settings
 from flywheel.errors import ConfigError
@@ -141,6 +142,7 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         f"- {model}\n"
         f"- selection: `{report.strategy}`: {report.description}\n"
     )
+    markdown += insight.report_markdown(report)
     if history:
         markdown += "\n## Accuracy so far\n\n| round | labels | model version | held-out | test |\n"
         markdown += "|---|---|---|---|---|\n"

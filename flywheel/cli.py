@@ -375,6 +375,68 @@ def status() -> None:
             _pct(r.test_accuracy),
         )
     console.print(table)
+    from flywheel import forecast, insight, review
+
+    latest = insight.latest_forecast(catalog)
+    lines = forecast.summary_lines(latest[1]) if latest else ["none yet (needs 4 rounds with a model)"]
+    console.print(f"forecast{f' (round {latest[0]})' if latest else ''}:\n  " + "\n  ".join(lines), highlight=False)
+    counts = review.review_counts(catalog)
+    console.print(
+        f"label review: {counts.total} flagged labels sent, {counts.corrected} corrected, "
+        f"{counts.confirmed} confirmed, {counts.open} open"
+    )
+
+
+@app.command()
+@_friendly
+def explain(sample_id: Annotated[int, typer.Argument(help="catalog sample id")]) -> None:
+    """Where a sample's label came from: the round, strategy, model, score and rank that asked for it, who
+    answered and how fast, and its review."""
+    from flywheel.catalog import Catalog
+    from flywheel.errors import DataError
+    from flywheel.provenance import provenance_of
+
+    settings = _settings()
+    catalog = Catalog(settings.catalog_url)
+    record = provenance_of(catalog, [sample_id]).get(sample_id)
+    if record is None:
+        raise DataError(f"sample {sample_id} is not in the catalog {settings.catalog_url}")
+    role = "held out (judges models)" if record.fold < round(100 * settings.holdout_fraction) else "training"
+    seconds = "{:.1f} s".format
+    rows = [
+        ("sample", f"{record.sample_id}: {record.uri}"),
+        ("content hash", record.content_hash),
+        ("split / fold", f"{record.split} / {record.fold}: {role}"),
+        ("label", f"{record.label} ({record.label_origin})" if record.label else "none yet"),
+        ("round", str(record.round_id or "-")),
+        ("strategy", record.strategy or "-"),
+        *((f"  {key}", str(value)) for key, value in record.params.items()),
+        ("scored by model version", record.model_version or "none (cold start)"),
+        ("score / rank", f"{record.score:.4g} / {record.rank} of {record.params.get('k_per_round', '?')}"
+         if record.score is not None and record.rank is not None else "-"),
+        ("selected at", str(record.selected_at or "-")),
+        ("Label Studio task", str(record.ls_task_id or "-")),
+        ("annotators", ", ".join(record.annotators) or "-"),
+        *((f"  annotation {a['annotation_id']}", f"{a['annotator']}: {', '.join(a['choices'])} at {a['created_at']}"
+           + (f", lead time {seconds(a['lead_time_s'])}" if a["lead_time_s"] is not None else ""))
+          for a in record.annotations),
+        ("time to label", seconds(record.time_to_label_s) + " from sending the task to its first annotation"
+         if record.time_to_label_s is not None else "-"),
+        ("lead time", seconds(record.lead_time_s) if record.lead_time_s is not None else "not recorded"),
+    ]  # fmt: skip
+    if record.review:
+        r = record.review
+        rows += [
+            ("review", f"{r['status']}: {r['label_before']} -> {r['label_after'] or '?'} (suggested {r['suggested']})"),
+            *(("  flagged", reason) for reason in r["reasons"]),
+        ]
+    table = Table(title=f"sample {sample_id}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
 
 
 if __name__ == "__main__":

@@ -134,6 +134,60 @@ class FinetuneSettings(_Section):
     device: str = "auto"  # auto: cuda when present, else cpu
 
 
+class ForecastSettings(_Section):
+    """The label-budget forecast each round makes (flywheel.forecast) and its stopping rule."""
+
+    target_accuracy: float = Field(0.9, gt=0, le=1, description="the accuracy the forecast counts labels to")
+    stop_window: int = Field(500, ge=1, description="labels ahead the stopping rule looks")
+    stop_threshold: float = Field(
+        0.003, ge=0, description="stop is recommended when stop_window more labels add less (0.003 = 0.3 points)"
+    )
+    bootstrap: int = Field(200, ge=10, le=10000, description="bootstrap refits behind the forecast's bands")
+
+
+class ReviewSettings(_Section):
+    """The label-quality review each round runs (flywheel.review): flagged labels go to Label Studio."""
+
+    enabled: bool = True
+    min_labels: int = Field(50, ge=10, description="labels before the first review")
+    folds: int = Field(5, ge=2, le=20, description="cross-validation folds for out-of-sample probabilities")
+    max_per_round: int = Field(50, ge=1, description="review tasks one round sends at most")
+
+
+class EmbedSettings(_Section):
+    """How the embedding pipeline (flywheel/embed_pipeline.py) feeds the body; batch size: embed_batch_size."""
+
+    workers: int = Field(-1, ge=-1, description="DataLoader worker processes; -1: auto (by device and cores)")
+    compile: bool = Field(False, description="torch.compile the body: a one-off compile, then faster batches")
+    gpu_decode: bool = Field(True, description="decode JPEGs on the GPU (nvJPEG) when embedding on CUDA")
+    shard_size: int = Field(8192, ge=1, description="images embedded between two saves: what a crash can lose")
+
+
+class IndexSettings(_Section):
+    """Which FAISS index the pool gets (flywheel/vector_index.py): chosen by pool size and memory."""
+
+    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = Field(
+        "auto", description="auto: flat up to flat_max vectors, then ivf, ivfpq beyond memory_budget_gb"
+    )
+    flat_max: int = Field(200_000, ge=1, description="auto: exact search up to this many vectors")
+    memory_budget_gb: float = Field(8.0, gt=0, description="auto: compress (IVF-PQ) when vectors exceed this")
+    nlist: int = Field(0, ge=0, description="IVF lists; 0: 4 * sqrt(N) rounded to a power of two")
+    nprobe: int = Field(32, ge=1, description="IVF lists searched per query (recall vs speed)")
+    hnsw_m: int = Field(32, ge=4, description="HNSW links per vector")
+    ef_search: int = Field(128, ge=1, description="HNSW candidates per query (recall vs speed)")
+    train_size: int = Field(100_000, ge=1000, description="vectors sampled to train IVF/PQ (more when nlist needs)")
+    shard_size: int = Field(1_000_000, ge=1, description="vectors per saved shard (incremental adds fill the last)")
+
+
+class ScaleoutSettings(_Section):
+    """Where distributed flows run their tasks (flywheel/scaleout.py, flows/scale.py): a Dask cluster."""
+
+    address: str = Field("", description="scheduler of an existing Dask cluster (tcp://host:8786); empty: local")
+    n_workers: int = Field(2, ge=1, description="local cluster: worker processes (one per GPU when present)")
+    threads_per_worker: int = Field(1, ge=1, description="local cluster: threads per worker process")
+    shard_size: int = Field(4096, ge=1, description="samples per distributed embedding or scoring task")
+
+
 class Settings(BaseSettings):
     """Every path, URL, port, credential and threshold flywheel uses."""
 
@@ -187,6 +241,8 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = WebhookSettings()
     storage: StorageSettings = StorageSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    forecast: ForecastSettings = ForecastSettings()
+    review: ReviewSettings = ReviewSettings()
 
     @classmethod
     def settings_customise_sources(

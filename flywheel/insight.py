@@ -1,0 +1,178 @@
+"""What a round leaves behind once its model is registered: the training set with its provenance on the model,
+the label-budget forecast, and the label review.
+
+run_round calls `after_training`; each part is its own module (provenance, forecast, review) and this one only
+feeds them the round's arrays and writes their results to MLflow, the catalog and Label Studio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+from label_studio_sdk import LabelStudio
+from mlflow import MlflowClient
+from sqlalchemy import select
+
+from flywheel import forecast, provenance, review
+from flywheel.catalog import Catalog, ForecastRecord
+from flywheel.config import Settings
+from flywheel.crossval import cross_validate
+from flywheel.errors import DataError, FlywheelError
+
+if TYPE_CHECKING:
+    from flywheel.features import SplitFeatures
+    from flywheel.loop import LabelledSplit, RoundReport
+
+FORECAST_ARTIFACT, FORECAST_PLOT = "forecast.json", "forecast.png"
+
+
+def after_training(
+    settings: Settings,
+    catalog: Catalog,
+    ls_client: LabelStudio | None,
+    mlflow_client: MlflowClient,
+    pool: SplitFeatures,
+    split: LabelledSplit,
+    labels: dict[int, str],
+    classes: list[str],
+    report: RoundReport,
+) -> None:
+    """Training set on the registered model, forecast on its run and in the catalog, label review in Label
+    Studio (when a client is given and settings.review.enabled); the outcome goes into `report`."""
+    if report.run_id is None or report.model_version is None:
+        raise FlywheelError(f"round {report.round_id} registered no model: nothing to attach a training set to")
+    provenance.log_training_set(
+        mlflow_client, catalog, run_id=report.run_id, model_name=settings.registered_model_name,
+        version=report.model_version, labels=labels, roles=roles(pool.ids, split.train, split.holdout),
+    )  # fmt: skip
+    report.forecast, report.forecast_note = round_forecast(
+        settings, catalog, round_id=report.round_id, n_labels=report.n_labels, test=report.test_accuracy,
+        holdout=report.holdout_accuracy,
+    )  # fmt: skip
+    if report.forecast is not None:
+        publish_forecast(mlflow_client, catalog, report.run_id, report.round_id, report.forecast, report.forecast_note)
+    if ls_client is not None and settings.review.enabled:
+        labelled = np.flatnonzero(split.targets >= 0)
+        report.reviews_sent, report.review_note = label_review(
+            settings, catalog, ls_client, features=pool.vectors[labelled], sample_ids=pool.ids[labelled],
+            targets=split.targets[labelled], classes=classes, round_id=report.round_id,
+            model_version=report.model_version,
+        )  # fmt: skip
+
+
+def report_markdown(report: RoundReport) -> str:
+    """The round report's forecast and review sections (markdown, each starting with a blank line)."""
+    sections = []
+    if report.forecast is not None:
+        sections.append(forecast.markdown(report.forecast) + f"- {report.forecast_note}\n")
+    elif report.forecast_note:
+        sections.append(f"## Label-budget forecast\n\n- {report.forecast_note}\n")
+    if report.review_note:
+        sections.append(f"## Label review\n\n- {report.review_note}\n")
+    return "".join("\n" + section for section in sections)
+
+
+def roles(
+    sample_ids: np.ndarray, train: np.ndarray, holdout: np.ndarray, validation: np.ndarray | None = None
+) -> dict[int, str]:
+    """sample id -> train | validation | holdout, from positions into `sample_ids`."""
+    out = {int(sample_ids[i]): "train" for i in train}
+    out.update({int(sample_ids[i]): "validation" for i in (validation if validation is not None else [])})
+    out.update({int(sample_ids[i]): "holdout" for i in holdout})
+    return out
+
+
+def learning_points(catalog: Catalog, *, round_id: int, n_labels: int, test: float, holdout: float):
+    """(labels, accuracy) of every round with a model, this one included: test accuracy when every such round
+    has it (the same test split throughout), else held-out accuracy. Returns (labels, accuracy, which)."""
+    rounds = [
+        r
+        for r in catalog.rounds()
+        if r.id != round_id and r.model_version is not None and r.holdout_accuracy is not None
+    ]
+    use_test = not math.isnan(test) and all(r.test_accuracy is not None for r in rounds)
+    labels = [r.n_labels for r in rounds] + [n_labels]
+    accuracy = [r.test_accuracy if use_test else r.holdout_accuracy for r in rounds] + [test if use_test else holdout]
+    keep = [i for i, a in enumerate(accuracy) if a is not None and not math.isnan(a) and labels[i] > 0]
+    return [labels[i] for i in keep], [accuracy[i] for i in keep], "test" if use_test else "held-out"
+
+
+def round_forecast(
+    settings: Settings, catalog: Catalog, *, round_id: int, n_labels: int, test: float, holdout: float
+) -> tuple[forecast.Forecast | None, str]:
+    """The forecast from the rounds so far, or None and why not (too few rounds with a model)."""
+    labels, accuracy, which = learning_points(catalog, round_id=round_id, n_labels=n_labels, test=test, holdout=holdout)
+    fc = settings.forecast
+    try:
+        result = forecast.make_forecast(
+            labels, accuracy, current_labels=n_labels, target=fc.target_accuracy, batch=settings.k_per_round,
+            window=fc.stop_window, stop_threshold=fc.stop_threshold, n_boot=fc.bootstrap,
+            rng=np.random.default_rng([settings.seed, round_id]),
+        )  # fmt: skip
+    except DataError as exc:
+        return None, f"no forecast yet: {exc} ({len(labels)} rounds with a model and {which} accuracy)"
+    return result, f"fitted to the {which} accuracy of {len(labels)} rounds"
+
+
+def publish_forecast(
+    client: MlflowClient, catalog: Catalog, run_id: str, round_id: int, result: forecast.Forecast, note: str
+) -> None:
+    """The plot (curve, band, target), the numbers and the summary on the run; the record in the catalog."""
+    client.log_figure(run_id, forecast.figure(result, f"round {round_id}: {note}"), FORECAST_PLOT)
+    client.log_text(run_id, json.dumps(result.to_dict(), indent=1), FORECAST_ARTIFACT)
+    metrics = {
+        "forecast_next_batch_gain": result.batch_gain,
+        "forecast_plateau": result.fit.a,
+        "forecast_window_gain": result.window_gain,
+    }
+    if result.labels_to_target is not None:
+        metrics["forecast_labels_to_target"] = float(result.labels_to_target)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.set_tag(run_id, "forecast", " | ".join(forecast.summary_lines(result))[:5000])
+    with catalog.transaction() as s:
+        s.merge(ForecastRecord(round_id=round_id, forecast=json.dumps(result.to_dict())))
+
+
+def latest_forecast(catalog: Catalog) -> tuple[int, forecast.Forecast] | None:
+    """(round id, forecast) of the most recent round that made one."""
+    with catalog.transaction() as s:
+        row = s.scalars(select(ForecastRecord).order_by(ForecastRecord.round_id.desc()).limit(1)).first()
+        return None if row is None else (row.round_id, forecast.Forecast.from_dict(json.loads(row.forecast)))
+
+
+def label_review(
+    settings: Settings,
+    catalog: Catalog,
+    ls_client: LabelStudio,
+    *,
+    features: np.ndarray,
+    sample_ids: np.ndarray,
+    targets: np.ndarray,
+    classes: list[str],
+    round_id: int,
+    model_version: str,
+) -> tuple[int, str]:
+    """Cross-validate the head on every label, flag the likely wrong ones and send them for review."""
+    rv = settings.review
+    if len(targets) < rv.min_labels:
+        return 0, f"label review starts at {rv.min_labels} labels ({len(targets)} so far)"
+    cv = cross_validate(
+        features, targets, len(classes), folds=rv.folds, n_sizes=1, l2=settings.head_l2, seed=settings.seed
+    )
+    suspects = review.find_suspects(
+        sample_ids, targets, cv.probs, classes, review.annotator_votes(catalog),
+        exclude=review.reviewed_sample_ids(catalog),
+    )  # fmt: skip
+    sent = review.push_reviews(
+        ls_client, settings, catalog, suspects[: rv.max_per_round], model_version=f"{model_version}-cv",
+        round_id=round_id,
+    )  # fmt: skip
+    counts = review.review_counts(catalog)
+    return sent, (
+        f"{len(suspects)} labels flagged ({sent} sent to review, at most {rv.max_per_round} a round); "
+        f"reviews so far: {counts.corrected} corrected, {counts.confirmed} confirmed, {counts.open} open"
+    )
