@@ -27,7 +27,7 @@ from flywheel import features
 from flywheel.atomic import atomic_path
 from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
-from flywheel.index import load_or_build, radius_search
+from flywheel.index import build_index, load_or_build, radius_search
 
 NEAR_DUPLICATE = "near duplicate"
 REPORT_COLUMNS = ("uri", "reason", "stage", "sample_id", "duplicate_of", "created_at", "detail")
@@ -92,9 +92,10 @@ def drop_near_duplicates(
 ) -> tuple[np.ndarray, list[dict]]:
     """A mask over `positions` (pool rows, best first) of the picks to keep; the others are quarantined as
     near-duplicates and returned as report rows. The pool's FAISS index is loaded (checksum verified) or
-    rebuilt when missing, damaged or stale."""
-    version = features.body_version(settings, catalog)
-    index = load_or_build(features.index_path(settings, version), pool.vectors, pool.ids)
+    rebuilt when missing, damaged or stale (a sharded index directory is not read here: a flat one is built
+    in memory instead)."""
+    path = features.index_path(settings, features.body_version(settings, catalog))
+    index = build_index(pool.vectors, pool.ids) if path.is_dir() else load_or_build(path, pool.vectors, pool.ids)
     picked = [int(pool.ids[p]) for p in positions]
     twins = near_duplicates(index, pool.vectors[positions], picked, known, settings.near_duplicate_cosine)
     if twins:
