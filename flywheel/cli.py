@@ -182,9 +182,6 @@ def promote(
     console.print(f"champion: version {version} of {settings.registered_model_name}; pool embedded by body {body}")
 
 
-@app.command("annotate-sim")
-@_friendly
-def annotate_sim(
 @app.command()
 @_friendly
 def webhook() -> None:
@@ -196,6 +193,9 @@ def webhook() -> None:
     serve(settings)
 
 
+@app.command("annotate-sim")
+@_friendly
+def annotate_sim(
     noise_rate: Annotated[float, typer.Option(help="share of deliberately wrong answers")] = 0.0,
     limit: Annotated[int | None, typer.Option(help="answer at most this many tasks")] = None,
 ) -> None:
@@ -436,7 +436,6 @@ def explain(sample_id: Annotated[int, typer.Argument(help="catalog sample id")])
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
-
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class LabelStudioSettings(_Section):
     instructions: str = Field("", description="shown to annotators above the image and as the project's instructions")
     overlap: int = Field(1, ge=1, le=20, description="annotators per task; above 1, labels are a majority vote")
     export_above: int = Field(
-        2000, ge=0, description="sync reads an export snapshot when more tasks than this are annotated, else pages"
+        2000, ge=0, description="sync reads one export snapshot when the project has more tasks than this, else pages"
     )
 
     @property
@@ -131,6 +131,15 @@ class FinetuneSettings(_Section):
         "whose weights are available offline",
     )
     transferability: Literal["logme", "knn"] = "logme"
+    pick_backbone: bool = Field(
+        True,
+        description="before the first fine-tune, start from the candidate that transfers best when it beats the "
+        "current backbone by backbone_margin; the project moves to it if the fine-tune is promoted",
+    )
+    backbone_margin: float = Field(
+        0.01, ge=0, description="how much higher (LogME evidence per sample, or kNN accuracy) the best must score"
+    )
+    compile: bool = Field(False, description="torch.compile the classifier: a one-off compile, then faster steps")
     device: str = "auto"  # auto: cuda when present, else cpu
 
 
@@ -241,6 +250,9 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = WebhookSettings()
     storage: StorageSettings = StorageSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    embed: EmbedSettings = EmbedSettings()
+    index: IndexSettings = IndexSettings()
+    scaleout: ScaleoutSettings = ScaleoutSettings()
     forecast: ForecastSettings = ForecastSettings()
     review: ReviewSettings = ReviewSettings()
 
@@ -259,8 +271,6 @@ class Settings(BaseSettings):
     @field_validator("workspace")
     @classmethod
     def _absolute_workspace(cls, value: Path) -> Path:
-    webhook: WebhookSettings = WebhookSettings()
-    storage: StorageSettings = StorageSettings()
         return value.expanduser().absolute()
 
     @field_validator("backbone")

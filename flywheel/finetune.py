@@ -118,15 +118,16 @@ def _batches(
 
 
 @torch.inference_mode()
-def _logits(model: Classifier, batches, device: torch.device) -> torch.Tensor:
-    """(N, C) float32 logits on CPU over an iterable of x or (x, y) batches."""
+def _logits(model: Classifier, batches, device: torch.device, forward: Callable | None = None) -> torch.Tensor:
+    """(N, C) float32 logits on CPU over an iterable of x or (x, y) batches; `forward`: model or its compiled form."""
     model.eval()
+    forward = model if forward is None else forward
     out = []
     with _autocast(device):
         for batch in batches:
             x = batch[0] if isinstance(batch, list | tuple) else batch
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            out.append(model(x).float().cpu())
+            out.append(forward(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0, len(model.classes))
 
 
@@ -176,8 +177,9 @@ def _train_epoch(
     device: torch.device,
     *,
     adapt_bn: bool,
+    forward: Callable,
 ) -> float:
-    """One pass over the training set; returns the mean training loss."""
+    """One pass over the training set; returns the mean training loss. `forward`: model or its compiled form."""
     model.train()
     set_frozen_eval(model.body)  # after .train(): frozen groups keep their BatchNorm statistics
     if not adapt_bn:
@@ -188,7 +190,7 @@ def _train_epoch(
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with _autocast(device):
-            loss = loss_fn(model(x).float(), y)
+            loss = loss_fn(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -337,6 +339,8 @@ def finetune(
     with torch.random.fork_rng(devices=[device] if cuda else []):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
         model = copy.deepcopy(classifier).to(device, memory_format=torch.channels_last)
+        # compiled once; freezing changes recompile it a few times (one per unfreeze step), weights are shared
+        forward = torch.compile(model) if settings.compile else model
         gen = torch.Generator().manual_seed(seed)
         n_train = len(train_targets)
         loader = DataLoader(
@@ -441,7 +445,9 @@ def finetune(
                         for p in group["params"]:
                             p.requires_grad_(i < n_trainable)
                 t0 = time.perf_counter()
-                train_loss = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, adapt_bn=adapt_bn)
+                train_loss = _train_epoch(
+                    model, loader, optimizer, scheduler, loss_fn, device, adapt_bn=adapt_bn, forward=forward
+                )
                 entry: dict = {
                     "epoch": e + 1,
                     "phase": phase,
@@ -451,7 +457,7 @@ def finetune(
                     "val_loss": None,
                 }
                 if len(val_targets):
-                    logits = _logits(model, val_cache if val_cache is not None else val_loader, device)
+                    logits = _logits(model, val_cache if val_cache is not None else val_loader, device, forward)
                     entry["val_accuracy"] = float((logits.argmax(1) == val_y).float().mean())
                     entry["val_loss"] = float(nn.functional.cross_entropy(logits, val_y))
                     score = (entry["val_accuracy"], -entry["val_loss"])

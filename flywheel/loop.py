@@ -9,7 +9,7 @@ run_finetune: fine-tune deeper per the policy, register, promote only on a held-
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,19 @@ from label_studio_sdk.client import LabelStudio
 from mlflow import MlflowClient
 from torch import nn
 
-from flywheel import features, labelstudio, tracking, transfer
+from flywheel import (
+    faults,
+    features,
+    health,
+    insight,
+    labelstudio,
+    locking,
+    provenance,
+    quarantine,
+    review,
+    tracking,
+    transfer,
+)
 from flywheel.backbones import Classifier, layer_groups
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
@@ -25,7 +37,9 @@ from flywheel.embed import resolve_device
 from flywheel.errors import DataError
 from flywheel.finetune import evaluate, finetune
 from flywheel.finetune import predict_proba as finetune_predict_proba
+from flywheel.forecast import Forecast
 from flywheel.head import accuracy, predict_proba, train_head
+from flywheel.labelstudio.tasks import reconcile_tasks
 from flywheel.policy import choose_depth, should_finetune
 from flywheel.reports import confusion_figure, confusion_matrix, per_class_counts
 from flywheel.strategies import MODEL_FREE, PoolView, get_strategy
@@ -59,6 +73,13 @@ class RoundReport:
     promoted: bool = False
     promotion_reason: str = ""
     selected: list[dict] = field(default_factory=list)
+    quarantine: dict = field(default_factory=dict)  # quarantine.QuarantineSummary: total, by_reason, report (CSV)
+    near_duplicates: list[dict] = field(default_factory=list)  # picks this round quarantined as near-duplicates
+    run_id: str | None = None
+    forecast: Forecast | None = None  # the label-budget forecast (flywheel.insight), once enough rounds had a model
+    forecast_note: str = ""
+    reviews_sent: int = 0  # labels flagged as likely wrong and sent to Label Studio for review
+    review_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,7 @@ class SyncOutcome:
     n_labels: int
     finetune_due: bool
     labels_at_last_finetune: int = 0  # 0: none yet; with n_labels, the counts the policy decided on
+    reviews: review.ReviewCounts | None = None  # label reviews (flywheel.review) after this sync
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,7 @@ def split_labels(
     return LabelledSplit(train=np.flatnonzero(labelled & ~holdout), holdout=np.flatnonzero(holdout), targets=targets)
 
 
+@locking.locked
 def bootstrap(
     settings: Settings, catalog: Catalog, ls_client: LabelStudio, *, progress: bool = True
 ) -> BootstrapReport:
@@ -138,6 +161,7 @@ def _current_state(settings: Settings, catalog: Catalog, *, progress: bool):
     return classes, version, body, pool, labels, split_labels(pool, labels, classes, settings.holdout_fraction)
 
 
+@locking.locked
 def run_round(
     settings: Settings,
     catalog: Catalog,
@@ -147,7 +171,11 @@ def run_round(
     select: bool = True,
     progress: bool = True,
 ) -> RoundReport:
-    """Train, register and guard the head on the labels so far; then select and push the next batch."""
+    """Train, register and guard the head on the labels so far; then select and push the next batch.
+
+    A round that a crash (or a server going away) left unfinished is resumed by the next call under the same
+    round id: tasks its push left in Label Studio are recorded, and only the rest of its batch is selected.
+    """
     settings = features.active_settings(settings, catalog)
     classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     round_id = catalog.start_round(strategy=settings.strategy, n_labels=len(labels))
@@ -160,11 +188,16 @@ def run_round(
     )
     probs = None
     if len(np.unique(split.targets[split.train])) >= 2:
-        probs = _train_and_register(
-            settings, catalog, mlflow_client, body, version, pool, split, classes, report, progress
-        )
+        with health.unavailable_as("MLflow", settings.mlflow.url):  # a server gone mid-round is named as such
+            probs = _train_and_register(
+                settings, catalog, mlflow_client, body, version, pool, split, classes, report, progress
+            )
+        insight.after_training(settings, catalog, ls_client, mlflow_client, pool, split, labels, classes, report)
     if select:
-        _select_and_push(settings, catalog, ls_client, pool, split, probs, classes, report)
+        with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
+            _select_and_push(settings, catalog, ls_client, pool, split, probs, classes, report)
+    report.quarantine = asdict(quarantine.write_report(settings, catalog))
+    faults.point("round:before_finish")
     catalog.finish_round(
         round_id,
         strategy=report.strategy,
@@ -190,6 +223,7 @@ def _train_and_register(
 ) -> np.ndarray:
     head = _fit_head(settings, pool, split.train, split.targets, len(classes))
     probs = predict_proba(head, pool.vectors)
+    faults.point("round:after_train")
     report.holdout_accuracy = accuracy(probs[split.holdout], split.targets[split.holdout])
     figures, test_metrics = {}, {}
     test = features.split_features(settings, catalog, TEST, body, body_version, progress=progress)
@@ -242,7 +276,8 @@ def _train_and_register(
     )
     decision = tracking.decide_promotion(report.holdout_accuracy, champion_acc, margin=settings.promotion_margin)
     tracking.apply_promotion(mlflow_client, settings, logged.version, decision)
-    report.model_version, report.run_url = logged.version, logged.run_url
+    faults.point("round:after_register")
+    report.model_version, report.run_url, report.run_id = logged.version, logged.run_url, logged.run_id
     report.promoted, report.promotion_reason = decision.promoted, decision.reason
     return probs
 
@@ -274,12 +309,16 @@ def _select_and_push(
     classes: list[str],
     report: RoundReport,
 ) -> None:
+    if ls_client is not None:  # tasks a crashed push left in Label Studio are recorded first: never sent twice
+        project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
+        reconcile_tasks(ls_client, catalog, project_id, round_id=report.round_id)
     sent = catalog.sent_sample_ids()
     candidates = np.array(
         [i for i, sid in enumerate(pool.ids) if split.targets[i] < 0 and int(sid) not in sent], dtype=np.int64
     )
-    n = min(settings.k_per_round, len(candidates))
-    if n == 0:
+    # a resumed round selects only what its first attempt did not send
+    n = min(settings.k_per_round - catalog.round_task_count(report.round_id), len(candidates))
+    if n <= 0:
         report.description = "nothing left to select"
         return
     name = settings.strategy if probs is not None or settings.strategy in MODEL_FREE else "random"
@@ -292,10 +331,13 @@ def _select_and_push(
         embeddings=pool.vectors,
     )
     selection = get_strategy(name)(view, n, rng=np.random.default_rng([settings.seed, report.round_id]))
+    known = {int(pool.ids[i]) for i in labelled} | sent
+    keep, report.near_duplicates = quarantine.drop_near_duplicates(settings, catalog, pool, selection.positions, known)
+    faults.point("round:after_select")
     report.strategy = name
     report.description = selection.description + ("" if probs is not None else " (cold start: no model yet)")
     tasks = []
-    for position, score in zip(selection.positions, selection.scores, strict=True):
+    for position, score in zip(selection.positions[keep], selection.scores[keep], strict=True):
         predicted, confidence = (
             ("", 0.0) if probs is None else (classes[int(probs[position].argmax())], float(probs[position].max()))
         )
@@ -318,7 +360,12 @@ def _select_and_push(
         )
     if ls_client is not None:
         project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
-        labelstudio.push_tasks(
+        if report.promoted and probs is not None and report.model_version is not None:  # new champion
+            predicted = {int(sid): classes[int(row.argmax())] for sid, row in zip(pool.ids, probs, strict=True)}
+            labelstudio.refresh_predictions(
+                ls_client, catalog, project_id, predicted, model_version=report.model_version
+            )
+        pushed = labelstudio.push_tasks(
             ls_client,
             catalog,
             settings,
@@ -327,17 +374,32 @@ def _select_and_push(
             model_version=report.model_version if probs is not None else None,
             round_id=report.round_id,
         )
+        provenance.record_selection(
+            catalog,
+            round_id=report.round_id,
+            strategy=name,
+            params={
+                "description": report.description,
+                "k_per_round": settings.k_per_round,
+                "seed": settings.seed,
+                "rng": [settings.seed, report.round_id],
+                "candidates": len(candidates),
+                "labelled": len(labelled),
+            },
+            model_version=report.model_version if probs is not None else None,
+            picks=[(t.sample_id, t.score) for t in tasks if t.sample_id in pushed],
+        )
 
 
+@locking.locked
 def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> SyncOutcome:
-        if report.promoted and probs is not None and report.model_version is not None:  # new champion
-            predicted = {int(sid): classes[int(row.argmax())] for sid, row in zip(pool.ids, probs, strict=True)}
-            labelstudio.refresh_predictions(ls_client, catalog, project_id, predicted, model_version=report.model_version)
     project_id = labelstudio.ensure_project(ls_client, settings, catalog, _classes(catalog))
     ls = settings.label_studio
+    reviews = review.sync_reviews(ls_client, catalog, project_id)  # verdicts first: this sync then sees them
     sync = labelstudio.sync_annotations(
         ls_client, catalog, project_id, mode=ls.label_mode, export_above=ls.export_above
     )
+    provenance.record_annotations(ls_client, catalog, project_id)
     n_labels = catalog.count_labels()
     at_last = int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0)
     due = should_finetune(
@@ -346,9 +408,12 @@ def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> Sy
         min_labels=settings.finetune.min_labels,
         every_new_labels=settings.finetune.every_new_labels,
     )
-    return SyncOutcome(report=sync, n_labels=n_labels, finetune_due=due, labels_at_last_finetune=at_last)
+    return SyncOutcome(
+        report=sync, n_labels=n_labels, finetune_due=due, labels_at_last_finetune=at_last, reviews=reviews
+    )
 
 
+@locking.locked
 def run_finetune(
     settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, *, progress: bool = True
 ) -> FinetuneReport:
@@ -462,6 +527,7 @@ def run_finetune(
             "stopped_early": result.stopped_early,
             "resumed_from_epoch": result.resumed_from if result.resumed_from is not None else "",
             "device": result.device,
+            "compile": ft.compile,
             "seed": settings.seed,
             **extra_params,
             **{f"lr_{name}": lr for name, lr in result.lr_by_group.items()},
@@ -491,6 +557,10 @@ def run_finetune(
         holdout_acc, champion_acc, margin=settings.promotion_margin, baseline=baseline_acc
     )
     tracking.apply_promotion(mlflow_client, settings, logged.version, decision_promote)
+    provenance.log_training_set(
+        mlflow_client, catalog, run_id=logged.run_id, model_name=settings.registered_model_name,
+        version=logged.version, labels=labels, roles=insight.roles(pool.ids, train, split.holdout, val),
+    )  # fmt: skip
     new_body = result.classifier.body
     test = features.split_features(settings, catalog, TEST, new_body, logged.version, progress=progress)
     test_targets = _targets(test.truths, classes)
@@ -584,6 +654,7 @@ def switch_body(settings: Settings, catalog: Catalog, version: str, body, *, pro
     return True
 
 
+@locking.locked
 def promote(
     settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, version: str, *, progress: bool = True
 ) -> str:

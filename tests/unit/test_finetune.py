@@ -299,3 +299,23 @@ def test_batchnorm_statistics_adapt_at_depth_all_only_when_asked(classifier, str
     )
     unchanged = torch.equal(tuned.classifier.body._bn1.running_mean, classifier.body._bn1.running_mean)
     assert unchanged is not adapt
+
+
+def test_compiled_training_matches_eager(classifier, stripes):
+    """settings.compile runs the same steps through torch.compile. The head epoch (body frozen, so in eval
+    mode) matches eager; body epochs draw dropout masks from the compiler's own RNG, so they only have to
+    learn as well. The weights come back under their own names."""
+    train_p, train_y, val_p, val_y = stripes
+    runs = {}
+    for compile_ in (False, True):
+        settings = SETTINGS.model_copy(update={"epochs": 2, "compile": compile_})
+        runs[compile_] = finetune(
+            classifier, train_p, train_y, val_p, val_y, decision=LAST, settings=settings, seed=7, progress=False
+        )
+    eager, compiled = runs[False], runs[True]
+    assert [h["phase"] for h in compiled.history] == [h["phase"] for h in eager.history] == ["head", "body"]
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-3)
+    assert compiled.history[0]["val_accuracy"] == pytest.approx(eager.history[0]["val_accuracy"])
+    assert compiled.history[-1]["val_accuracy"] >= eager.history[-1]["val_accuracy"] - 0.1
+    a, b = compiled.classifier.state_dict(), eager.classifier.state_dict()
+    assert a.keys() == b.keys()  # the compiled wrapper's "_orig_mod." prefix never leaks into the weights
