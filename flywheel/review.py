@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -87,7 +87,7 @@ def find_suspects(
     classes: Sequence[str],
     votes: Mapping[int, Sequence[tuple[str, str]]],
     *,
-    exclude: set[int] = frozenset(),  # type: ignore[assignment]
+    exclude: Collection[int] = (),
 ) -> list[Suspect]:
     """Both signals merged, one Suspect per sample, confident-learning order first, then disagreements.
 
@@ -95,6 +95,7 @@ def find_suspects(
     Samples in `exclude` (reviewed before) are left out.
     """
     row_of = {int(s): i for i, s in enumerate(sample_ids)}
+    exclude = set(exclude)
     flagged: dict[int, list[str]] = {}
     for i in confident_learning(targets, probs):
         flagged.setdefault(int(sample_ids[i]), []).append(
@@ -280,13 +281,13 @@ def sync_reviews(client: LabelStudio, catalog: Catalog, labelling_project_id: in
     verdicts: dict[int, tuple[str, str]] = {}  # review task id -> (label, reviewer)
     users = users_by_id(client)
     for task in list_tasks(client, project_id, query=asked, fields="all"):
-        annotations = [a for a in (task.annotations or []) if not _get(a, "was_cancelled")]
+        annotations = [a for a in (task.annotations or []) if not a.get("was_cancelled")]  # dicts in a listing
         if int(task.id) not in pending or not annotations:
             continue
-        latest = max(annotations, key=lambda a: int(_get(a, "id")))
-        chosen = result_choices(_get(latest, "result"))
+        latest = max(annotations, key=lambda a: int(a["id"]))
+        chosen = result_choices(latest.get("result"))
         if len(chosen) == 1:
-            who = _get(latest, "completed_by")
+            who = latest.get("completed_by")
             verdicts[int(task.id)] = (chosen[0], users.get(int(who), str(who)) if who is not None else "unknown")
     with catalog.transaction() as s:
         task_of = dict(
@@ -322,8 +323,3 @@ def _write_back(client: LabelStudio, project_id: int, task_id: int, label: str) 
         client.annotations.update(id=int(annotations[0].id), result=choice_result(label))
     else:
         client.annotations.create(id=task_id, result=choice_result(label), project=project_id)
-
-
-def _get(obj: object, key: str) -> object:
-    """Task annotations come back as dicts or SDK objects depending on the listing's fields."""
-    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
