@@ -175,7 +175,7 @@ def refresh_predictions(
     open_tasks = list_tasks(client, project_id, query=OPEN_TASKS, fields="all")
     with catalog.transaction() as session:
         scores = dict(
-            session.execute(select(Task.ls_task_id, Task.score).where(Task.ls_project_id == project_id)).tuples()
+            session.execute(select(Task.ls_task_id, Task.score).where(Task.ls_project_id == project_id)).tuples().all()
         )
     requests: list[dict[str, Any]] = []
     stale: list[int] = []
