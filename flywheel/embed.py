@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from flywheel import faults
 from flywheel.atomic import atomic_path, remove_with_sidecar, verify_checksum
 from flywheel.backbones import BackboneSpec
+from flywheel.embed_pipeline import EmbedOptions, embed_all, embed_stream
 from flywheel.errors import BadImageError, CorruptFileError, DataError, FlywheelError
-from flywheel.images import ImageDataset, load_image
+from flywheel.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +80,30 @@ def embed_paths(
     num_workers: int = 0,
     progress: bool = True,
     on_progress: ProgressFn | None = None,
+    options: EmbedOptions | None = None,
 ) -> np.ndarray:
-    """Features of each image: (N, D) float32, row i for paths[i]. bf16 autocast on CUDA, fp32 on CPU."""
-    out = np.empty((len(paths), spec.embedding_dim), dtype=np.float32)
-    if not len(paths):
-        return out
-    cuda = device.type == "cuda"
-    loader = DataLoader(
-        ImageDataset(paths, spec, image_size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=cuda,
-    )
-    body.eval().to(device, memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    row = 0
-    with _progress(progress) as bar, torch.inference_mode(), autocast:
+    """Features of each image: (N, D) float32, row i for paths[i] (flywheel.embed_pipeline does the work;
+    `options`, e.g. from the settings, replace batch_size and num_workers)."""
+    options = options or EmbedOptions(batch_size=batch_size, workers=num_workers)
+    with _progress(progress) as bar:
         task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(paths)) if bar else None
-        for x in loader:
-            x = x.to(device, non_blocking=cuda, memory_format=torch.channels_last)
-            feats = body(x).float().cpu().numpy()
-            if feats.shape[1] != spec.embedding_dim:
-                raise FlywheelError(
-                    f"{spec.name} body gave {feats.shape[1]}-d features, spec says {spec.embedding_dim}"
-                )
-            out[row : row + len(feats)] = feats
-            row += len(feats)
-            if bar is not None:
-                bar.update(task, advance=len(feats))
-            if on_progress is not None:
-                on_progress(row, len(paths))
-    return out
+        on_batch = _batch_counter(bar, task, on_progress, len(paths))
+        return embed_all(paths, body, spec, image_size=image_size, device=device, options=options, on_batch=on_batch)
+
+
+def _batch_counter(bar: Any, task: Any, on_progress: ProgressFn | None, total: int) -> Callable[[int], None]:
+    """The pipeline's per-batch callback: advance the bar and report (done, total) to on_progress."""
+    done = 0
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if bar is not None:
+            bar.update(task, advance=n)
+        if on_progress is not None:
+            on_progress(done, total)
+
+    return on_batch
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -260,29 +252,25 @@ def embed_samples(
     progress: bool = True,
     num_workers: int = 0,
     on_progress: ProgressFn | None = None,
+    options: EmbedOptions | None = None,
 ) -> np.ndarray:
     """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order.
 
-    on_progress counts only the images embedded now, across all chunks.
+    on_progress counts only the images embedded now. One stream of shards (`options.shard_size` images, each
+    stored as it completes): a crash loses at most one shard, and the rerun embeds only what is missing.
     """
     if len(ids) != len(paths):
         raise DataError(f"embed_samples: {len(ids)} ids but {len(paths)} paths")
     path_of = dict(zip((int(i) for i in ids), paths, strict=True))
     todo = store.missing(ids)
-    for start in range(0, len(todo), SAVE_EVERY):
-        chunk = todo[start : start + SAVE_EVERY]
-        vectors = embed_paths(
-            [path_of[i] for i in chunk],
-            body,
-            spec,
-            image_size=image_size,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            progress=progress,
-            on_progress=None if on_progress is None else lambda done, _, at=start: on_progress(at + done, len(todo)),
-        )
-        store.add(chunk, vectors)
+    options = options or EmbedOptions(batch_size=batch_size, workers=num_workers, shard_size=SAVE_EVERY)
+    with _progress(progress and bool(todo)) as bar:
+        task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(todo)) if bar else None
+        for start, vectors in embed_stream(  # one stream of shards, each saved as it completes
+            [path_of[i] for i in todo], body, spec, image_size=image_size, device=device, options=options,
+            on_batch=_batch_counter(bar, task, on_progress, len(todo)),
+        ):  # fmt: skip
+            store.add(todo[start : start + len(vectors)], vectors)
     return store.get(ids)
 
 

@@ -24,8 +24,9 @@ from flywheel.backbones import build_body, get_spec
 from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
 from flywheel.embed import EmbeddingStore, ProgressFn, embed_available, resolve_device
+from flywheel.embed_pipeline import options_from_settings
 from flywheel.errors import BadImageError
-from flywheel.index import build_index, save_index
+from flywheel.vector_index import sync_vector_index
 
 IMAGENET = "imagenet"
 BODY_KEY = "body"  # catalog meta: {"backbone": ..., "version": "imagenet" | MLflow model version}
@@ -107,6 +108,7 @@ def split_features(
         device=resolve_device(settings.finetune.device),
         progress=progress,
         on_progress=on_progress,
+        options=options_from_settings(settings),
     )
     if bad:  # undecodable images leave the pool (flywheel.quarantine) instead of stopping the round
         catalog.quarantine_samples({i: Quarantined(e.path, e.reason, str(e)) for i, e in bad.items()}, stage="embed")
@@ -143,12 +145,14 @@ def embed_split(
 
 
 def index_path(settings: Settings, version: str) -> Path:
-    return settings.workspace / "index" / f"{settings.backbone}-{version}-{settings.image_size}.faiss"
+    """The pool's index directory (flywheel.vector_index: manifest + shards) for one body."""
+    return settings.workspace / "index" / f"{settings.backbone}-{version}-{settings.image_size}"
 
 
 def rebuild_index(settings: Settings, pool: SplitFeatures, version: str) -> Path:
-    """Build the FAISS index over the pool and switch to it only once it is completely written."""
+    """Bring the pool's FAISS index up to date: new samples are added to the saved index, and it is rebuilt
+    when the kind settings.index plans for the pool's size changes (or samples left); the manifest is
+    replaced last, so readers see the old index until the new one is completely written."""
     path = index_path(settings, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_index(build_index(pool.vectors, pool.ids), path)
+    sync_vector_index(path, pool.vectors, pool.ids, settings.index, seed=settings.seed)
     return path
