@@ -150,9 +150,9 @@ def index_path(settings: Settings, version: str) -> Path:
 
 
 def rebuild_index(settings: Settings, pool: SplitFeatures, version: str) -> Path:
-    """Bring the pool's FAISS index up to date: new samples are added to the saved index, and it is rebuilt
-    when the kind settings.index plans for the pool's size changes (or samples left); the manifest is
-    replaced last, so readers see the old index until the new one is completely written."""
+    """Bring the pool's FAISS index up to date: new samples are added to the saved index (changed shards
+    rewritten, then the manifest), and it is rebuilt when the kind settings.index plans for the pool's size
+    changes or samples left. A new body gets a new directory, so the old index serves until the switch."""
     path = index_path(settings, version)
     sync_vector_index(path, pool.vectors, pool.ids, settings.index, seed=settings.seed)
     return path
