@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -293,7 +293,6 @@ def _derive_labels(
                 LabelChange(sample_id=sample_id, label=decision.label, previous=previous, reason=reason, votes=votes)
             )
             changes.append((sample_id, decision.label, reason))
-        session.flush()  # a label moving between annotation ids must not clash on the unique column
     return changes
 
 
@@ -355,7 +354,15 @@ class Agreement:
 def agreement(catalog: Catalog, *, mode: LabelMode) -> Agreement:
     classes = catalog.classes()
     with catalog.transaction() as session:
-        rows = list(session.scalars(select(Annotation).where(Annotation.state == SUBMITTED)))
+        several = (  # only samples with more than one submitted annotation can show (dis)agreement
+            select(Annotation.sample_id)
+            .where(Annotation.state == SUBMITTED)
+            .group_by(Annotation.sample_id)
+            .having(func.count() > 1)
+        )
+        rows = list(
+            session.scalars(select(Annotation).where(Annotation.state == SUBMITTED, Annotation.sample_id.in_(several)))
+        )
         ballots = _votes(rows)
         per_task: dict[int, float] = {}
         hits: dict[str, list[bool]] = defaultdict(list)
