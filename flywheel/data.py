@@ -152,7 +152,9 @@ def import_source(
         results = {}
         for name, root in ((POOL, pool_root), (TEST, test_root)):
             records, _ = read_image_folder(root)
-            results[name] = import_records(catalog, settings, records, FASHION_MNIST_CLASSES, source=source, split=name)
+            results[name] = import_records(
+                catalog, settings, records, FASHION_MNIST_CLASSES, source=source, split=name, trust_labels=trust_labels
+            )
         return results
     path = Path(source).expanduser()
     extra_roots = [settings.workspace, *settings.allowed_roots]
