@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from flywheel.config import load_settings
 from flywheel.errors import ConfigError, DataError
-from flywheel.labelstudio import config_classes, image_url, label_config
+from flywheel.labelstudio import config_classes, config_mode, image_url, label_config, presign_s3
 
 
 def test_label_config_has_one_choice_per_class_in_order() -> None:
@@ -72,3 +73,63 @@ def test_image_url_relative_path_is_a_data_error(tmp_path: Path) -> None:
     settings = load_settings(workspace=tmp_path)
     with pytest.raises(DataError, match="not an absolute path"):
         image_url("images/x.png", settings)
+
+
+def test_multi_label_config_and_instructions() -> None:
+    config = label_config(["cat", "dog"], mode="multi", instructions='Pick every animal you see, "even" small ones')
+    root = ET.fromstring(config)
+    assert root.find("Choices").get("choice") == "multiple"  # type: ignore[union-attr]
+    assert root.find("Header").get("value") == 'Pick every animal you see, "even" small ones'  # type: ignore[union-attr]
+    assert config_mode(config) == "multi" and config_mode(label_config(["a"])) == "single"
+    assert ET.fromstring(label_config(["a"])).find("Header") is None
+    with pytest.raises(ConfigError, match="label_mode"):
+        label_config(["a"], mode="many")  # type: ignore[arg-type]
+
+
+def test_http_images_pass_through_and_unknown_schemes_are_refused(tmp_path: Path) -> None:
+    settings = load_settings(workspace=tmp_path)
+    assert image_url("https://example.org/a b.png", settings) == "https://example.org/a b.png"
+    assert image_url(f"file://{tmp_path}/x%20y.png", settings).endswith("/x%20y.png")
+    with pytest.raises(DataError, match="'ftp'"):
+        image_url("ftp://host/x.png", settings)
+
+
+# AWS's published example for presigned GET URLs (Signature Version 4, query parameters).
+AWS_EXAMPLE = {
+    "endpoint": "https://s3.amazonaws.com",
+    "addressing": "virtual",
+    "region": "us-east-1",
+    "access_key": "AKIAIOSFODNN7EXAMPLE",
+    "secret_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "presign_expiry_s": 86400,
+}
+
+
+def test_s3_presign_matches_the_aws_example(tmp_path: Path) -> None:
+    settings = load_settings(workspace=tmp_path, storage=AWS_EXAMPLE)
+    url = image_url("s3://examplebucket/test.txt", settings, now=datetime(2013, 5, 24, tzinfo=UTC))
+    assert url.startswith("https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&")
+    assert "X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request" in url
+    assert url.endswith("X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404")
+
+
+def test_s3_presign_path_style_for_an_s3_compatible_server(tmp_path: Path) -> None:
+    storage = {**AWS_EXAMPLE, "endpoint": "http://127.0.0.1:9000", "addressing": "path"}
+    settings = load_settings(workspace=tmp_path, storage=storage)
+    url = presign_s3("s3://bucket/dir/a b.png", settings.storage, now=datetime(2030, 1, 1, tzinfo=UTC))
+    assert url.startswith("http://127.0.0.1:9000/bucket/dir/a%20b.png?") and "X-Amz-Expires=86400" in url
+    assert AWS_EXAMPLE["secret_key"] not in url
+
+
+@pytest.mark.parametrize(
+    ("uri", "storage", "message"),
+    [
+        ("s3://bucket", AWS_EXAMPLE, "needs a bucket and a key"),
+        ("s3://bucket/k.png", {}, "FLYWHEEL_STORAGE__ACCESS_KEY"),
+        ("s3://bucket/k.png", {**AWS_EXAMPLE, "endpoint": "127.0.0.1:9000"}, "storage.endpoint"),
+    ],
+)
+def test_s3_presign_errors_name_the_setting(tmp_path: Path, uri: str, storage: dict, message: str) -> None:
+    settings = load_settings(workspace=tmp_path, storage=storage)
+    with pytest.raises((ConfigError, DataError), match=message):
+        image_url(uri, settings)
