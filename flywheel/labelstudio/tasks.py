@@ -29,9 +29,14 @@ from flywheel.labelstudio.media import ensure_storages_for, image_url
 log = logging.getLogger(__name__)
 
 IMPORT_CHUNK = 1000  # tasks per import request
-# Tasks nobody has touched: no submitted and no skipped annotation (a skip is a person's decision).
+# Tasks nobody has touched: no submitted and no skipped annotation (a skip is a person's decision). Submitted
+# ones are found by their results, not by `total_annotations`: Label Studio 1.23 leaves that counter at 0 for
+# annotations created through the API until a later import recounts the project's tasks.
 OPEN_TASKS = filter_query(
-    [number_filter("total_annotations", "equal", 0), number_filter("cancelled_annotations", "equal", 0)]
+    [
+        {"filter": "filter:tasks:annotations_results", "operator": "empty", "type": "String", "value": True},
+        number_filter("cancelled_annotations", "equal", 0),
+    ]
 )
 
 
@@ -172,11 +177,15 @@ def refresh_predictions(
     already carrying `model_version` are left alone, then older predictions on the refreshed tasks go.
     """
     allowed = set(catalog.classes())
-    open_tasks = list_tasks(client, project_id, query=OPEN_TASKS, fields="all")
+    open_tasks = list_tasks(client, project_id, query=OPEN_TASKS)
     with catalog.transaction() as session:
         scores = dict(
             session.execute(select(Task.ls_task_id, Task.score).where(Task.ls_project_id == project_id)).tuples().all()
         )
+    versions: dict[int, dict[int, str | None]] = {}  # task id -> prediction id -> model version
+    if open_tasks:  # task listings leave out prediction ids
+        for prediction in client.predictions.list(project=project_id):
+            versions.setdefault(int(prediction.task), {})[int(prediction.id)] = prediction.model_version
     requests: list[dict[str, Any]] = []
     stale: list[int] = []
     refreshed: dict[int, int] = {}  # task id -> sample id
@@ -187,9 +196,9 @@ def refresh_predictions(
         label = predicted[sample_id]
         if label not in allowed:
             raise UnknownChoiceError("predicted class", label, sorted(allowed))
-        versions = {int(p["id"]): p.get("model_version") for p in task.predictions or []}
-        stale += [pid for pid, version in versions.items() if version != model_version]
-        if model_version not in versions.values():
+        mine = versions.get(int(task.id), {})
+        stale += [pid for pid, version in mine.items() if version != model_version]
+        if model_version not in mine.values():
             score = scores[int(task.id)] or 0.0
             requests.append({"task": int(task.id), **_prediction(label, score, model_version)})
             refreshed[int(task.id)] = sample_id

@@ -25,12 +25,14 @@ from flywheel.labelstudio import (
     TaskToPush,
     choice_result,
     config_classes,
+    config_mode,
     connect,
     ensure_local_storage,
     ensure_project,
     image_url,
     list_tasks,
     push_tasks,
+    refresh_predictions,
     sync_annotations,
 )
 
@@ -472,3 +474,55 @@ def test_sync_rejects_foreign_ambiguous_and_duplicate_tasks(client, settings, ca
 def test_annotator_rejects_bad_arguments(catalog, kwargs, message):  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match=message):
         annotate_open_tasks(None, catalog, 1, rng=np.random.default_rng(0), **kwargs)  # type: ignore[arg-type]
+
+
+# --- refreshed predictions, label modes, remote images --------------------------------------------------
+def test_new_champion_refreshes_predictions_of_open_tasks_only(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="3", round_id=None)
+    (done_sample, done_task), *open_items = pushed.items()
+    client.annotations.create(id=done_task, result=choice_result("dog"))
+    predicted = {s.id: "bird" for s in catalog.samples()}
+    assert refresh_predictions(client, catalog, project_id, predicted, model_version="4") == len(open_items)
+    assert refresh_predictions(client, catalog, project_id, predicted, model_version="4") == 0  # rerun: no change
+    tasks = {t.id: t for t in list_tasks(client, project_id, fields="all")}
+    assert len(tasks) == len(pushed)  # no new task
+    for _, task_id in open_items:
+        (prediction,) = tasks[task_id].predictions
+        assert prediction.model_version == "4" and prediction.result == choice_result("bird")
+        assert prediction.score == pytest.approx(0.1 * tasks[task_id].data["sample_id"])  # the selection score
+    (kept,) = tasks[done_task].predictions
+    assert kept.model_version == "3"  # an annotated task keeps what its annotator saw
+    assert client.projects.get(project_id).model_version == "4"
+
+
+def test_multi_label_project_and_instructions(client, settings, catalog):  # type: ignore[no-untyped-def]
+    multi = _with_ls(settings, label_mode="multi", instructions="Tick every class you see", overlap=2)
+    project_id = ensure_project(client, multi, catalog, CLASSES)
+    try:
+        project = client.projects.get(project_id)
+        assert config_mode(project.label_config) == "multi" and "Tick every class you see" in project.label_config
+        assert (project.expert_instruction, project.show_instruction, project.maximum_annotations) == (
+            "Tick every class you see", True, 2,
+        )  # fmt: skip
+        pushed = push_tasks(client, catalog, multi, project_id, _to_push(catalog)[:1], model_version="1", round_id=None)
+        ((sample_id, task_id),) = pushed.items()
+        client.annotations.create(id=task_id, result=choice_result("dog", "cat"))
+        report = sync_annotations(client, catalog, project_id, mode="multi")
+        assert report.new == 1 and catalog.labels() == {sample_id: '["cat", "dog"]'}
+    finally:
+        client.projects.delete(project_id)
+
+
+def test_remote_images_are_sent_as_urls(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+    storage = {"endpoint": "http://127.0.0.1:9000", "access_key": SecretStr("AK"), "secret_key": SecretStr("SK")}
+    remote = settings.model_copy(update={"storage": settings.storage.model_copy(update=storage)})
+    first, second = catalog.samples()[:2]
+    tasks = [
+        TaskToPush(first.id, "https://example.org/pics/a.png", "cat", 0.5, 0.1),
+        TaskToPush(second.id, "s3://bucket/pics/b.png", "cat", 0.5, 0.1),
+    ]
+    pushed = push_tasks(client, catalog, remote, project_id, tasks, model_version="1", round_id=None)
+    images = {t.id: t.data["image"] for t in list_tasks(client, project_id)}
+    assert images[pushed[first.id]] == "https://example.org/pics/a.png"
+    assert images[pushed[second.id]].startswith("http://127.0.0.1:9000/bucket/pics/b.png?X-Amz-Algorithm=")
+    assert client.import_storage.local.list(project=project_id) == []  # nothing local to serve
