@@ -48,8 +48,8 @@ def users_by_id(client: LabelStudio) -> dict[int, str]:
 def export_annotated(client: LabelStudio, project_id: int) -> list[dict[str, Any]]:
     """Every task of the project with at least one annotation (skips included), as exported JSON dicts.
 
-    The export asks for all tasks: Label Studio's "annotated only" filter reads per-task counters that lag
-    behind a bulk import (a 20,000-task test lost a quarter of them), and a snapshot missing annotations
+    The export asks for all tasks and filters here: Label Studio 1.23's "annotated only" export returned
+    15,000 of 20,000 freshly imported annotated tasks in our load test, and a snapshot missing annotations
     would retract their labels.
     """
     chunks = client.projects.exports.download_sync(project_id, export_type="JSON", download_all_tasks=True)
