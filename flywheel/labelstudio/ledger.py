@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -130,6 +130,16 @@ def _in_chunks(session: Session, make: Callable[[list[Any]], Any], values: Itera
 def apply(session: Session, observations: Sequence[Observation], *, classes: Sequence[str], mode: LabelMode) -> Applied:
     """Upsert `observations` (in order) into the ledger and re-derive the labels of the samples they change."""
     result = Applied()
+    # Bulk deliveries (ANNOTATIONS_CREATED) carry no task data: find the sample through the task we recorded.
+    bare = {o.task_id for o in observations if o.sample_id is None and o.task_id is not None and not o.deleted}
+    if bare:
+        by_task = dict(
+            _in_chunks(session, lambda c: select(Task.ls_task_id, Task.sample_id).where(Task.ls_task_id.in_(c)), bare)
+        )
+        observations = [
+            replace(o, sample_id=by_task[o.task_id]) if o.sample_id is None and o.task_id in by_task else o
+            for o in observations
+        ]
     ids = {o.annotation_id for o in observations}
     rows: dict[int, Annotation] = {
         row.ls_annotation_id: row

