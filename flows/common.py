@@ -20,13 +20,14 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.blocks.system import Secret
 from prefect.events import emit_event
 from prefect.filesystems import LocalFileSystem
-from pydantic import AfterValidator
+from pydantic import AfterValidator, SecretStr
 
 from flywheel import insight
 from flywheel.catalog import Round
-from flywheel.config import Settings, load_settings
+from flywheel.config import Settings, load_settings, secret_settings
 from flywheel.errors import ConfigError
 from flywheel.loop import FinetuneReport, RoundReport, SyncOutcome
 
@@ -41,7 +42,14 @@ def project_resource_id(project: str) -> str:
 
 
 def _valid_overrides(value: dict[str, Any]) -> dict[str, Any]:
-    """Build the settings now, so a bad override fails the run before any task starts, naming the setting."""
+    """Build the settings now, so a bad override fails the run before any task starts, naming the setting.
+    Secrets are refused: Prefect stores flow parameters (they come from env or secret_blocks instead)."""
+    secrets = [name for name in secret_settings() if name.split(".")[1] in (value.get(name.split(".")[0]) or {})]
+    if secrets:
+        raise ValueError(
+            f"{', '.join(secrets)}: secrets are not flow parameters (Prefect stores parameters); "
+            "set them in the worker's environment or name a Prefect Secret block in secret_blocks"
+        )
     try:
         load_settings(**value)
     except ConfigError as exc:
@@ -54,8 +62,26 @@ Overrides = Annotated[dict[str, Any], AfterValidator(_valid_overrides)]
 
 
 def settings_from(overrides: dict[str, Any] | None) -> Settings:
-    """Flow parameters carry only overrides; everything else comes from env / flywheel.toml."""
-    return load_settings(**(overrides or {}))
+    """Flow parameters carry only overrides; everything else comes from env / flywheel.toml, and the secrets
+    named in settings.secret_blocks from those Prefect Secret blocks."""
+    return with_secret_blocks(load_settings(**(overrides or {})))
+
+
+def with_secret_blocks(settings: Settings) -> Settings:
+    """`settings` with each secret of settings.secret_blocks read from its Prefect Secret block."""
+    sections: dict[str, dict[str, SecretStr]] = {}
+    for name, block in settings.secret_blocks.items():
+        section, field = name.split(".")
+        try:
+            value = Secret.load(block).get()
+        except Exception as exc:  # a missing block is a ValueError, an unreachable server an httpx error
+            raise ConfigError(
+                f"secret_blocks: {name} names Prefect Secret block {block!r}, which cannot be read "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        sections.setdefault(section, {})[field] = SecretStr(str(value))
+    updates = {section: getattr(settings, section).model_copy(update=values) for section, values in sections.items()}
+    return settings.model_copy(update=updates) if updates else settings
 
 
 T = TypeVar("T", bound=Task)

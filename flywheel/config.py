@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         description="folders (and http(s):// URL prefixes) manifest entries may point into, besides the "
         "manifest's own folder and the workspace; anything else, ../ and escaping symlinks included, is refused",
     )
+    secret_blocks: dict[str, str] = Field(
+        default_factory=dict,
+        description="secret setting -> name of a Prefect Secret block holding its value, read when a flow starts "
+        "(flows.common.settings_from), e.g. {'label_studio.token': 'ls-token'}; servers and other commands read env",
+    )
 
     label_studio: LabelStudioSettings = LabelStudioSettings()
     mlflow: MLflowSettings = MLflowSettings()
@@ -299,6 +304,15 @@ class Settings(BaseSettings):
             raise ValueError(f"classes must be unique, got {value}")
         return value
 
+    @field_validator("secret_blocks")
+    @classmethod
+    def _secret_names(cls, value: dict[str, str]) -> dict[str, str]:
+        allowed = secret_settings()
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"{unknown} are not secret settings; choose from: {', '.join(allowed)}")
+        return value
+
     @model_validator(mode="after")
     def _default_catalog(self) -> Settings:
         if not self.catalog_url:
@@ -341,6 +355,17 @@ class Settings(BaseSettings):
 
 
 SECRET_NAMES = ("password", "token", "secret", "access_key", "secret_key")
+
+
+def secret_settings() -> list[str]:
+    """Dotted names of every SecretStr setting ("label_studio.token", ...)."""
+    return [
+        f"{section}.{name}"
+        for section, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        for name, inner in field.annotation.model_fields.items()
+        if inner.annotation is SecretStr
+    ]
 
 
 def load_settings(**overrides: object) -> Settings:
