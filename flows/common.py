@@ -168,6 +168,14 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         f"- {model}\n"
         f"- selection: `{report.strategy}`: {report.description}\n"
     )
+    if report.quarantine.get("total"):  # bad or duplicate files kept out of the pool (flywheel.quarantine)
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.quarantine["by_reason"].items()))
+        markdown += (
+            f"- quarantined: **{report.quarantine['total']}** ({reasons}); list: `{report.quarantine['report']}`\n"
+        )
+    if report.near_duplicates:
+        pairs = ", ".join(f"{d['sample_id']} ~ {d['duplicate_of']}" for d in report.near_duplicates[:SHOWN_SELECTED])
+        markdown += f"- near-duplicates not sent this round: {len(report.near_duplicates)} ({pairs})\n"
     markdown += insight.report_markdown(report)
     if history:
         markdown += "\n## Accuracy so far\n\n| round | labels | model version | held-out | test |\n"

@@ -25,8 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from sqlalchemy import select
 
+from flows.common import artifact_key, publish_round_report
 from flywheel import labelstudio, loop, tracking
 from flywheel import services as servers
 from flywheel.catalog import POOL, Catalog, Task
@@ -331,3 +335,13 @@ def test_bad_images_and_near_duplicates_are_quarantined_and_the_round_goes_on(se
     sent = _ls_tasks(client, labelstudio.ensure_project(client, settings, catalog, []))
     assert len(sent) == len(report.selected) == 10 and not set(sent) & set(twins)  # 13 pool images - 3 twins
     assert Path(report.quarantine["report"]).read_text().count("\n") == 7  # header + 6 rows
+    with temporary_settings({PREFECT_API_URL: settings.prefect.api_url}):  # the round report people read
+        publish_round_report(settings, report)
+        with get_client(sync_client=True) as prefect:
+            (artifact,) = prefect.read_latest_artifacts(
+                artifact_filter=ArtifactCollectionFilter(key={"any_": [artifact_key(settings, "round-report")]})
+            )
+    assert "quarantined: **6** (duplicate: 1, empty file: 1, near duplicate: 3, truncated or corrupt: 1)" in (
+        artifact.data
+    )
+    assert "near-duplicates not sent this round: 3" in artifact.data
