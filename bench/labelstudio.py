@@ -81,7 +81,8 @@ def main() -> None:
         figures["sync_labels"], figures["sync_s"] = report.new, round(time.monotonic() - began, 1)
         figures["sync_mode"] = report.mode
         print(f"sync: {report.new} new labels ({report.mode}) in {figures['sync_s']} s (target <= 30 s)")
-        lost = sum(1 for s in to_annotate if catalog.labels().get(s.id) != s.truth)
+        labels = catalog.labels()
+        lost = sum(1 for s in to_annotate if labels.get(s.id) != s.truth)
         figures["labels_lost_or_wrong"] = lost
         began = time.monotonic()
         again = sync_annotations(client, catalog, project_id, export_above=settings.label_studio.export_above)

@@ -22,8 +22,10 @@ from websockets.sync.client import connect as ws_connect
 from flywheel.config import Settings, load_settings
 from flywheel.labelstudio import connect
 
+VIEW = "by selection score"  # a data manager tab, sorted by the prediction's score (the selection score)
 HIDDEN = [  # data manager columns that say nothing to an annotator choosing what to label next
     "tasks:annotations_results", "tasks:annotations_ids", "tasks:predictions_results", "tasks:file_upload",
+    "tasks:inner_id",
     "tasks:storage_filename", "tasks:created_at", "tasks:updated_at", "tasks:updated_by", "tasks:avg_lead_time",
     "tasks:draft_exists", "tasks:annotators", "tasks:total_predictions", "tasks:cancelled_annotations",
 ]  # fmt: skip
@@ -46,12 +48,15 @@ def _session_cookies(settings: Settings) -> dict[str, str]:
 
 def data_manager_screenshot(settings: Settings, project_id: int, out: Path, *, width: int = 1600) -> None:
     client = connect(settings)
+    for view in client.views.list(project=project_id):
+        if (view.data or {}).get("title") == VIEW:
+            client.views.delete(id=view.id)
     client.views.create(
         project=project_id,
         data={
-            "title": "by selection score",
+            "title": VIEW,
             "ordering": ["-tasks:predictions_score"],
-            "hiddenColumns": {"explore": HIDDEN},
+            "hiddenColumns": {"explore": HIDDEN, "labeling": HIDDEN},
         },
     )
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
