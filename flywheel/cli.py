@@ -378,7 +378,8 @@ def status() -> None:
     from flywheel import forecast, insight, review
 
     latest = insight.latest_forecast(catalog)
-    lines = forecast.summary_lines(latest[1]) if latest else ["none yet (needs 4 rounds with a model)"]
+    waiting = f"none yet (needs {forecast.MIN_POINTS} rounds with a model)"
+    lines = forecast.summary_lines(latest[1]) if latest else [waiting]
     console.print(f"forecast{f' (round {latest[0]})' if latest else ''}:\n  " + "\n  ".join(lines), highlight=False)
     counts = review.review_counts(catalog)
     console.print(
