@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 from PIL import Image
 
 from flywheel.catalog import NewSample
@@ -38,24 +34,6 @@ def make_images(folder: Path, n: int) -> list[NewSample]:
 def with_section(settings: Settings, section: str, **values: object) -> Settings:
     """The same settings with some values of one section replaced."""
     return settings.model_copy(update={section: getattr(settings, section).model_copy(update=values)})
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[int]:
-    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields the port."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test receiver did not start")
-        time.sleep(0.05)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def user_id(client: Any, email: str) -> int:

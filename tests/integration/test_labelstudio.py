@@ -255,7 +255,7 @@ def test_noisy_annotator_changes_every_label_when_noise_is_one(client, settings,
 
 
 def test_task_without_truth_is_left_for_a_person(client, settings, catalog, project_id, tmp_path):  # type: ignore[no-untyped-def]
-    (unknown,) = _make_images(tmp_path / "unlabelled", 1)
+    unknown = _make_images(tmp_path / "unlabelled", 7)[-1]  # content unlike the six (no duplicate hash)
     catalog.add_samples(
         [NewSample(uri=unknown.uri, content_hash=unknown.content_hash)], source="t", split="pool", classes=[]
     )

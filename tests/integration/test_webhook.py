@@ -16,10 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from labelstudio_support import CLASSES, make_images, prefect_events, serving, user_id, with_section
+from labelstudio_support import CLASSES, make_images, prefect_events, user_id, with_section
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
+from bench.webhook_burst import serving
 from flywheel.catalog import Catalog, WebhookEvent
 from flywheel.config import Settings
 from flywheel.labelstudio import (
