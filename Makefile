@@ -28,10 +28,10 @@ define pip_install
 	grep -E '^(WARNING|ERROR)' $(LOGS)/$(3) | grep -v -E 'Location .* is ignored' | head -n 20 || true
 endef
 
-.PHONY: help setup fashion-mnist services stop demo test lint clean
+.PHONY: help setup fashion-mnist services stop demo deploy demo-served test lint clean
 
 help:
-	@echo "make setup | services | stop | demo | test | lint | clean"
+	@echo "make setup | services | stop | demo | deploy | demo-served | test | lint | clean"
 
 setup: $(VENV_STAMP) $(LS_STAMP) fashion-mnist
 
@@ -59,12 +59,23 @@ services: setup
 # Stops the demo's servers and the test servers, only those started from these workspaces.
 stop:
 	@if [ -x .venv/bin/python ]; then \
+		.venv/bin/python -m flows.worker stop; \
 		$(SERVICES) stop; \
 		$(TEST_ENV) $(SERVICES) stop; \
 	fi
 
 demo: services
 	.venv/bin/flywheel demo
+
+# The flywheel as Prefect deployments on the local server (round on a cron, sync on an interval and on
+# annotation events, finetune on flywheel.labels.threshold-reached), a process work pool and a detached
+# worker (log and pid under the workspace; `make stop` ends it).
+deploy: services
+	.venv/bin/python -m flows.deploy up
+
+# The demo's loop through the deployments, run by the worker: watch it in the Prefect UI.
+demo-served: deploy
+	.venv/bin/python -m flows.served
 
 # The pytest session fixture starts (or reuses) the test servers itself.
 test: setup

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Annotated, Any, TypeVar
 
 from prefect import Task
@@ -21,7 +24,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.filesystems import LocalFileSystem
 from pydantic import AfterValidator, SecretStr
 
@@ -64,7 +71,23 @@ Overrides = Annotated[dict[str, Any], AfterValidator(_valid_overrides)]
 def settings_from(overrides: dict[str, Any] | None) -> Settings:
     """Flow parameters carry only overrides; everything else comes from env / flywheel.toml, and the secrets
     named in settings.secret_blocks from those Prefect Secret blocks."""
+    _fork_safe()
     return with_secret_blocks(load_settings(**(overrides or {})))
+
+
+_FORK_SAFE: list[bool] = []
+
+
+def _fork_safe() -> None:
+    """Processes forked from a flow run (DataLoader workers) drop the thread exit hooks they inherit.
+
+    Prefect registers one per background service; in a fork child the service never ran, so the hook fails an
+    assertion when the child exits, the child exits with code 1 and torch reports "DataLoader worker exited
+    unexpectedly" in the flow run (about one embedding in two, seen with Prefect 3.8.8).
+    """
+    if not _FORK_SAFE:
+        os.register_at_fork(after_in_child=threading._threading_atexits.clear)  # type: ignore[attr-defined]
+        _FORK_SAFE.append(True)
 
 
 def with_secret_blocks(settings: Settings) -> Settings:
@@ -85,6 +108,29 @@ def with_secret_blocks(settings: Settings) -> Settings:
 
 
 T = TypeVar("T", bound=Task)
+
+
+@contextmanager
+def project_slot(settings: Settings) -> Iterator[None]:
+    """Hold the project's Prefect global concurrency limit (`flywheel-<project>`, 1 slot) for a step that writes.
+
+    The library refuses a second writer at once (flywheel.locking); the deployments' runs instead wait here for
+    the slot, so a scheduled round or sync queues behind a fine-tune rather than failing on the project lock.
+    """
+    with concurrency(ensure_project_limit(settings), occupy=1, strict=True):
+        yield
+
+
+def ensure_project_limit(settings: Settings) -> str:
+    """Create the project's global concurrency limit (1 slot) unless it exists; returns its name."""
+    name = f"flywheel-{settings.project}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    return name
 
 
 def with_retries(network_task: T, settings: Settings) -> T:

@@ -10,26 +10,23 @@
 | simulate-<project>  | annotate-sim | by hand: the simulated annotator answers open tasks | -                         |
 
 Deployments are named per project, so their concurrency limits and event triggers (matching the resource
-`flywheel.project.<project>`) are per project. Runs get the deploying settings, secrets left out, as FLYWHEEL_*
-variables in the work pool's `env` job variable; secrets come from the worker's own environment.
+`flywheel.project.<project>`) are per project. Across deployments, the steps that write (bootstrap, round,
+sync, fine-tune) take the project's global concurrency limit `flywheel-<project>` (1 slot): a round due
+during a fine-tune waits for it instead of failing on the project lock.
 
-    python -m flows.deploy up [--no-worker] [--code-dir DIR]   # work pool, deployments, worker
-    python -m flows.deploy down                                # stop this workspace's worker
+Runs get the deploying settings, secrets left out, as FLYWHEEL_* variables in the work pool's `env` job
+variable; secrets come from the worker's own environment (or Prefect Secret blocks, settings.secret_blocks).
+
+    python -m flows.deploy up [--no-worker] [--code-dir DIR]   # work pool, deployments, worker (flows/worker.py)
     python -m flows.deploy status
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
-import os
-import socket
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -43,20 +40,17 @@ from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 from prefect.runner.storage import LocalStorage
 from prefect.schedules import Cron
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.workers.process import ProcessWorker
 from pydantic import BaseModel, SecretStr
 from pydantic_core import to_jsonable_python
 
-from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, project_resource_id
+from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, ensure_project_limit, project_resource_id
 from flows.flywheel_flows import annotate_sim_flow, bootstrap_flow, finetune_flow, round_flow, sync_flow
+from flows.worker import REPO, prefect_api, start_worker
+from flows.worker import describe as describe_worker
 from flywheel.config import Settings, load_settings
 from flywheel.errors import ConfigError, FlywheelError
-from flywheel.health import require_healthy
-from flywheel.services import kill_group, log_tail, running_pid, spawn_detached
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = Path(sys.executable).parent / "prefect"
 KINDS = ("bootstrap", "round", "sync", "finetune", "simulate")
 FLOWS: dict[str, Flow] = {
     "bootstrap": bootstrap_flow,
@@ -67,14 +61,6 @@ FLOWS: dict[str, Flow] = {
 }
 QUEUE = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 CANCEL_NEW = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-
-
-@contextmanager
-def prefect_api(settings: Settings) -> Iterator[None]:
-    """Talk to the Prefect server from the settings (checked first, so a down server fails clearly)."""
-    require_healthy("Prefect", settings.prefect.api_url)
-    with temporary_settings({PREFECT_API_URL: settings.prefect.api_url}):
-        yield
 
 
 def deployment_name(kind: str, settings: Settings) -> str:
@@ -177,65 +163,10 @@ def apply(settings: Settings, *, code_dir: Path = REPO) -> list[str]:
     """Create or update the work pool and the deployments; returns their full names."""
     with prefect_api(settings):
         ensure_work_pool(settings)
+        ensure_project_limit(settings)
         for deployment in build_deployments(settings, code_dir=code_dir):
             deployment.apply(work_pool_name=settings.prefect.work_pool)
     return [full_name(kind, settings) for kind in KINDS]
-
-
-# --- the worker ----------------------------------------------------------------------------------
-
-
-def _worker_files(settings: Settings) -> tuple[Path, Path]:
-    pool = settings.prefect.work_pool
-    return settings.workspace / "run" / f"worker-{pool}.pid", settings.logs_dir / f"worker-{pool}.log"
-
-
-def worker_name(settings: Settings) -> str:
-    """One name per (host, workspace, pool): a restarted worker takes its predecessor's place."""
-    where = hashlib.sha256(f"{socket.gethostname()}:{settings.workspace}".encode()).hexdigest()[:8]
-    return f"flywheel-{settings.prefect.work_pool}-{where}"
-
-
-def worker_pid(settings: Settings) -> int | None:
-    """The pid of this workspace's worker for the pool, if it runs."""
-    return running_pid(_worker_files(settings)[0], "worker", "--pool", settings.prefect.work_pool)
-
-
-def start_worker(settings: Settings, *, timeout: float = 90) -> int:
-    """Start (or reuse) a process worker for the pool, detached, and wait until the server has seen it."""
-    pid = worker_pid(settings)
-    if pid is not None:
-        return pid
-    pid_file, log = _worker_files(settings)
-    argv = [str(PREFECT), "worker", "start", "--pool", settings.prefect.work_pool, "--type", "process"]
-    argv += ["--name", worker_name(settings)]
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": settings.prefect.api_url,
-        "PREFECT_WORKER_QUERY_SECONDS": str(settings.prefect.worker_poll_s),
-        "PREFECT_WORKER_HEARTBEAT_SECONDS": str(max(settings.prefect.worker_poll_s, 5.0)),
-    }
-    proc = spawn_detached(argv, env, REPO, log, pid_file)
-    deadline = time.monotonic() + timeout
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        while True:
-            workers = client.read_workers_for_work_pool(settings.prefect.work_pool)
-            if any(w.name == worker_name(settings) and w.status == "ONLINE" for w in workers):
-                return proc.pid
-            if proc.poll() is not None or time.monotonic() > deadline:
-                state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"silent for {timeout} s"
-                pool = settings.prefect.work_pool
-                raise FlywheelError(f"the Prefect worker for pool {pool} {state}; {log_tail(log)}")
-            time.sleep(0.5)
-
-
-def stop_worker(settings: Settings) -> bool:
-    """Stop this workspace's worker (and the flow runs it started); False when none was running."""
-    pid = worker_pid(settings)
-    if pid is not None:
-        kill_group(pid, grace=20)
-    _worker_files(settings)[0].unlink(missing_ok=True)
-    return pid is not None
 
 
 def up(settings: Settings, *, worker: bool = True, code_dir: Path = REPO) -> list[str]:
@@ -274,23 +205,17 @@ def describe(settings: Settings) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("command", choices=("up", "status"))
     parser.add_argument("--no-worker", action="store_true", help="up: deployments only (a worker runs elsewhere)")
     parser.add_argument("--code-dir", type=Path, default=REPO, help="up: where the worker finds this repository")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        if args.command == "down":
-            stopped = stop_worker(settings)
-            print(f"worker for pool {settings.prefect.work_pool}: {'stopped' if stopped else 'was not running'}")
-            return 0
         if args.command == "up":
             up(settings, worker=not args.no_worker, code_dir=args.code_dir)
         for row in describe(settings):
             print(f"{row['deployment']:34s} {row['starts']:70s} {row['concurrency']}")
-        pid = worker_pid(settings)
-        print(f"worker: {f'pid {pid}' if pid else 'not running'} on pool {settings.prefect.work_pool}, "
-              f"log {_worker_files(settings)[1]}")  # fmt: skip
+        print(describe_worker(settings))
         ui = settings.prefect.api_url.removesuffix("/api")
         print(f"Prefect UI: {ui}/deployments (runs: {ui}/runs, artifacts: {ui}/artifacts)")
         return 0

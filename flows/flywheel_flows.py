@@ -23,6 +23,7 @@ from flows.common import (
     Overrides,
     ProgressArtifact,
     emit_threshold_reached,
+    project_slot,
     publish_finetune_report,
     publish_round_report,
     publish_sync_report,
@@ -89,10 +90,11 @@ def bootstrap_flow(
 ) -> dict[str, Any]:
     settings = settings_from(overrides)
     client = with_retries(connect_label_studio, settings)(settings)
-    imported = import_data(settings, source, pool_size, test_size)
-    for split in (POOL, TEST):
-        embed(settings, split)
-    report = task(loop.bootstrap, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), client)
+    with project_slot(settings):
+        imported = import_data(settings, source, pool_size, test_size)
+        for split in (POOL, TEST):
+            embed(settings, split)
+        report = task(loop.bootstrap, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), client)
     print(f"imported {imported}; embedded {report.n_pool} pool + {report.n_test} test samples")
     return {"imported": imported, **asdict(report)}
 
@@ -102,9 +104,10 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
     settings = settings_from(overrides)
     ls_client = with_retries(connect_label_studio, settings)(settings) if select else None
     mlflow_client = with_retries(connect_mlflow, settings)(settings)
-    embed(settings, POOL)  # samples imported since the last round
     catalog = Catalog(settings.catalog_url)
-    report = task(loop.run_round, cache_policy=NO_CACHE)(settings, catalog, ls_client, mlflow_client, select=select)
+    with project_slot(settings):
+        embed(settings, POOL)  # samples imported since the last round
+        report = task(loop.run_round, cache_policy=NO_CACHE)(settings, catalog, ls_client, mlflow_client, select=select)
     publish_round_report(settings, report, catalog.rounds())
     print(f"round {report.round_id}: {report.n_labels} labels, test accuracy {report.test_accuracy:.3f}")
     return report
@@ -114,7 +117,8 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
 def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport:
     settings = settings_from(overrides)
     mlflow_client = with_retries(connect_mlflow, settings)(settings)
-    report = task(loop.run_finetune, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), mlflow_client)
+    with project_slot(settings):
+        report = task(loop.run_finetune, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), mlflow_client)
     publish_finetune_report(settings, report)
     print(f"fine-tune {report.depth}: version {report.model_version}, promoted={report.promoted}")
     return report
@@ -131,7 +135,8 @@ def sync_flow(finetune_when_due: bool = True, overrides: Overrides | None = None
     flywheel.labels.threshold-reached for the `finetune` deployment's trigger."""
     settings = settings_from(overrides)
     client = with_retries(connect_label_studio, settings)(settings)
-    outcome = with_retries(pull_annotations, settings)(settings, client)
+    with project_slot(settings):
+        outcome = with_retries(pull_annotations, settings)(settings, client)
     print(f"sync: {outcome.report}; {outcome.n_labels} labels; fine-tune due: {outcome.finetune_due}")
     finetuned = None
     if not outcome.finetune_due:

@@ -29,7 +29,7 @@ from prefect.events.filters import (
     EventResourceFilter,
 )
 
-from flows import deploy
+from flows import deploy, worker
 from flows.common import THRESHOLD_REACHED, project_resource_id
 from flywheel import services
 from flywheel.catalog import Catalog
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         names = deploy.up(settings)
         print("deployments: " + ", ".join(names))
         began = time.monotonic()
-        with deploy.prefect_api(settings):
+        with worker.prefect_api(settings):
             finetunes = demo(
                 settings, rounds=args.rounds, pool_size=args.pool_size, test_size=args.test_size,
                 noise_rate=args.noise_rate,

@@ -28,7 +28,7 @@ from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 
-from flows import deploy, served
+from flows import deploy, served, worker
 from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, project_resource_id
 from flywheel.catalog import TEST, Catalog
 from flywheel.config import Settings, load_settings
@@ -37,6 +37,7 @@ from tests.conftest import TEST_PORTS
 
 pytestmark = pytest.mark.integration
 
+ACTIVE = ("Pending", "Running")
 RUN_TIMEOUT = 240  # seconds for one flow run on 2 busy cores (a fresh process imports torch and prefect)
 
 
@@ -59,7 +60,7 @@ def _settings(workspace: Path, project: str, pool: str) -> Settings:
             "retry_delay_s": 0.5,
         },
         finetune={
-            "min_labels": 20,
+            "min_labels": 1000,  # sync never asks for a fine-tune here: the tests emit the event themselves
             "every_new_labels": 10,
             "epochs": 2,
             "head_epochs": 1,
@@ -88,11 +89,11 @@ def served_project(tmp_path_factory: pytest.TempPathFactory, services: Settings)
     _labelled_project(settings, pool_size=60, test_size=30)
     deploy.up(settings)
     try:
-        with deploy.prefect_api(settings):
+        with worker.prefect_api(settings):
             yield settings
     finally:
-        deploy.stop_worker(settings)
-        with deploy.prefect_api(settings), get_client(sync_client=True) as client:
+        worker.stop_worker(settings)
+        with worker.prefect_api(settings), get_client(sync_client=True) as client:
             for kind in deploy.KINDS:
                 with contextlib.suppress(ObjectNotFound):
                     client.delete_deployment(client.read_deployment_by_name(deploy.full_name(kind, settings)).id)
@@ -102,13 +103,19 @@ def served_project(tmp_path_factory: pytest.TempPathFactory, services: Settings)
 @pytest.fixture(scope="module")
 def background_runs(served_project: Settings) -> dict:
     """Runs started as soon as the worker is up, so their process start-up (~15 s each on 2 busy cores)
-    overlaps the fine-tune test: one whose Label Studio port refuses connections, one with a bad override."""
+    overlaps the fine-tune test: one whose Label Studio port refuses connections, one with a bad override,
+    and the sync an annotation event (as the webhook receiver sends them) starts."""
     with socket.socket() as sock:  # a port nothing listens on: connections are refused
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
     name = deploy.full_name("simulate", served_project)
     refused = run_deployment(name, parameters={"overrides": {"label_studio": {"port": closed_port}}}, timeout=0)
     invalid = run_deployment(name, parameters={"overrides": {"k_per_round": 0}}, timeout=0)
+    emit_event(
+        "flywheel.annotation.created",
+        resource={"prefect.resource.id": project_resource_id(served_project.project)},
+        payload={"action": "created", "annotation_id": 1},
+    )
     return {"refused": refused.id, "closed_port": closed_port, "invalid": invalid.id}
 
 
@@ -133,17 +140,24 @@ def _task_runs(client, flow_run_id):
     return client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
 
 
+def _artifacts(client, flow_run_id) -> dict:
+    by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    found = client.read_artifacts(artifact_filter=by_run)
+    return {a.key: a for a in found}
+
+
 def test_deployments_exist_with_their_schedules_triggers_and_limits(served_project: Settings, background_runs):
     settings = served_project
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool(settings.prefect.work_pool)
         assert pool.type == "process"
         workers = client.read_workers_for_work_pool(settings.prefect.work_pool)
-        assert [w.status for w in workers if w.name == deploy.worker_name(settings)] == ["ONLINE"]
+        assert [w.status for w in workers if w.name == worker.worker_name(settings)] == ["ONLINE"]
         found = {kind: client.read_deployment_by_name(deploy.full_name(kind, settings)) for kind in deploy.KINDS}
         automations = {
             kind: client.read_resource_related_automations(f"prefect.deployment.{d.id}") for kind, d in found.items()
         }
+        project_limit = client.read_global_concurrency_limit_by_name(f"flywheel-{settings.project}")
 
     round_, sync = found["round"], found["sync"]
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in round_.schedules] == [
@@ -170,9 +184,10 @@ def test_deployments_exist_with_their_schedules_triggers_and_limits(served_proje
         "sync": (1, "ENQUEUE"),
         "finetune": (1, "CANCEL_NEW"),
     }
+    assert project_limit.limit == 1 and project_limit.active  # one writing step of the project at a time
     for d in found.values():
         assert d.work_pool_name == settings.prefect.work_pool
-        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(deploy.REPO)}}]
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(worker.REPO)}}]
         assert d.job_variables["env"] == deploy.settings_env(settings)  # the runs' settings, secrets excepted
 
 
@@ -181,8 +196,10 @@ def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap
     began = datetime.now(UTC)
     _emit_threshold(settings, 60)
     with get_client(sync_client=True) as client:
+        # Pending: the worker took the run and with it the deployment's only concurrency slot, held until the run
+        # ends; the process then needs a while to start, so the second event lands well inside the first run.
         first = _wait(
-            lambda: [r for r in served.deployment_runs(client, settings, "finetune") if r.state_name == "Running"],
+            lambda: [r for r in served.deployment_runs(client, settings, "finetune") if r.state_name in ACTIVE],
             RUN_TIMEOUT,
             "a finetune run started by the threshold event",
         )
@@ -193,18 +210,19 @@ def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap
             60,
             "a run for the second event",
         )
-        second = served.wait_final(client, second[0].id, timeout=60)
+        second = served.wait_final(client, second[0].id, timeout=RUN_TIMEOUT)
         done = served.wait_final(client, first[0].id, timeout=RUN_TIMEOUT)
         runs = served.deployment_runs(client, settings, "finetune")
         second_states = [s.type for s in client.read_flow_run_states(second.id)]
-        artifacts = client.read_artifacts()
+        report = _artifacts(client, done.id)[f"{settings.project}-finetune-report"].data
 
     assert done.state.type == StateType.COMPLETED, done.state.message
-    assert second.state.type == StateType.CANCELLED and StateType.RUNNING not in second_states
+    assert second.created < done.end_time  # the second event's run came while the first one ran ...
+    assert second.state.type == StateType.CANCELLED and StateType.RUNNING not in second_states  # ... and never ran
     assert len(runs) == 2 and sum(r.state.type == StateType.COMPLETED for r in runs) == 1
     assert all(r.created >= began for r in runs)
-    report = [a for a in artifacts if a.flow_run_id == done.id and a.key and a.key.endswith("finetune-report")]
-    assert len(report) == 1 and "depth" in report[0].data and "MLflow run" in report[0].data
+    assert "depth: **head**" in report and "learning rates" in report and "[MLflow run](http" in report
+    assert "promoted" in report  # promoted or not, and why
 
 
 def test_a_failing_network_task_is_retried_with_backoff(served_project: Settings, background_runs: dict):
@@ -242,14 +260,8 @@ def in_process(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     settings = settings.model_copy(update={"image_size": 32, "k_per_round": 12})
     for key, value in deploy.settings_env(settings).items():
         monkeypatch.setenv(key, value)
-    with deploy.prefect_api(settings):
+    with worker.prefect_api(settings):
         yield settings
-
-
-def _artifacts(client, flow_run_id) -> dict:
-    by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-    found = client.read_artifacts(artifact_filter=by_run)
-    return {a.key: a for a in found}
 
 
 def test_embedding_is_cached_by_input_hash_with_progress_and_the_round_report(in_process: Settings):
@@ -275,6 +287,20 @@ def test_embedding_is_cached_by_input_hash_with_progress_and_the_round_report(in
     assert "## Selected (10 best of 12" in report
     selection = json.loads(round_artifacts[f"{settings.project}-round-selection"].data)
     assert len(selection) == 12 and {"sample_id", "score"} <= set(selection[0])
+
+
+def test_an_annotation_event_starts_a_sync_run(served_project: Settings, background_runs: dict):
+    with get_client(sync_client=True) as client:
+        [started] = _wait(
+            lambda: [r for r in served.deployment_runs(client, served_project, "sync") if not r.auto_scheduled],
+            60,
+            "a sync run not from the interval schedule",
+        )
+        run = served.wait_final(client, started.id, timeout=RUN_TIMEOUT)
+        report = _artifacts(client, run.id)[f"{served_project.project}-sync-report"].data
+    assert run.state.type == StateType.COMPLETED, run.state.message
+    assert run.parameters == {"finetune_when_due": False}
+    assert "labels: **60**" in report and "fine-tune: **not due**" in report
 
 
 def test_sync_emits_the_threshold_event_with_the_counts(in_process: Settings):

@@ -1,0 +1,120 @@
+"""The process worker that runs the deployments' flow runs: detached, one per (workspace, work pool).
+
+Like the servers (flywheel/services.py) it outlives the command that started it, logs to
+`<workspace>/logs/worker-<pool>.log` and records its pid (= process group, so its flow runs stop with it)
+in `<workspace>/run/worker-<pool>.pid`. Light on imports, so `make stop` stays quick.
+
+    python -m flows.worker start|stop|status
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flywheel.config import Settings, load_settings
+from flywheel.errors import FlywheelError
+from flywheel.health import require_healthy
+from flywheel.services import kill_group, log_tail, running_pid, spawn_detached
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = Path(sys.executable).parent / "prefect"
+
+
+@contextmanager
+def prefect_api(settings: Settings) -> Iterator[None]:
+    """Talk to the Prefect server from the settings (checked first, so a down server fails clearly)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    require_healthy("Prefect", settings.prefect.api_url)
+    with temporary_settings({PREFECT_API_URL: settings.prefect.api_url}):
+        yield
+
+
+def _files(settings: Settings) -> tuple[Path, Path]:
+    pool = settings.prefect.work_pool
+    return settings.workspace / "run" / f"worker-{pool}.pid", settings.logs_dir / f"worker-{pool}.log"
+
+
+def worker_name(settings: Settings) -> str:
+    """One name per (host, workspace, pool): a restarted worker takes its predecessor's place."""
+    where = hashlib.sha256(f"{socket.gethostname()}:{settings.workspace}".encode()).hexdigest()[:8]
+    return f"flywheel-{settings.prefect.work_pool}-{where}"
+
+
+def worker_pid(settings: Settings) -> int | None:
+    """The pid of this workspace's worker for the pool, if it runs."""
+    return running_pid(_files(settings)[0], "worker", "--pool", settings.prefect.work_pool)
+
+
+def start_worker(settings: Settings, *, timeout: float = 90) -> int:
+    """Start (or reuse) a process worker for the pool, detached, and wait until the server has seen it."""
+    from prefect.client.orchestration import get_client
+
+    pid = worker_pid(settings)
+    if pid is not None:
+        return pid
+    pid_file, log = _files(settings)
+    pool = settings.prefect.work_pool
+    argv = [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process", "--name", worker_name(settings)]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": settings.prefect.api_url,
+        "PREFECT_WORKER_QUERY_SECONDS": str(settings.prefect.worker_poll_s),
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": str(max(settings.prefect.worker_poll_s, 5.0)),
+    }
+    proc = spawn_detached(argv, env, REPO, log, pid_file)
+    deadline = time.monotonic() + timeout
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        while True:
+            workers = client.read_workers_for_work_pool(pool)
+            if any(w.name == worker_name(settings) and w.status == "ONLINE" for w in workers):
+                return proc.pid
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"silent for {timeout} s"
+                raise FlywheelError(f"the Prefect worker for pool {pool} {state}; {log_tail(log)}")
+            time.sleep(0.5)
+
+
+def stop_worker(settings: Settings) -> bool:
+    """Stop this workspace's worker (and the flow runs it started); False when none was running."""
+    pid = worker_pid(settings)
+    if pid is not None:
+        kill_group(pid, grace=20)
+    _files(settings)[0].unlink(missing_ok=True)
+    return pid is not None
+
+
+def describe(settings: Settings) -> str:
+    pid = worker_pid(settings)
+    state = f"pid {pid}" if pid else "not running"
+    return f"worker for pool {settings.prefect.work_pool}: {state} (log {_files(settings)[1]})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("start", "stop", "status"))
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "start":
+            start_worker(settings)
+        elif args.command == "stop" and not stop_worker(settings):
+            print(f"no worker for pool {settings.prefect.work_pool} was running from {settings.workspace}")
+            return 0
+        print(describe(settings))
+        return 0
+    except FlywheelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
