@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from flywheel.backbones import BackboneSpec
 from flywheel.config import Settings
 from flywheel.errors import DataError, FlywheelError
-from flywheel.images import _normalize, check_image_size, load_image, read_header
+from flywheel.images import _normalize, check_image_size, forked_worker_init, load_image, read_header
 
 EXIF_ORIENTATION = 0x0112  # EXIF tag; 1 = upright. nvJPEG ignores it, so rotated JPEGs decode on the CPU.
 GPU_JPEG_MODES = ("RGB", "L")  # nvJPEG handles these; CMYK/YCCK JPEGs go to the CPU decoder
@@ -209,6 +209,7 @@ def embed_stream(
         collate_fn=_collate,
         pin_memory=cuda,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=forked_worker_init,
     )
     model = prepare_body(body, device, options)
     normalize = _normalize(spec)

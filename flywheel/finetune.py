@@ -40,7 +40,7 @@ from flywheel.backbones import Classifier, get_spec
 from flywheel.config import FinetuneSettings
 from flywheel.embed import resolve_device
 from flywheel.errors import CorruptFileError, DataError
-from flywheel.images import Augmentation, ImageDataset, choose_augmentation
+from flywheel.images import Augmentation, ImageDataset, choose_augmentation, forked_worker_init
 from flywheel.policy import DepthDecision, freeze_body, param_groups, set_frozen_eval
 
 LABEL_SMOOTHING = 0.1
@@ -114,6 +114,7 @@ def _batches(
         shuffle=False,
         num_workers=_num_workers(device),
         pin_memory=device.type == "cuda",
+        worker_init_fn=forked_worker_init,
     )
 
 
@@ -349,6 +350,7 @@ def finetune(
             shuffle=True,
             generator=gen,
             num_workers=_num_workers(device),
+            worker_init_fn=forked_worker_init,
             pin_memory=cuda,
             # BatchNorm cannot train on a batch of one: drop such a trailing batch.
             drop_last=n_train % settings.batch_size == 1 and n_train > 1,

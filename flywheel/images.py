@@ -7,6 +7,7 @@ and the features it sees at serving time come from identical pixels.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +117,14 @@ def _over_white(rgba: torch.Tensor) -> torch.Tensor:
     """uint8 (4, H, W) -> (3, H, W): alpha-composite over a white background."""
     rgb, alpha = rgba[:3].to(torch.int32), rgba[3:].to(torch.int32)
     return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).to(torch.uint8)
+
+
+def forked_worker_init(_worker_id: int) -> None:
+    """`worker_init_fn` for DataLoaders with workers: a forked worker inherits the parent's thread-exit hooks
+    (Prefect's background services register some once a flow or the API was used), which fail in the worker
+    when it ends, so the worker exits 1 and the DataLoader fails the whole embedding. The worker has no
+    threads of its own to drain: drop them."""
+    threading._threading_atexits.clear()  # type: ignore[attr-defined]
 
 
 def _normalize(spec: BackboneSpec) -> v2.Transform:

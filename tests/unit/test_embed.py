@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from flywheel.embed import (
     embed_samples,
     resolve_device,
 )
+from flywheel.embed_pipeline import EmbedOptions, embed_all
 from flywheel.errors import DataError, FlywheelError
 
 CPU = torch.device("cpu")
@@ -188,3 +192,24 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(DataError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_forked_dataloader_workers_survive_thread_exit_hooks_of_the_parent(images):
+    """Prefect's background services register thread-exit hooks; a forked DataLoader worker inheriting them
+    used to exit 1 and fail the embedding (e.g. `flywheel round` embedding new images inside a flow run)."""
+    parent = os.getpid()
+
+    def fails_outside_the_parent() -> None:
+        if os.getpid() != parent:  # like prefect's drain: takes a while, then fails in a process without its thread
+            time.sleep(0.5)
+            raise RuntimeError("a hook of the parent's threads ran in a worker")
+
+    threading._register_atexit(fails_outside_the_parent)  # what prefect's QueueService does
+    try:
+        spec = get_spec("efficientnet_lite0")
+        out = embed_all(images, build_body("efficientnet_lite0"), spec, image_size=16, device=CPU,
+                        options=EmbedOptions(batch_size=2, workers=1))  # fmt: skip
+        assert out.shape == (6, 1280) and np.isfinite(out).all()
+    finally:
+        hooks = threading._threading_atexits  # holds functools.partial objects
+        hooks[:] = [hook for hook in hooks if getattr(hook, "func", None) is not fails_outside_the_parent]
