@@ -88,7 +88,6 @@ def test_a_round_through_the_cli_leaks_no_secret(settings):
         FLYWHEEL_LABEL_STUDIO__PASSWORD=secrets["label_studio.password"],
         FLYWHEEL_STORAGE__ACCESS_KEY=secrets["storage.access_key"],
         FLYWHEEL_STORAGE__SECRET_KEY=secrets["storage.secret_key"],
-        FLYWHEEL_EMBED__WORKERS="0",  # DataLoader workers die inside a Prefect flow run here (embed_pipeline)
     )
     started = datetime.now(UTC)
     done = subprocess.run(
