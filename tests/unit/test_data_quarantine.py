@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flywheel import atomic, features
+from flywheel import atomic, features, loop
 from flywheel.backbones import build_body
 from flywheel.catalog import POOL, Catalog
 from flywheel.config import load_settings
@@ -202,6 +202,16 @@ def test_a_second_run_of_the_project_is_refused_naming_the_holder(tmp_path):
         with pytest.raises(ProjectBusyError, match=rf"another process \(pid {holder.pid} since .*\); wait"):
             import_source(Catalog(settings.catalog_url), settings, "fashion-mnist", pool_size=10, test_size=10)
         assert not (settings.workspace / "catalog.db").exists() or Catalog(settings.catalog_url).count_samples() == 0
+        steps = [
+            lambda: loop.bootstrap(settings, None, None),
+            lambda: loop.run_round(settings, None, None, None),
+            lambda: loop.run_sync(settings, None, None),
+            lambda: loop.run_finetune(settings, None, None),
+            lambda: loop.promote(settings, None, None, "1"),
+        ]
+        for step in steps:  # refused before doing anything (no catalog or client is even looked at)
+            with pytest.raises(ProjectBusyError, match=f"pid {holder.pid}"):
+                step()
         other = load_settings(workspace=tmp_path / "ws", project="other")
         with project_lock(other):  # another project of the same workspace is not blocked
             pass
