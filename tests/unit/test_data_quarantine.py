@@ -7,7 +7,6 @@ import csv
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy import create_engine, text
 
 from flywheel import atomic, features, loop
 from flywheel.backbones import build_body
-from flywheel.catalog import POOL, Catalog
+from flywheel.catalog import POOL, Base, Catalog
 from flywheel.config import load_settings
 from flywheel.data import import_source
 from flywheel.errors import CorruptFileError, ProjectBusyError
@@ -119,12 +119,18 @@ def test_near_duplicates_of_known_or_better_ranked_picks_are_found():
 
 def test_old_catalogs_gain_the_new_column_and_a_crashed_round_is_resumed(tmp_path):
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:  # a catalog from before rounds had finished_at
+    engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)  # today's tables, then back to a catalog from before rounds had finished_at
+    with engine.begin() as db:
+        db.execute(text("ALTER TABLE rounds DROP COLUMN finished_at"))
+        db.execute(text("DROP TABLE IF EXISTS alembic_version"))
         db.execute(
-            "CREATE TABLE rounds (id INTEGER PRIMARY KEY, strategy VARCHAR(64), n_labels INTEGER, n_selected INTEGER, "
-            "model_version VARCHAR(64), holdout_accuracy FLOAT, test_accuracy FLOAT, started_at DATETIME)"
+            text(
+                "INSERT INTO rounds (id, strategy, n_labels, n_selected, started_at) "
+                "VALUES (1, 'random', 0, 10, '2026-01-01 00:00:00')"
+            )  # fmt: skip
         )
-        db.execute("INSERT INTO rounds VALUES (1, 'random', 0, 10, NULL, NULL, NULL, '2026-01-01 00:00:00')")
+    engine.dispose()
     catalog = Catalog(f"sqlite:///{path}")
     assert [r.finished_at is not None for r in catalog.rounds()] == [True]  # backfilled: round 1 is done
     second = catalog.start_round(strategy="auto", n_labels=5)
