@@ -1,7 +1,8 @@
 """The catalog: what samples exist, which are labelled, what was sent to Label Studio, which rounds ran.
 
-SQLAlchemy over SQLite by default (PostgreSQL by URL). Every public write is one transaction, so a failed
-import or sync leaves the catalog exactly as it was.
+SQLAlchemy over SQLite by default, PostgreSQL by URL (postgresql+psycopg://...). Every public write is one
+transaction, so a failed import or sync leaves the catalog exactly as it was. The schema is alembic's
+(flywheel/migrations): opening a catalog upgrades it; a change to the models here needs a new revision there.
 """
 
 from __future__ import annotations
@@ -12,11 +13,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import ForeignKey, String, Text, create_engine, event, func, inspect, select, text
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    ForeignKey,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from flywheel import migrations
 from flywheel.errors import DataError
 
 POOL, TEST = "pool", "test"
@@ -26,8 +38,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp kept as naive UTC on every database: an aware value is converted first, so PostgreSQL (which
+    would shift it by the session's time zone) and SQLite (which drops the offset) store the same instant."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.astimezone(UTC).replace(tzinfo=None) if value is not None and value.tzinfo else value
+
+
 class Base(DeclarativeBase):
-    pass
+    type_annotation_map = {datetime: UtcDateTime}
 
 
 class Sample(Base):
@@ -269,13 +292,8 @@ class Catalog:
 
     def __init__(self, url: str):
         self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        _add_new_columns(self.engine)
+        self.engine: Engine = engine_for(url)
+        migrations.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -520,6 +538,16 @@ class Catalog:
             s.merge(Meta(key=key, value=value))
 
 
+def engine_for(url: str) -> Engine:
+    """The catalog database's engine, not yet migrated (a SQLite file's folder is created, its pragmas set)."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
 def _fields(entry: Quarantined) -> dict[str, str | None]:
     return {"uri": entry.uri, "reason": entry.reason, "detail": entry.detail, "content_hash": entry.content_hash}
 
@@ -527,25 +555,6 @@ def _fields(entry: Quarantined) -> dict[str, str | None]:
 def _not_quarantined():  # type: ignore[no-untyped-def]
     held = select(Quarantine.sample_id).where(Quarantine.sample_id.is_not(None))
     return Sample.id.not_in(held)
-
-
-# Columns added to existing tables after catalogs were created: (table, column, SQL type, backfill or None).
-# create_all makes new tables only; these are added in place, and rows that existed before get the backfill.
-_NEW_COLUMNS = (("rounds", "finished_at", "TIMESTAMP", "started_at"),)
-
-
-def _add_new_columns(engine: Engine) -> None:
-    for table, column, sql_type, backfill in _NEW_COLUMNS:
-        if column in {c["name"] for c in inspect(engine).get_columns(table)}:
-            continue
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
-                if backfill:
-                    conn.execute(text(f"UPDATE {table} SET {column} = {backfill}"))
-        except OperationalError:  # another process added it first
-            if column not in {c["name"] for c in inspect(engine).get_columns(table)}:
-                raise
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 services_app = typer.Typer(help="Start, stop and check the local Label Studio, MLflow and Prefect servers.")
 app.add_typer(services_app, name="services")
+db_app = typer.Typer(help="The catalog's database schema (alembic migrations in flywheel/migrations).")
+app.add_typer(db_app, name="db")
 console = Console()
 
 
@@ -80,6 +82,30 @@ def services_status() -> None:
 
     for name, healthy in services.health(_settings()).items():
         console.print(f"{name:13s} {'[green]healthy[/]' if healthy else '[red]down[/]'}")
+
+
+@db_app.command("upgrade")
+@_friendly
+def db_upgrade() -> None:
+    """Bring the catalog (settings.catalog_url) to the newest schema revision; opening a catalog also does."""
+    from sqlalchemy import inspect
+
+    from flywheel import migrations
+    from flywheel.catalog import engine_for
+
+    engine = engine_for(_settings().catalog_url)
+    with engine.connect() as conn:
+        before = migrations.current(conn) or (
+            "none: made before alembic" if inspect(conn).has_table("samples") else "empty"
+        )
+    where = engine.url.render_as_string(hide_password=True)
+    if migrations.upgrade(engine):
+        console.print(
+            f"catalog {where}: upgraded from ({before}) to {migrations.head()}", highlight=False, soft_wrap=True
+        )
+    else:
+        console.print(f"catalog {where}: already at {before}", highlight=False, soft_wrap=True)
+    engine.dispose()
 
 
 @app.command("import")

@@ -54,6 +54,11 @@ class MLflowSettings(_Section):
     port: int = Field(5000, ge=1, le=65535)
     experiment: str = ""  # empty: "flywheel-<project>"
     registered_model: str = ""  # empty: "flywheel-<project>"
+    backend_store_uri: str = Field(
+        "",
+        description="the server's runs and registry, e.g. postgresql+psycopg://user@host/mlflow; empty: SQLite "
+        "in the workspace",
+    )
 
     @property
     def url(self) -> str:
@@ -98,10 +103,29 @@ class PrefectSettings(_Section):
     task_retries: int = Field(3, ge=0, description="retries of every network task (Label Studio, MLflow)")
     retry_delay_s: float = Field(2.0, ge=0, description="first retry delay; doubles each retry")
     worker_poll_s: float = Field(5.0, gt=0, description="how often the worker asks for runs")
+    database_url: str = Field(
+        "",
+        description="the server's database, e.g. postgresql+asyncpg://user@host/prefect; empty: Prefect's SQLite "
+        "in the workspace",
+    )
 
     @property
     def api_url(self) -> str:
         return f"http://{self.host}:{self.port}/api"
+
+
+class PostgresSettings(_Section):
+    """A local PostgreSQL cluster (flywheel/postgres.py) for development and tests: Debian's server on loopback, data
+    under <workspace>/services/postgres, passwordless on 127.0.0.1. Used only where a URL names its host and port."""
+
+    host: str = LOOPBACK
+    port: int = Field(5433, ge=1, le=65535, description="5433: beside a system PostgreSQL on 5432")
+    user: str = Field("flywheel", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    bin_dir: str = Field("", description="folder with initdb and pg_ctl; empty: newest /usr/lib/postgresql/*/bin")
+
+    def url(self, database: str, driver: str = "psycopg") -> str:
+        """SQLAlchemy URL of `database` here (driver psycopg for flywheel and MLflow, asyncpg for Prefect)."""
+        return f"postgresql+{driver}://{self.user}@{self.host}:{self.port}/{database}"
 
 
 class FinetuneSettings(_Section):
@@ -261,6 +285,7 @@ class Settings(BaseSettings):
     scaleout: ScaleoutSettings = ScaleoutSettings()
     forecast: ForecastSettings = ForecastSettings()
     review: ReviewSettings = ReviewSettings()
+    postgres: PostgresSettings = PostgresSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -77,6 +77,19 @@ def _acquire(path: Path) -> int:
     return fd
 
 
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for the block, waiting for other processes: serialises check-then-act
+    steps (starting a server, migrating a database) that parallel processes may attempt at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def locked(fn: Callable[P, R]) -> Callable[P, R]:
     """Run `fn` under the project lock of the Settings among its arguments."""
 

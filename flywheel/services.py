@@ -9,7 +9,6 @@ workspace started. A healthy server already on the configured port is reused, wh
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shutil
 import signal
@@ -25,8 +24,10 @@ from pathlib import Path
 
 import httpx
 
+from flywheel import postgres
 from flywheel.config import Settings, load_settings
 from flywheel.errors import ConfigError, FlywheelError, ServiceUnavailableError
+from flywheel.locking import waiting_lock
 
 SERVICES: tuple[str, ...] = ("label_studio", "mlflow", "prefect")
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def _spec(name: str, settings: Settings) -> _Spec:
     if name == "mlflow":
         ml = settings.mlflow
         argv = [str(_BIN / "mlflow"), "server", "--host", ml.host, "--port", str(ml.port), "--workers", "1"]
-        argv += ["--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}"]
+        argv += ["--backend-store-uri", ml.backend_store_uri or f"sqlite:///{data / 'mlflow.db'}"]
         argv += ["--artifacts-destination", str(data / "artifacts")]
         env = _base_env(
             MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
@@ -112,6 +113,8 @@ def _spec(name: str, settings: Settings) -> _Spec:
         url = f"http://{pf.host}:{pf.port}"
         argv = [str(_BIN / "prefect"), "server", "start", "--host", pf.host, "--port", str(pf.port)]
         env = _base_env(PREFECT_HOME=str(data), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+        if pf.database_url:  # else Prefect's SQLite in PREFECT_HOME
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = pf.database_url
         return _Spec(name, pf.host, pf.port, url, "/api/health", argv, env)
     raise FlywheelError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
 
@@ -203,14 +206,8 @@ def log_tail(path: Path, lines: int = 25) -> str:
 @contextmanager
 def _locked(spec: _Spec, settings: Settings) -> Iterator[None]:
     """Serialise check-then-spawn across processes (parallel pytest sessions share the test servers)."""
-    lock_path = spec.pid_file(settings).with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with waiting_lock(spec.pid_file(settings).with_suffix(".lock")):
+        yield
 
 
 def _launch(spec: _Spec, settings: Settings) -> subprocess.Popen[bytes] | None:
@@ -271,7 +268,10 @@ def wait_healthy(
 
 
 def start(settings: Settings, names: Sequence[str] = SERVICES, *, timeout: float = 180) -> dict[str, str]:
-    """Reuse healthy servers, start the others detached and in parallel, and wait until all are healthy."""
+    """Reuse healthy servers, start the others detached and in parallel, and wait until all are healthy.
+    The local PostgreSQL cluster (flywheel.postgres) comes first when a configured database URL points at it."""
+    if postgres.local_databases(settings):
+        postgres.start(settings, timeout=timeout)
     specs = [_spec(name, settings) for name in names]
     procs = {spec.name: _launch(spec, settings) for spec in specs}
     with ThreadPoolExecutor(max_workers=len(specs) or 1) as pool:

@@ -3,29 +3,51 @@
 The test servers live in their own workspace (`.flywheel-test/` at the repo root, or
 FLYWHEEL_TEST_WORKSPACE) on ports that do not clash with the demo's, so `make test` can run while the
 demo's servers are up.
+
+FLYWHEEL_TEST_DB=postgres runs the session on PostgreSQL (a local cluster on 127.0.0.1:15432, flywheel.postgres):
+each test's catalog is a database of its own, and the session has its own MLflow and Prefect servers whose stores
+are databases there (ports 15001 and 14201, workspace `<test workspace>/postgres`). Label Studio is shared.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flywheel.config import Settings, load_settings
+from flywheel.config import PostgresSettings, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_WORKSPACE = Path(os.environ.get("FLYWHEEL_TEST_WORKSPACE", REPO / ".flywheel-test"))
-TEST_PORTS = {"label_studio": 18080, "mlflow": 15000, "prefect": 14200}
+TEST_DB = os.environ.get("FLYWHEEL_TEST_DB", "sqlite")
+if TEST_DB not in ("sqlite", "postgres"):
+    raise ValueError(f"FLYWHEEL_TEST_DB={TEST_DB!r}: choose sqlite or postgres")
+ON_POSTGRES = TEST_DB == "postgres"
+TEST_WORKSPACE = Path(os.environ.get("FLYWHEEL_TEST_WORKSPACE", REPO / ".flywheel-test")) / (
+    "postgres" if ON_POSTGRES else ""
+)
+TEST_PORTS = {
+    "label_studio": 18080,
+    "mlflow": 15001 if ON_POSTGRES else 15000,
+    "prefect": 14201 if ON_POSTGRES else 14200,
+}
+TEST_POSTGRES = PostgresSettings(port=15432)
 
 
 def settings_for(workspace: Path, **overrides: object) -> Settings:
     """Settings pointing at the shared test servers, with a private catalog and data under `workspace`."""
+    mlflow: dict[str, object] = {"port": TEST_PORTS["mlflow"]}
+    prefect: dict[str, object] = {"port": TEST_PORTS["prefect"]}
+    if ON_POSTGRES:
+        mlflow["backend_store_uri"] = TEST_POSTGRES.url("mlflow")
+        prefect["database_url"] = TEST_POSTGRES.url("prefect", driver="asyncpg")
     return load_settings(
         workspace=workspace,
         label_studio={"port": TEST_PORTS["label_studio"]},
-        mlflow={"port": TEST_PORTS["mlflow"]},
-        prefect={"port": TEST_PORTS["prefect"]},
+        mlflow=mlflow,
+        prefect=prefect,
+        postgres={"port": TEST_POSTGRES.port},
         **overrides,
     )
 
@@ -46,7 +68,15 @@ def services(server_settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, services: Settings) -> Settings:
+def settings(tmp_path: Path, services: Settings) -> Iterator[Settings]:
     """Per-test settings: the shared servers, a fresh catalog and workspace, a unique project name."""
     project = "t" + os.urandom(4).hex()
-    return settings_for(tmp_path / "ws", project=project)
+    if not ON_POSTGRES:
+        yield settings_for(tmp_path / "ws", project=project)
+        return
+    from flywheel import postgres
+
+    database = f"catalog_{project}"
+    postgres.create_database(TEST_POSTGRES, database)
+    yield settings_for(tmp_path / "ws", project=project, catalog_url=TEST_POSTGRES.url(database))
+    postgres.drop_database(TEST_POSTGRES, database)
