@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if args.command == "start":
             start_worker(settings)
-        elif args.command == "stop" and not stop_worker(settings):
-            print(f"no worker for pool {settings.prefect.work_pool} was running from {settings.workspace}")
+        elif args.command == "stop":
+            stopped = "stopped" if stop_worker(settings) else "none was running"
+            print(f"worker for pool {settings.prefect.work_pool} from {settings.workspace}: {stopped}")
             return 0
         print(describe(settings))
         return 0

@@ -112,7 +112,12 @@ def _spec(name: str, settings: Settings) -> _Spec:
         pf = settings.prefect
         url = f"http://{pf.host}:{pf.port}"
         argv = [str(_BIN / "prefect"), "server", "start", "--host", pf.host, "--port", str(pf.port)]
-        env = _base_env(PREFECT_HOME=str(data), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+        env = _base_env(
+            PREFECT_HOME=str(data),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            DO_NOT_TRACK="1",
+            PREFECT_UI_API_URL=f"{url}/api",  # else the UI calls port 4200 whatever --port says
+        )
         if pf.database_url:  # else Prefect's SQLite in PREFECT_HOME
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = pf.database_url
         return _Spec(name, pf.host, pf.port, url, "/api/health", argv, env)
