@@ -46,7 +46,7 @@ def image_url(location: str, settings: Settings, *, now: datetime | None = None)
             f"image {location!r}: unsupported URI scheme {scheme!r} (use a path, file://, http(s)://, s3://)"
         )
     _, relative = _under_root(_local_path(location), settings, "image")
-    return f"/data/local-files/?d={quote(relative.as_posix(), safe='/')}"
+    return f"/data/local-files/?d={quote(relative, safe='/')}"
 
 
 def presign_s3(uri: str, storage: StorageSettings, *, now: datetime | None = None) -> str:
@@ -91,23 +91,27 @@ def presign_s3(uri: str, storage: StorageSettings, *, now: datetime | None = Non
 
 
 # --- Local Storage -------------------------------------------------------------------------------
-def _document_root(settings: Settings) -> Path:
-    return Path(os.path.normpath(settings.label_studio.document_root.expanduser().absolute()))
+def _document_root(settings: Settings) -> str:
+    return os.path.normpath(settings.label_studio.document_root.expanduser().absolute())
 
 
-def _under_root(path: str | Path, settings: Settings, what: str) -> tuple[Path, Path]:
-    """(normalised absolute path, its path relative to the document root), or an error naming both."""
-    if not Path(path).is_absolute():
+def _under_root(path: str | Path, settings: Settings, what: str) -> tuple[str, str]:
+    """(normalised absolute path, its path relative to the document root), or an error naming both.
+
+    String operations, not pathlib: a push of 10,000 tasks calls this 20,000 times.
+    """
+    if not os.path.isabs(path):
         raise DataError(f"{what} {str(path)!r} is not an absolute path; Label Studio serves absolute paths only")
-    absolute = Path(os.path.normpath(path))
+    absolute = os.path.normpath(path)
     root = _document_root(settings)
-    if root not in absolute.parents:
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if not absolute.startswith(prefix) or absolute == root:
         raise ConfigError(
-            f"{what} {str(absolute)!r} is not below the Label Studio document root {str(root)!r} "
+            f"{what} {absolute!r} is not below the Label Studio document root {root!r} "
             "(label_studio.document_root, FLYWHEEL_LABEL_STUDIO__DOCUMENT_ROOT, which must match "
             "the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)"
         )
-    return absolute, absolute.relative_to(root)
+    return absolute, absolute[len(prefix) :]
 
 
 def _storage_paths(client: LabelStudio, project_id: int) -> set[Path]:
@@ -119,7 +123,7 @@ def ensure_local_storage(client: LabelStudio, project_id: int, folder: Path, set
 
     The storage is never synced: tasks come only from flywheel's pushes.
     """
-    absolute, _ = _under_root(folder, settings, "image folder")
+    absolute = Path(_under_root(folder, settings, "image folder")[0])
     if absolute in _storage_paths(client, project_id):
         return
     _create_storage(client, project_id, absolute)
@@ -144,7 +148,9 @@ def _create_storage(client: LabelStudio, project_id: int, folder: Path) -> None:
 
 def ensure_storages_for(client: LabelStudio, project_id: int, locations: Iterable[str], settings: Settings) -> None:
     """One storage per parent folder of the local images not already covered by a storage of the project."""
-    parents = {_under_root(_local_path(p), settings, "image")[0].parent for p in locations if is_local(p)}
+    parents = {
+        Path(os.path.dirname(_under_root(_local_path(p), settings, "image")[0])) for p in locations if is_local(p)
+    }
     if not parents:
         return
     known = _storage_paths(client, project_id)
