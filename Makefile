@@ -15,6 +15,12 @@ SERVICES := infra/services
 TEST_WS := $(or $(FLYWHEEL_TEST_WORKSPACE),$(CURDIR)/.flywheel-test)
 TEST_ENV := FLYWHEEL_WORKSPACE=$(TEST_WS) FLYWHEEL_LABEL_STUDIO__PORT=18080 \
 	FLYWHEEL_MLFLOW__PORT=15000 FLYWHEEL_PREFECT__PORT=14200
+# The PostgreSQL pass (FLYWHEEL_TEST_DB=postgres): the local cluster on 127.0.0.1:15432 and its own MLflow and
+# Prefect servers, storing there, in $(TEST_WS)/postgres. PG_TESTS: the integration tests it repeats.
+PG_TEST_ENV := FLYWHEEL_WORKSPACE=$(TEST_WS)/postgres FLYWHEEL_LABEL_STUDIO__PORT=18080 \
+	FLYWHEEL_MLFLOW__PORT=15001 FLYWHEEL_PREFECT__PORT=14201 FLYWHEEL_POSTGRES__PORT=15432
+PG_TESTS ?= tests/integration/test_postgres.py tests/integration/test_labelstudio.py tests/integration/test_webhook.py \
+	tests/integration/test_provenance.py tests/integration/test_review.py
 
 # pip prints thousands of "Location ... is ignored" warnings against the local mirrors: keep the full
 # output in a log, show only real warnings/errors (and the log's tail when pip fails).
@@ -28,12 +34,12 @@ define pip_install
 	grep -E '^(WARNING|ERROR)' $(LOGS)/$(3) | grep -v -E 'Location .* is ignored' | head -n 20 || true
 endef
 
-.PHONY: help setup fashion-mnist services stop demo deploy demo-served test lint clean
+.PHONY: help setup fashion-mnist postgresql services stop demo deploy demo-served test lint clean
 
 help:
 	@echo "make setup | services | stop | demo | deploy | demo-served | test | lint | clean"
 
-setup: $(VENV_STAMP) $(LS_STAMP) fashion-mnist
+setup: $(VENV_STAMP) $(LS_STAMP) fashion-mnist postgresql
 
 $(VENV_STAMP):
 	@test -x .venv/bin/python || $(PYTHON) -m venv .venv
@@ -53,6 +59,14 @@ fashion-mnist:
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# Debian's PostgreSQL server binaries (initdb, pg_ctl): flywheel.postgres runs its own cluster with them.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing apt package postgresql"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq postgresql; \
+	fi
+
 services: setup
 	@$(SERVICES) start
 
@@ -62,6 +76,8 @@ stop:
 		.venv/bin/python -m flows.worker stop; \
 		$(SERVICES) stop; \
 		$(TEST_ENV) $(SERVICES) stop; \
+		$(PG_TEST_ENV) $(SERVICES) stop; \
+		$(PG_TEST_ENV) .venv/bin/python -m flywheel.postgres stop; \
 	fi
 
 demo: services
@@ -77,9 +93,14 @@ deploy: services
 demo-served: deploy
 	.venv/bin/python -m flows.served
 
-# The pytest session fixture starts (or reuses) the test servers itself.
+# The pytest session fixture starts (or reuses) the test servers itself. Then the PostgreSQL pass repeats the
+# integration tests that use the catalog, MLflow and Prefect with all three on PostgreSQL. Both passes always run.
 test: setup
-	.venv/bin/python -m pytest -q
+	@status=0; \
+	.venv/bin/python -m pytest -q || status=$$?; \
+	echo "== PostgreSQL pass: FLYWHEEL_TEST_DB=postgres pytest $(PG_TESTS)"; \
+	FLYWHEEL_TEST_DB=postgres .venv/bin/python -m pytest -q $(PG_TESTS) || status=$$?; \
+	exit $$status
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check .

@@ -31,6 +31,7 @@ def _cli(monkeypatch, settings, *args: str) -> str:
     """Run the CLI as a user would, with the test's settings in the environment."""
     for key, value in {
         "FLYWHEEL_WORKSPACE": str(settings.workspace),
+        "FLYWHEEL_CATALOG_URL": settings.catalog_url,  # PostgreSQL in the PostgreSQL pass
         "FLYWHEEL_PROJECT": settings.project,
         "FLYWHEEL_LABEL_STUDIO__PORT": str(settings.label_studio.port),
         "FLYWHEEL_MLFLOW__PORT": str(settings.mlflow.port),

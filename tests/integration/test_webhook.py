@@ -117,6 +117,7 @@ def test_webhook_end_to_end_through_the_cli(settings: Settings, tmp_path: Path) 
     env = {
         **os.environ,
         "FLYWHEEL_WORKSPACE": str(settings.workspace),
+        "FLYWHEEL_CATALOG_URL": settings.catalog_url,  # PostgreSQL in the PostgreSQL pass
         "FLYWHEEL_PROJECT": settings.project,
         "FLYWHEEL_LABEL_STUDIO__PORT": str(settings.label_studio.port),
         "FLYWHEEL_PREFECT__PORT": str(settings.prefect.port),
