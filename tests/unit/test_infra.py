@@ -136,6 +136,9 @@ def test_flywheel_containers_get_valid_settings(compose, monkeypatch, tmp_path):
         assert settings.mlflow.url == "http://mlflow:5000" and settings.prefect.api_url == env["PREFECT_API_URL"]
         assert settings.webhook.secret.get_secret_value() == "CHANGE-ME-webhook-secret"
         assert settings.storage.endpoint == "http://minio:9000"
+        # the catalog in PostgreSQL's `flywheel` database; its password only in libpq's PGPASSWORD
+        assert settings.catalog_url == "postgresql+psycopg://flywheel@postgres:5432/flywheel"
+        assert env["PGPASSWORD"] == "CHANGE-ME-postgres"
 
 
 @pytest.mark.integration

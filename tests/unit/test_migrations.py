@@ -104,3 +104,8 @@ def test_db_upgrade_command_and_the_alembic_command_line(tmp_path, monkeypatch):
         done = subprocess.run([*alembic, "-x", f"url={fresh}", *args], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     assert _revision(fresh) == migrations.head()
+    offline = [*alembic, "-x", "url=postgresql+psycopg://flywheel@db.example/flywheel", "upgrade", "head", "--sql"]
+    script = subprocess.run(offline, cwd=tmp_path, capture_output=True, text=True)  # for a DBA: no server needed
+    assert script.returncode == 0, script.stderr
+    assert "CREATE TABLE samples" in script.stdout and "CREATE INDEX ix_annotations_sample_id" in script.stdout
+    assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in script.stdout

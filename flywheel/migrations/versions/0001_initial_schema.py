@@ -25,6 +25,9 @@ depends_on: str | None = None
 def _table(name: str, *elements: sa.Column | sa.Constraint, backfill: dict[str, str] | None = None) -> None:
     """Create the table; where an older catalog has it, add the columns it lacks (filled from `backfill`'s
     column when named there)."""
+    if op.get_context().as_sql:  # `--sql`: the script for a new database, nothing to inspect
+        op.create_table(name, *elements)
+        return
     inspector = sa.inspect(op.get_bind())
     if not inspector.has_table(name):
         op.create_table(name, *elements)
@@ -40,7 +43,7 @@ def _table(name: str, *elements: sa.Column | sa.Constraint, backfill: dict[str, 
 
 
 def _index(table: str, name: str, column: str) -> None:
-    if name not in {index["name"] for index in sa.inspect(op.get_bind()).get_indexes(table)}:
+    if op.get_context().as_sql or name not in {i["name"] for i in sa.inspect(op.get_bind()).get_indexes(table)}:
         op.create_index(name, table, [column], unique=False)
 
 
