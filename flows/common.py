@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -71,23 +69,7 @@ Overrides = Annotated[dict[str, Any], AfterValidator(_valid_overrides)]
 def settings_from(overrides: dict[str, Any] | None) -> Settings:
     """Flow parameters carry only overrides; everything else comes from env / flywheel.toml, and the secrets
     named in settings.secret_blocks from those Prefect Secret blocks."""
-    _fork_safe()
     return with_secret_blocks(load_settings(**(overrides or {})))
-
-
-_FORK_SAFE: list[bool] = []
-
-
-def _fork_safe() -> None:
-    """Processes forked from a flow run (DataLoader workers) drop the thread exit hooks they inherit.
-
-    Prefect registers one per background service; in a fork child the service never ran, so the hook fails an
-    assertion when the child exits, the child exits with code 1 and torch reports "DataLoader worker exited
-    unexpectedly" in the flow run (about one embedding in two, seen with Prefect 3.8.8).
-    """
-    if not _FORK_SAFE:
-        os.register_at_fork(after_in_child=threading._threading_atexits.clear)  # type: ignore[attr-defined]
-        _FORK_SAFE.append(True)
 
 
 def with_secret_blocks(settings: Settings) -> Settings:

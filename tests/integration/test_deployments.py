@@ -322,30 +322,3 @@ def test_sync_emits_the_threshold_event_with_the_counts(in_process: Settings):
         "min_labels": 30,
         "every_new_labels": 10,
     }
-
-
-def _child() -> None:
-    """Does nothing: only its exit code matters."""
-
-
-def test_processes_forked_by_a_flow_run_exit_cleanly(in_process: Settings):
-    """DataLoader workers are such processes: without the fork guard in settings_from, each one exits with
-    code 1 (Prefect's inherited exit hooks fail in the child) and torch aborts the embedding."""
-    import multiprocessing
-
-    from prefect import flow
-
-    from flows.common import settings_from
-
-    @flow
-    def forks() -> list[int]:
-        settings_from(None)  # what every flywheel flow does first
-        exit_codes = []
-        for _ in range(3):
-            child = multiprocessing.get_context("fork").Process(target=_child)
-            child.start()
-            child.join()
-            exit_codes.append(child.exitcode)
-        return exit_codes
-
-    assert forks() == [0, 0, 0]
