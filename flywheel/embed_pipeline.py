@@ -198,7 +198,9 @@ def embed_stream(
     if not len(paths):
         return
     cuda = device.type == "cuda"
-    workers = auto_workers(device) if options.workers == -1 else options.workers
+    workers = options.workers
+    if workers == -1:  # starting worker processes costs more than it saves on a couple of batches
+        workers = auto_workers(device) if len(paths) > 2 * options.batch_size else 0
     if options.threads and not cuda:
         torch.set_num_threads(options.threads)
     loader = DataLoader(
