@@ -19,8 +19,8 @@ TEST_ENV := FLYWHEEL_WORKSPACE=$(TEST_WS) FLYWHEEL_LABEL_STUDIO__PORT=18080 \
 # Prefect servers, storing there, in $(TEST_WS)/postgres. PG_TESTS: the integration tests it repeats.
 PG_TEST_ENV := FLYWHEEL_WORKSPACE=$(TEST_WS)/postgres FLYWHEEL_LABEL_STUDIO__PORT=18080 \
 	FLYWHEEL_MLFLOW__PORT=15001 FLYWHEEL_PREFECT__PORT=14201 FLYWHEEL_POSTGRES__PORT=15432
-PG_TESTS ?= tests/integration/test_postgres.py tests/integration/test_labelstudio.py tests/integration/test_webhook.py \
-	tests/integration/test_provenance.py tests/integration/test_review.py
+PG_TESTS ?= tests/integration/test_postgres.py tests/integration/test_webhook.py tests/integration/test_provenance.py \
+	tests/integration/test_review.py tests/integration/test_deployments.py
 
 # pip prints thousands of "Location ... is ignored" warnings against the local mirrors: keep the full
 # output in a log, show only real warnings/errors (and the log's tail when pip fails).

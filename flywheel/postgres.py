@@ -11,6 +11,7 @@ never started here: point the URLs at it (docs/operations.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pwd
 import shutil
@@ -31,11 +32,23 @@ MAX_CONNECTIONS = 300  # every Catalog holds a small pool; the test suite opens 
 
 
 def data_dir(settings: Settings) -> Path:
-    return settings.workspace / "services" / "postgres"
+    """The cluster's files: `<workspace>/services/postgres`; under root, when the server user cannot reach the
+    workspace (a home folder closed to others), `~postgres/flywheel/<workspace hash>/data` instead."""
+    if os.geteuid() != 0 or _server_user_reaches(settings.workspace):
+        return settings.workspace / "services" / "postgres"
+    key = hashlib.sha256(str(settings.workspace).encode()).hexdigest()[:12]
+    return Path(pwd.getpwnam(SERVER_USER).pw_dir) / "flywheel" / key / "data"
 
 
 def log_file(settings: Settings) -> Path:
-    return settings.logs_dir / "postgres.log"
+    """Written by the server: beside the data when that had to leave the workspace."""
+    data = data_dir(settings)
+    return settings.logs_dir / "postgres.log" if data.is_relative_to(settings.workspace) else data.parent / "server.log"
+
+
+def _server_user_reaches(path: Path) -> bool:
+    existing = next(p for p in (path, *path.parents) if p.exists())  # folders made below it are world-searchable
+    return subprocess.run(["runuser", "-u", SERVER_USER, "--", "test", "-x", str(existing)]).returncode == 0
 
 
 def bin_dir(pg: PostgresSettings) -> Path:

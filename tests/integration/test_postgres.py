@@ -5,6 +5,7 @@ also run against it: `make test` repeats them with FLYWHEEL_TEST_DB=postgres."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -56,6 +57,24 @@ def test_the_cluster_starts_once_listens_on_loopback_only_and_runs_unprivileged(
     uid = next(line.split()[1] for line in status if line.startswith("Uid:"))
     assert uid != "0"  # PostgreSQL refuses root: under root it runs as the postgres system user
     assert not postgres.problem(cluster.postgres)
+
+
+def test_a_cluster_for_a_workspace_closed_to_the_server_user_starts_and_stops(tmp_path):
+    """Under root, pytest's private (0700) temporary folders are such a workspace: the data goes elsewhere."""
+    settings = load_settings(workspace=tmp_path / "ws", postgres={"port": TEST_POSTGRES.port + 1})
+    data = postgres.data_dir(settings)
+    if os.geteuid() == 0:
+        assert not data.is_relative_to(tmp_path) and data.name == "data"
+    else:
+        assert data == tmp_path / "ws" / "services" / "postgres"
+    try:
+        postgres.start(settings)
+        assert not postgres.problem(settings.postgres) and (data / "PG_VERSION").is_file()
+    finally:
+        assert postgres.stop(settings)
+        if os.geteuid() == 0:
+            shutil.rmtree(data.parent)
+    assert postgres.problem(settings.postgres)  # stopped: nothing answers any more
 
 
 def test_only_urls_on_the_local_cluster_get_databases_there(cluster):
