@@ -79,8 +79,10 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
 
     # By hand, forward to the fine-tuned model: the pool is re-embedded with its body, the index rebuilt.
     assert loop.promote(settings, catalog, mlflow_client, report.model_version, progress=False) == report.model_version
-    assert features.body_version(settings, catalog) == report.model_version
-    assert features.index_path(settings, report.model_version).exists()
+    active = features.active_settings(settings, catalog)  # the fine-tune may have started from another backbone
+    assert active.backbone == report.backbone
+    assert features.body_version(active, catalog) == report.model_version
+    assert features.index_path(active, report.model_version).exists()
     assert tracking.champion_version(mlflow_client, settings) == report.model_version
     third = loop.run_round(settings, catalog, ls_client, mlflow_client, progress=False)
     third_run = mlflow_client.get_run(
