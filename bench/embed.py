@@ -143,6 +143,11 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line minus --note and its text (the note is printed on its own)."""
+    return [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -183,7 +188,7 @@ def main() -> None:
         "workers": workers,
         "compile": args.compile,
         "chunk": args.chunk,
-        "command": "python bench/embed.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/embed.py " + " ".join(_without_note(sys.argv[1:])),
         "note": args.note,
     }
     write_results(args.out or Path("bench/results") / ("embed" if device.type == "cpu" else "embed-cuda"), meta, rows)

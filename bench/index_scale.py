@@ -5,7 +5,7 @@ blobs, k=10. Each index kind is built through flywheel.vector_index (trained on 
 saved and loaded back) with the settings below; recall@10 is the share of the exact (Flat) top-10 ids found.
 
     nice -n 10 .venv/bin/python bench/index_scale.py [--n 1000000] [--dim 512] [--kinds flat,ivf,hnsw,ivfpq]
-        [--budget-gb 0.1] [--out bench/results/index-scale]
+        [--budget-gb 0.1] [--rerank 8] [--out bench/results/index-scale]
 
 `auto` picks flat up to index.flat_max, ivf above it, ivfpq when vectors exceed index.memory_budget_gb; the
 ivfpq row runs with --budget-gb (default 0.1 GB: 1M x 512 float32 is 2 GB) so the plan has to compress.
@@ -50,7 +50,7 @@ def run_kind(kind: str, data: dict, exact: np.ndarray | None, args) -> list[tupl
     """Build, save, load back and query one kind; ivfpq is queried twice: raw codes, then re-ranked."""
     x, ids, queries = data["x"], data["ids"], data["queries"]
     settings = IndexSettings(
-        kind=kind, memory_budget_gb=args.budget_gb if kind == "ivfpq" else 64.0, nprobe=args.nprobe
+        kind=kind, memory_budget_gb=args.budget_gb if kind == "ivfpq" else 64.0, nprobe=args.nprobe, rerank=args.rerank
     )
     t, cpu = time.perf_counter(), time.process_time()
     index = build_vector_index(x, ids, settings)
@@ -131,6 +131,11 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line minus --note and its text (the note is printed on its own)."""
+    return [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -141,6 +146,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="flat,ivf,hnsw,ivfpq")
     parser.add_argument("--nprobe", type=int, default=IndexSettings().nprobe)
     parser.add_argument("--budget-gb", type=float, default=0.1, help="memory budget of the ivfpq row")
+    parser.add_argument("--rerank", type=int, default=IndexSettings().rerank, help="ivfpq: re-rank rerank x k")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=Path("bench/results/index-scale"))
     args = parser.parse_args()
@@ -172,7 +178,7 @@ def main() -> None:
         "machine": f"CPU, {platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "peak_rss_gb": rss_gb(),
         "auto_plan": plan_index(args.n, args.dim, IndexSettings()).reason,
-        "command": "python bench/index_scale.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/index_scale.py " + " ".join(_without_note(sys.argv[1:])),
         "note": args.note,
     }
     write_results(args.out, meta, rows)
