@@ -5,7 +5,7 @@ blobs, k=10. Each index kind is built through flywheel.vector_index (trained on 
 saved and loaded back) with the settings below; recall@10 is the share of the exact (Flat) top-10 ids found.
 
     nice -n 10 .venv/bin/python bench/index_scale.py [--n 1000000] [--dim 512] [--kinds flat,ivf,hnsw,ivfpq]
-        [--budget-gb 0.1] [--rerank 8] [--out bench/results/index-scale]
+        [--budget-gb 0.1] [--rerank 32] [--out bench/results/index-scale]
 
 `auto` picks flat up to index.flat_max, ivf above it, ivfpq when vectors exceed index.memory_budget_gb; the
 ivfpq row runs with --budget-gb (default 0.1 GB: 1M x 512 float32 is 2 GB) so the plan has to compress.

@@ -209,7 +209,7 @@ class IndexSettings(_Section):
     hnsw_m: int = Field(32, ge=4, description="HNSW links per vector")
     ef_search: int = Field(128, ge=1, description="HNSW candidates per query (recall vs speed)")
     train_size: int = Field(100_000, ge=1000, description="vectors sampled to train IVF/PQ (more when nlist needs)")
-    rerank: int = Field(8, ge=0, description="ivfpq: re-rank this many x k candidates by exact cosine; 0/1: off")
+    rerank: int = Field(32, ge=0, description="ivfpq: re-rank this many x k candidates by exact cosine; 0/1: off")
     shard_size: int = Field(1_000_000, ge=1, description="vectors per saved shard (incremental adds fill the last)")
 
 
