@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import socket
@@ -35,24 +34,9 @@ from flywheel.labelstudio import (
     refresh_predictions,
     sync_annotations,
 )
+from tests.integration.labelstudio_support import CLASSES, make_images
 
 pytestmark = pytest.mark.integration
-
-CLASSES = ["cat", "dog", "bird"]
-
-
-def _make_images(folder: Path, n: int) -> list[NewSample]:
-    """n tiny PNGs in per-class subfolders, with their truths cycling through CLASSES."""
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(n):
-        truth = CLASSES[i % len(CLASSES)]
-        path = folder / truth / f"img {i}.png"  # a space: the URL must be quoted
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        samples.append(NewSample(uri=str(path), content_hash=digest, truth=truth))
-    return samples
 
 
 @pytest.fixture
@@ -63,7 +47,7 @@ def client(settings: Settings):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def catalog(settings: Settings, tmp_path: Path) -> Catalog:
     catalog = Catalog(settings.catalog_url)
-    catalog.add_samples(_make_images(tmp_path / "images", 6), source="test", split="pool", classes=CLASSES)
+    catalog.add_samples(make_images(tmp_path / "images", 6), source="test", split="pool", classes=CLASSES)
     return catalog
 
 
@@ -255,7 +239,7 @@ def test_noisy_annotator_changes_every_label_when_noise_is_one(client, settings,
 
 
 def test_task_without_truth_is_left_for_a_person(client, settings, catalog, project_id, tmp_path):  # type: ignore[no-untyped-def]
-    unknown = _make_images(tmp_path / "unlabelled", 7)[-1]  # content unlike the six (no duplicate hash)
+    unknown = make_images(tmp_path / "unlabelled", 7)[-1]  # content unlike the six (no duplicate hash)
     catalog.add_samples(
         [NewSample(uri=unknown.uri, content_hash=unknown.content_hash)], source="t", split="pool", classes=[]
     )
