@@ -254,4 +254,6 @@ def publish_finetune_report(settings: Settings, report: FinetuneReport) -> None:
         f"- **{'promoted' if report.promoted else 'not promoted'}**: {report.promotion_reason}\n"
         f"- [MLflow run]({report.run_url}), {report.seconds:.0f} s\n"
     )
+    if report.predictions_refreshed is not None:
+        markdown += f"- open Label Studio tasks now pre-annotated by it: {report.predictions_refreshed} changed\n"
     create_markdown_artifact(markdown, key=artifact_key(settings, "finetune-report"), description="fine-tune report")

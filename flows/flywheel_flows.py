@@ -11,7 +11,7 @@ a bad one fails the run before any work. flows/deploy.py turns these flows into 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -117,8 +117,14 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
 def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport:
     settings = settings_from(overrides)
     mlflow_client = with_retries(connect_mlflow, settings)(settings)
+    catalog = Catalog(settings.catalog_url)
     with project_slot(settings):
-        report = task(loop.run_finetune, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), mlflow_client)
+        report = task(loop.run_finetune, cache_policy=NO_CACHE)(settings, catalog, mlflow_client)
+        if report.promoted:  # open tasks show the new champion's predictions; retried alone, not the fine-tune
+            ls_client = with_retries(connect_label_studio, settings)(settings)
+            refresh = with_retries(task(loop.refresh_open_tasks, cache_policy=NO_CACHE), settings)
+            refreshed = refresh(settings, catalog, ls_client, mlflow_client, report.model_version)
+            report = replace(report, predictions_refreshed=refreshed)
     publish_finetune_report(settings, report)
     print(f"fine-tune {report.depth}: version {report.model_version}, promoted={report.promoted}")
     return report

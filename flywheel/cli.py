@@ -199,13 +199,18 @@ def finetune_() -> None:
 def promote(
     version: Annotated[str, typer.Option("--version", help="registered model version to make champion")],
 ) -> None:
-    """Move the champion alias to a version by hand (roll back or forward) and re-embed the pool if needed."""
-    from flywheel import loop, tracking
+    """Move the champion alias to a version by hand (roll back or forward), re-embed the pool if needed and
+    show open Label Studio tasks its predictions."""
+    from flywheel import labelstudio, loop, tracking
     from flywheel.catalog import Catalog
 
     settings = _settings()
-    body = loop.promote(settings, Catalog(settings.catalog_url), tracking.connect(settings), version)
+    catalog, mlflow_client = Catalog(settings.catalog_url), tracking.connect(settings)
+    body = loop.promote(settings, catalog, mlflow_client, version)
     console.print(f"champion: version {version} of {settings.registered_model_name}; pool embedded by body {body}")
+    # after the promotion, so a Label Studio that is down cannot block a roll-back; rerunning is safe
+    refreshed = loop.refresh_open_tasks(settings, catalog, labelstudio.connect(settings), mlflow_client, version)
+    console.print(f"open Label Studio tasks now showing version {version}'s predictions: {refreshed} changed")
 
 
 @app.command()

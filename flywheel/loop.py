@@ -4,6 +4,7 @@ bootstrap: embed the pool (and test split), index it, create the Label Studio pr
 run_round: train the head on the labels so far, register it, score the pool, select, push to Label Studio.
 run_sync:  pull annotations into the catalog and say whether a deeper fine-tune is due.
 run_finetune: fine-tune deeper per the policy, register, promote only on a held-out win, re-embed.
+promote, refresh_open_tasks: a champion by hand; open Label Studio tasks then show its predictions.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class FinetuneReport:
     best_epoch: int = 0
     stopped_early: bool = False
     resumed_from: int | None = None
+    predictions_refreshed: int | None = None  # open Label Studio tasks given its predictions (flows, if promoted)
 
 
 @dataclass(frozen=True)
@@ -361,10 +363,7 @@ def _select_and_push(
     if ls_client is not None:
         project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
         if report.promoted and probs is not None and report.model_version is not None:  # new champion
-            predicted = {int(sid): classes[int(row.argmax())] for sid, row in zip(pool.ids, probs, strict=True)}
-            labelstudio.refresh_predictions(
-                ls_client, catalog, project_id, predicted, model_version=report.model_version
-            )
+            _refresh_open_tasks(ls_client, catalog, project_id, pool.ids, probs, classes, report.model_version)
         pushed = labelstudio.push_tasks(
             ls_client,
             catalog,
@@ -654,24 +653,70 @@ def switch_body(settings: Settings, catalog: Catalog, version: str, body, *, pro
     return True
 
 
-@locking.locked
-def promote(
-    settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, version: str, *, progress: bool = True
-) -> str:
-    """Make a registered version the champion by hand (roll back or forward); returns the body now in use."""
+def _model_body(settings: Settings, mlflow_client: MlflowClient, version: str) -> tuple[Settings, str]:
+    """(settings with the backbone of registered `version`, the body version its head reads embeddings of)."""
     model = tracking.model_version(mlflow_client, settings, version)
-    tracking.apply_promotion(
-        mlflow_client, settings, version, tracking.PromotionDecision(True, "promoted by hand (flywheel promote)")
-    )
     body_version = (
         version if model.tags.get("kind") == "finetune" else model.tags.get("body_version", features.IMAGENET)
     )
     in_use = model.tags.get("backbone") or tracking.load_classifier(settings, version).backbone
-    model_settings = settings.model_copy(update={"backbone": in_use})
+    return settings.model_copy(update={"backbone": in_use}), body_version
+
+
+@locking.locked
+def promote(
+    settings: Settings, catalog: Catalog, mlflow_client: MlflowClient, version: str, *, progress: bool = True
+) -> str:
+    """Make a registered version the champion by hand (roll back or forward); returns the body now in use.
+
+    Open Label Studio tasks still show the old champion's predictions until `refresh_open_tasks` runs
+    (the CLI and the flows call it next: it needs Label Studio, the promotion does not)."""
+    model_settings, body_version = _model_body(settings, mlflow_client, version)
+    tracking.apply_promotion(
+        mlflow_client, settings, version, tracking.PromotionDecision(True, "promoted by hand (flywheel promote)")
+    )
     body = features.load_body(model_settings, body_version)
     switch_body(model_settings, catalog, body_version, body, progress=progress)
-    features.record_backbone(catalog, configured=settings.backbone, in_use=in_use)
+    features.record_backbone(catalog, configured=settings.backbone, in_use=model_settings.backbone)
     return body_version
+
+
+@locking.locked
+def refresh_open_tasks(
+    settings: Settings,
+    catalog: Catalog,
+    ls_client: LabelStudio,
+    mlflow_client: MlflowClient,
+    version: str | None = None,
+    *,
+    progress: bool = True,
+) -> int:
+    """Show every still-open task the prediction of registered `version` (default: the champion) instead
+    of the one it was pushed with; returns how many tasks changed. Run after a promotion outside a round (a
+    fine-tune's, `flywheel promote`); safe to rerun, it creates no task."""
+    version = version or tracking.champion_version(mlflow_client, settings)
+    if version is None:
+        return 0
+    model_settings, body_version = _model_body(settings, mlflow_client, version)
+    classifier = tracking.load_classifier(settings, version)
+    pool = features.split_features(model_settings, catalog, POOL, classifier.body, body_version, progress=progress)
+    probs = predict_proba(classifier.head, pool.vectors)
+    with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
+        project_id = labelstudio.ensure_project(ls_client, settings, catalog, _classes(catalog))
+        return _refresh_open_tasks(ls_client, catalog, project_id, pool.ids, probs, list(classifier.classes), version)
+
+
+def _refresh_open_tasks(
+    ls_client: LabelStudio,
+    catalog: Catalog,
+    project_id: int,
+    sample_ids: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    version: str,
+) -> int:
+    predicted = {int(sid): classes[int(row.argmax())] for sid, row in zip(sample_ids, probs, strict=True)}
+    return labelstudio.refresh_predictions(ls_client, catalog, project_id, predicted, model_version=version)
 
 
 def _fit_head(settings: Settings, pool: features.SplitFeatures, rows: np.ndarray, targets: np.ndarray, n_classes: int):

@@ -20,7 +20,7 @@ from flywheel.labelstudio.interface import FROM_NAME, TO_NAME, choice_result, co
 from flywheel.labelstudio.media import ensure_local_storage, image_url, presign_s3
 from flywheel.labelstudio.project import META_PROJECT_ID, SECRET_HEADER, ensure_project, ensure_webhook
 from flywheel.labelstudio.sync import SyncReport, export_annotated, sync_annotations
-from flywheel.labelstudio.tasks import OPEN_TASKS, TaskToPush, push_tasks, refresh_predictions
+from flywheel.labelstudio.tasks import OPEN_TASKS, TaskToPush, prediction_score, push_tasks, refresh_predictions
 
 __all__ = [
     "FROM_NAME",
@@ -45,6 +45,7 @@ __all__ = [
     "list_tasks",
     "number_filter",
     "presign_s3",
+    "prediction_score",
     "push_tasks",
     "refresh_predictions",
     "sync_annotations",

@@ -223,6 +223,8 @@ def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap
     assert all(r.created >= began for r in runs)
     assert "depth: **head**" in report and "learning rates" in report and "[MLflow run](http" in report
     assert "promoted" in report  # promoted or not, and why
+    # a promotion refreshes the open tasks' predictions in the same run (this project has no open task)
+    assert "**not promoted**" in report or "open Label Studio tasks now pre-annotated by it: 0 changed" in report
 
 
 def test_a_failing_network_task_is_retried_with_backoff(served_project: Settings, background_runs: dict):

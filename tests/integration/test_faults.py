@@ -3,7 +3,8 @@
 - A round (and a sync) run in a subprocess that dies as if SIGKILLed (FLYWHEEL_FAULT_AT, flywheel/faults.py)
   at each step: mid-embedding, after training, after registering in MLflow, after selecting, between two
   import chunks, after the push before the catalog commit, before the round is marked finished, inside the
-  sync's transaction. After each kill, and after the reruns, Label Studio holds at most one task per sample,
+  sync's transaction; and a prediction refresh between clearing the open tasks' predictions and importing.
+  After each kill, and after the reruns, Label Studio holds at most one task per sample,
   every catalog task is a Label Studio task, no round is left half-written, and no label is lost.
 - Label Studio unavailable mid-round (a loopback proxy in front of the shared server is cut) and MLflow
   restarted (a private server on its own port): the round fails naming the server and URL, nothing stored
@@ -54,7 +55,7 @@ from flywheel.labelstudio import tasks
 tasks.IMPORT_CHUNK = 4  # several import requests per push, so a push can die between two of them
 print("ready", flush=True)
 for line in sys.stdin:
-    point, what = line.split()
+    point, what, *args = line.split()
     pid = os.fork()
     if pid == 0:
         os.dup2(2, 1)  # the child's chatter goes to the log; stdout carries only exit codes
@@ -65,6 +66,8 @@ for line in sys.stdin:
             ls = labelstudio.connect(settings)
             if what == "round":
                 loop.run_round(settings, catalog, ls, tracking.connect(settings), progress=False)
+            elif what == "refresh":  # open tasks to the predictions of registered version args[0]
+                loop.refresh_open_tasks(settings, catalog, ls, tracking.connect(settings), args[0], progress=False)
             else:
                 loop.run_sync(settings, catalog, ls)
         except BaseException:
@@ -186,22 +189,28 @@ def test_a_round_killed_at_every_step_then_rerun_loses_nothing_and_sends_nothing
         runs.killed_at("round:after_register")  # a version is in MLflow, the catalog does not know it
         assert versions() == 1
         assert _check(settings, catalog, client, project_id) == {"ls": 10, "catalog": 10, "unfinished": 1}
+        second = loop.run_round(settings, catalog, client, mlflow_client, progress=False)
+        assert second.round_id == 2 and len(second.selected) == 10 and second.model_version == "2"
+        assert tracking.champion_version(mlflow_client, settings) in ("1", "2")
+        assert _check(settings, catalog, client, project_id) == {"ls": 20, "catalog": 20, "unfinished": 0}
+        # the open tasks shown version 1's predictions, killed between clearing the old ones and importing
+        runs.killed_at("refresh:after_delete", "refresh 1")
     finally:
         runs.close()
-    second = loop.run_round(settings, catalog, client, mlflow_client, progress=False)
-    assert second.round_id == 2 and len(second.selected) == 10 and second.model_version == "2"
-    assert tracking.champion_version(mlflow_client, settings) in ("1", "2")
-    assert _check(settings, catalog, client, project_id) == {"ls": 20, "catalog": 20, "unfinished": 0}
+    new_tasks = set(labelstudio.task_sample_ids(client, project_id)) - first_tasks
+    assert not any(t.predictions for t in labelstudio.list_tasks(client, project_id, fields="all") if t.id in new_tasks)
+    assert loop.refresh_open_tasks(settings, catalog, client, mlflow_client, "1", progress=False) == 10  # the rerun
+    shown = {t.id: t.predictions for t in labelstudio.list_tasks(client, project_id, fields="all")}
+    assert all([p.model_version for p in shown[t]] == ["1"] for t in new_tasks)
 
     # every annotation made becomes a label: none lost, none doubled
-    new_tasks = set(labelstudio.task_sample_ids(client, project_id)) - first_tasks
     assert _annotate(client, catalog, project_id, new_tasks) == 10
     assert loop.run_sync(settings, catalog, client).n_labels == 20
     labels, sent = catalog.labels(), _ls_tasks(client, project_id)
     assert sorted(labels) == sorted(sent)
     assert labels == catalog.truth_of(labels)
     assert [r.finished_at is not None for r in catalog.rounds()] == [True, True]
-    print(f"\n8 kills + reruns: 20 tasks, 20 labels, 0 lost, 0 doubled, {time.monotonic() - began:.0f} s")
+    print(f"\n9 kills + reruns: 20 tasks, 20 labels, 0 lost, 0 doubled, {time.monotonic() - began:.0f} s")
 
 
 class _Proxy:

@@ -30,6 +30,7 @@ from flywheel.labelstudio import (
     ensure_project,
     image_url,
     list_tasks,
+    prediction_score,
     push_tasks,
     refresh_predictions,
     sync_annotations,
@@ -65,7 +66,7 @@ def _with_ls(settings: Settings, **values: object) -> Settings:
 
 def _to_push(catalog: Catalog, model: str = "cat") -> list[TaskToPush]:
     return [
-        TaskToPush(sample_id=s.id, path=s.uri, predicted=model, confidence=0.4, score=0.1 * s.id)
+        TaskToPush(sample_id=s.id, path=s.uri, predicted=model, confidence=0.4, score=0.5 * s.id)  # 0.5 .. 3
         for s in catalog.samples()
     ]
 
@@ -124,7 +125,7 @@ def test_push_creates_tasks_with_predictions_once(client, settings, catalog, pro
         (prediction,) = task.predictions
         prediction = prediction if isinstance(prediction, dict) else prediction.model_dump()
         assert prediction["model_version"] == "m-7"
-        assert prediction["score"] == pytest.approx(0.1 * sample_id)
+        assert prediction["score"] == pytest.approx(prediction_score(0.5 * sample_id))
         assert prediction["result"][0]["value"]["choices"] == ["cat"]
 
     again = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m-8", round_id=None)
@@ -473,7 +474,7 @@ def test_new_champion_refreshes_predictions_of_open_tasks_only(client, settings,
     for _, task_id in open_items:
         (prediction,) = tasks[task_id].predictions
         assert prediction.model_version == "4" and prediction.result == choice_result("bird")
-        assert prediction.score == pytest.approx(0.1 * tasks[task_id].data["sample_id"])  # the selection score
+        assert prediction.score == pytest.approx(prediction_score(0.5 * tasks[task_id].data["sample_id"]))
     (kept,) = tasks[done_task].predictions
     assert kept.model_version == "3"  # an annotated task keeps what its annotator saw
     assert client.projects.get(project_id).model_version == "4"

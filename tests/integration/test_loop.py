@@ -92,6 +92,24 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     # ... and back to the first head, whose body is the ImageNet one.
     assert loop.promote(settings, catalog, mlflow_client, second.model_version, progress=False) == "imagenet"
     assert features.body_version(settings, catalog) == "imagenet"
+    # The open tasks (the third round's) now show the rolled-back champion's predictions; annotated tasks keep
+    # theirs, and no task is created.
+    before = {t.id: t for t in labelstudio.list_tasks(ls_client, project_id, fields="all")}
+    open_ids = {t.id for t in labelstudio.list_tasks(ls_client, project_id, query=labelstudio.OPEN_TASKS)}
+    assert len(open_ids) == 40
+    assert loop.refresh_open_tasks(settings, catalog, ls_client, mlflow_client, progress=False) == 40
+    after = {t.id: t for t in labelstudio.list_tasks(ls_client, project_id, fields="all")}
+    assert set(after) == set(before)
+    scores = {pick["sample_id"]: pick["score"] for pick in third.selected}
+    assert max(scores.values()) > 0  # selection scores reach Label Studio as prediction scores, in order
+    for task_id in open_ids:
+        (prediction,) = after[task_id].predictions  # replaced, none dropped (Label Studio drops scores above 1)
+        assert prediction.model_version == second.model_version
+        expected = labelstudio.prediction_score(scores[after[task_id].data["sample_id"]])
+        assert prediction.score == pytest.approx(expected)
+    for task_id in set(after) - open_ids:
+        assert [p.id for p in after[task_id].predictions] == [p.id for p in before[task_id].predictions]
+    assert loop.refresh_open_tasks(settings, catalog, ls_client, mlflow_client, progress=False) == 0  # idempotent
     with pytest.raises(UnknownChoiceError, match="version of .* '999'"):
         loop.promote(settings, catalog, mlflow_client, "999", progress=False)
 

@@ -10,7 +10,7 @@ import pytest
 
 from flywheel.config import load_settings
 from flywheel.errors import ConfigError, DataError
-from flywheel.labelstudio import config_classes, config_mode, image_url, label_config, presign_s3
+from flywheel.labelstudio import config_classes, config_mode, image_url, label_config, prediction_score, presign_s3
 
 
 def test_label_config_has_one_choice_per_class_in_order() -> None:
@@ -133,3 +133,12 @@ def test_s3_presign_errors_name_the_setting(tmp_path: Path, uri: str, storage: d
     settings = load_settings(workspace=tmp_path, storage=storage)
     with pytest.raises((ConfigError, DataError), match=message):
         image_url(uri, settings)
+
+
+def test_prediction_score_keeps_the_selection_order_inside_label_studios_range() -> None:
+    selection = [0.0, 0.05, 0.5, 1.0, 1.9, 2.0, 7.5, 450.0]  # margins, k-center distances, coverage counts
+    stored = [prediction_score(s) for s in selection]
+    assert all(0.0 <= v < 1.0 for v in stored)  # Label Studio's bulk import drops predictions scored above 1
+    assert stored == sorted(stored) and len(set(stored)) == len(stored)  # same order, no ties introduced
+    assert prediction_score(1.0) == pytest.approx(0.5)
+    assert prediction_score(float("nan")) == 0.0 and prediction_score(-0.3) == 0.0
