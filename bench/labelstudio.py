@@ -1,4 +1,5 @@
-"""Label Studio at project scale: push 10,000 tasks with predictions, sync 10,000 annotations.
+"""Label Studio at project scale: push 10,000 tasks with predictions, refresh their predictions to a new
+champion, sync 10,000 annotations.
 
 Targets (issue 7): push <= 15 s, sync <= 30 s. Runs against the Label Studio in the settings (FLYWHEEL_*
 environment; `make test` starts one on 18080: FLYWHEEL_LABEL_STUDIO__PORT=18080). Images are real
@@ -22,7 +23,15 @@ import numpy as np
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
 from flywheel.data import FASHION_MNIST_CLASSES, import_source
-from flywheel.labelstudio import TaskToPush, choice_result, connect, ensure_project, image_url, push_tasks
+from flywheel.labelstudio import (
+    TaskToPush,
+    choice_result,
+    connect,
+    ensure_project,
+    image_url,
+    push_tasks,
+    refresh_predictions,
+)
 from flywheel.labelstudio.sync import export_annotated, sync_annotations
 
 
@@ -55,6 +64,12 @@ def main() -> None:
         pushed = push_tasks(client, catalog, settings, project_id, tasks, model_version="1", round_id=None)
         figures["push_tasks"], figures["push_s"] = len(pushed), round(time.monotonic() - began, 1)
         print(f"push: {len(pushed)} tasks with predictions in {figures['push_s']} s (target <= 15 s)")
+
+        began = time.monotonic()  # a new champion: every pushed task is still open
+        predicted = {s.id: str(rng.choice(FASHION_MNIST_CLASSES)) for s in to_push}
+        refreshed = refresh_predictions(client, catalog, project_id, predicted, model_version="2")
+        figures["refresh_tasks"], figures["refresh_s"] = refreshed, round(time.monotonic() - began, 1)
+        print(f"refresh: {refreshed} open tasks to the new champion's predictions in {figures['refresh_s']} s")
 
         began = time.monotonic()
         for start in range(0, len(to_annotate), 5000):
