@@ -16,7 +16,6 @@ JPEGs: Fashion-MNIST training images upscaled to --size px (RGB, quality 90), wr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_files import command_line, write_results  # bench/ is on the path when run as a script
 from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 
@@ -119,10 +119,8 @@ def bench_model(name: str, paths: list[str], args, device: torch.device) -> dict
     return row
 
 
-def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    lines = [
+def markdown(meta: dict, rows: list[dict]) -> list[str]:
+    return [
         f"# Embedding throughput ({meta['device_name']})",
         "",
         f"{meta['images']} JPEGs ({meta['size']} px, Fashion-MNIST upscaled) from disk, batch {meta['batch_size']}, "
@@ -136,16 +134,7 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
             f"{r['ratio']:.2f} | {r['median_pair_ratio']:.2f} | {r['max_abs_diff']:.1e} |"
             for r in rows
         ],
-        "",
-        meta["note"],
-        "",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines))
-
-
-def _without_note(argv: list[str]) -> list[str]:
-    """The command line minus --note and its text (the note is printed on its own)."""
-    return [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
 
 
 def main() -> None:
@@ -188,10 +177,15 @@ def main() -> None:
         "workers": workers,
         "compile": args.compile,
         "chunk": args.chunk,
-        "command": "python bench/embed.py " + " ".join(_without_note(sys.argv[1:])),
+        "command": command_line("bench/embed.py", sys.argv[1:]),
         "note": args.note,
     }
-    write_results(args.out or Path("bench/results") / ("embed" if device.type == "cpu" else "embed-cuda"), meta, rows)
+    write_results(
+        args.out or Path("bench/results") / ("embed" if device.type == "cpu" else "embed-cuda"),
+        meta,
+        rows,
+        markdown(meta, rows),
+    )
     if tmp is not None:
         tmp.cleanup()
 

@@ -14,7 +14,6 @@ ivfpq row runs with --budget-gb (default 0.1 GB: 1M x 512 float32 is 2 GB) so th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_files import command_line, write_results  # bench/ is on the path when run as a script
 from selection_cost import synthetic_pool
 
 from flywheel.config import IndexSettings
@@ -100,10 +100,8 @@ def run_kind(kind: str, data: dict, exact: np.ndarray | None, args) -> list[tupl
     return out
 
 
-def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    lines = [
+def markdown(meta: dict, rows: list[dict]) -> list[str]:
+    return [
         f"# FAISS at scale: {meta['n']:,} x {meta['dim']} vectors ({meta['machine']})",
         "",
         f"Synthetic clustered vectors ({meta['blobs']} blobs), {meta['queries']:,} held-out queries, k={meta['k']}; "
@@ -124,16 +122,7 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
         "",
         f"Peak RSS of the whole run: {meta['peak_rss_gb']:.1f} GB (the vectors alone are "
         f"{meta['n'] * meta['dim'] * 4 / 1e9:.1f} GB). What `auto` plans for this pool: {meta['auto_plan']}.",
-        "",
-        meta["note"],
-        "",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines))
-
-
-def _without_note(argv: list[str]) -> list[str]:
-    """The command line minus --note and its text (the note is printed on its own)."""
-    return [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
 
 
 def main() -> None:
@@ -178,10 +167,10 @@ def main() -> None:
         "machine": f"CPU, {platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "peak_rss_gb": rss_gb(),
         "auto_plan": plan_index(args.n, args.dim, IndexSettings()).reason,
-        "command": "python bench/index_scale.py " + " ".join(_without_note(sys.argv[1:])),
+        "command": command_line("bench/index_scale.py", sys.argv[1:]),
         "note": args.note,
     }
-    write_results(args.out, meta, rows)
+    write_results(args.out, meta, rows, markdown(meta, rows))
 
 
 if __name__ == "__main__":
