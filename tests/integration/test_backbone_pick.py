@@ -9,7 +9,7 @@ import json
 import pytest
 
 from flywheel import features, loop, tracking
-from tests.integration.test_finetune_guard import _labelled_project
+from tests.integration.catalog_support import labelled_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def test_first_finetune_starts_from_the_best_backbone_and_promotion_moves_the_pr
             ),
         }
     )
-    catalog = _labelled_project(settings)
+    catalog = labelled_catalog(settings)
     client = tracking.connect(settings)
     first = loop.run_round(settings, catalog, None, client, select=False, progress=False)
     assert client.get_model_version(settings.registered_model_name, first.model_version).tags["backbone"] == CONFIGURED

@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 
 from flywheel import loop, tracking
-from flywheel.catalog import Catalog
-from flywheel.data import import_source
+from tests.integration.catalog_support import labelled_catalog
 
 pytestmark = pytest.mark.integration
-
-
-def _labelled_project(settings):
-    catalog = Catalog(settings.catalog_url)
-    import_source(catalog, settings, "fashion-mnist", pool_size=200, test_size=100)
-    truth = catalog.truth_of(int(s.id) for s in catalog.samples())
-    with catalog.transaction() as session:
-        for sample_id, label in truth.items():
-            catalog.upsert_label(session, sample_id=sample_id, label=label, annotator="test", ls_annotation_id=None)
-    return catalog
 
 
 def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypatch):
@@ -40,7 +29,7 @@ def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypa
             ),
         }
     )
-    catalog = _labelled_project(settings)
+    catalog = labelled_catalog(settings)
     mlflow_client = tracking.connect(settings)
     first = loop.run_round(settings, catalog, None, mlflow_client, select=False, progress=False)
     assert first.promoted and first.holdout_accuracy > 0.4
