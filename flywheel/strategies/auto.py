@@ -8,7 +8,9 @@
 - When the labelled class counts are very uneven (the largest class has IMBALANCE_RATIO times the labels of
   the smallest), part of the batch (BALANCED_SHARE) goes to class-balanced margin sampling, which favours the
   classes with the fewest labels, so a rare class is not starved.
-The Selection's description says which was used and why, with the numbers.
+TypiClust and k-center measure distances in the whitened embeddings (geometry.py: top 64 principal
+components, each scaled to unit variance); balanced margin keeps the raw ones (its duplicate check is
+calibrated on them). The Selection's description says which was used and why, with the numbers.
 
 Measured (bench protocol: linear head, 2 -> 20 labels per class, one label per class per round, 5 seeds,
 gain = AULC minus random's, points): switching at 5/class to FALCUN (the old rule) gave Fashion-MNIST 5k
@@ -18,6 +20,19 @@ until 10/class then: k-center digits +4.3, imbalanced +3.1, Fashion-MNIST +3.1; 
 imbalanced +2.4, Fashion-MNIST +2.9; margin digits +3.6, imbalanced +2.8, Fashion-MNIST +2.3. Switching
 at 7, 8, 12 or 15 per class (k-center after) gave digits +3.3, +2.9, +3.1, +2.5. With the balanced margin
 share on uneven counts, the imbalanced set gains +3.8 (0.5 of the batch) or +3.7 (0.2) instead of +3.1.
+
+Whitened geometry (chosen on digits seeds 3-12, where raw auto has 77.3 AULC: whitened 64 components 79.1,
+32 or 128 78.7, per-feature standardisation 78.4), then the issue's check (bench/results/strategies.md,
+seeds 0-2): gain digits +4.7 (raw +2.3; sk:TypiClust +4.4), imbalanced +3.3 (raw +2.6; best reference
++2.4), Fashion-MNIST +3.5 (raw +4.0; best reference +1.3); digits 10 seeds: see
+bench/results/strategies-digits-10seeds.md. Tried in raw geometry without a gain beyond the noise (digits,
+10 seeds, raw auto 77.7 on seeds 0-9, 77.3 on 3-12): half TypiClust / half k-center from 6 to 10 per class
+78.4 / 77.4; a DropQuery-style phase (logistic regression, dropout disagreement, k-means centres) from 6 to
+10 per class 78.2 (0-9); TypiClust's clusters in the order of fewest labels in their predicted class 77.4
+(3-12); k-center without the least typical 10% 77.8 (0-9); worse: uncertainty-weighted TypiClust clusters,
+k-center over the most uncertain half (76.4, 3-12), DropQuery-style after 10 per class (77.2, 0-9).
+scikit-learn k-means run to convergence inside TypiClust gave 77.0 against our 78.0 (3 seeds): the gap to
+sk:TypiClust (78.7, the same algorithm) is the random stream, not the clustering.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from flywheel.strategies.balanced import balanced_picks
 from flywheel.strategies.base import PoolView, Selection, check_request
 from flywheel.strategies.baseline import random
 from flywheel.strategies.diversity import kcenter_greedy, typiclust_picks
+from flywheel.strategies.geometry import whitened
 from flywheel.strategies.hybrid import falcun_picks
 
 LOW_BUDGET_PER_CLASS = 10.0  # below this many labels per class: typical picks (TypiClust); k-center after
@@ -53,25 +69,26 @@ def _rest(pool: PoolView, taken: np.ndarray) -> PoolView:
 def auto(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     """TypiClust at low budgets, k-center after; class balance mixed in when labels are very uneven."""
     check_request(pool, n)
+    geometry = whitened(pool)  # distances for TypiClust and k-center; balanced margin keeps the raw embeddings
     n_labels, n_classes = len(pool.labelled), pool.n_classes
     if pool.probs is None:
         why = f"no model yet ({n_labels} labels)"
-        return _cold(pool, n, rng, why)
+        return _cold(geometry, n, rng, why)
     per_class = n_labels / n_classes
     budget = f"{n_labels} labels for {n_classes} classes ({per_class:.1f}/class"
     if per_class < LOW_BUDGET_PER_CLASS:
-        return _cold(pool, n, rng, f"{budget} < {LOW_BUDGET_PER_CLASS:g})")
+        return _cold(geometry, n, rng, f"{budget} < {LOW_BUDGET_PER_CLASS:g})")
 
     counts = pool.labelled_counts()
     uneven = counts is not None and counts.max() >= IMBALANCE_RATIO * max(counts.min(), 1)
     parts_pos, parts_score, notes = [], [], []
-    rest = pool
+    rest = geometry
     if uneven:
         k = min(n, math.ceil(BALANCED_SHARE * n))
         chosen, scores, quota, _ = balanced_picks(pool, k, rng, scorer="margin", name="auto")
         parts_pos.append(pool.candidates[chosen])
         parts_score.append(scores)
-        rest = _rest(pool, chosen)
+        rest = _rest(geometry, chosen)
         rare = int(np.argmin(counts))
         notes.append(
             f"labels per class uneven ({counts.min()}..{counts.max()}, ratio >= {IMBALANCE_RATIO:g}): {k} by "
@@ -86,8 +103,8 @@ def auto(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
             labelled = np.concatenate([rest.labelled, *parts_pos]).astype(np.int64)
             chosen, scores = kcenter_greedy(rest.embeddings, rest.candidates, labelled, m)
             notes.append(
-                f"{m} by k-center (each farthest from the labelled and earlier picks; max-min distance "
-                f"{scores[-1]:.3f} at the last)"
+                f"{m} by k-center (each farthest from the labelled and earlier picks in the whitened "
+                f"embeddings; max-min distance {scores[-1]:.3f} at the last)"
             )
         parts_pos.append(rest.candidates[chosen])
         parts_score.append(scores)
@@ -115,5 +132,5 @@ def _cold(pool: PoolView, n: int, rng: np.random.Generator, why: str) -> Selecti
         scores=scores,
         strategy="auto",
         description=f"auto: {why}: typiclust (most typical point of each of the {n} largest least-labelled of "
-        f"{k} k-means clusters)",
+        f"{k} k-means clusters of the whitened embeddings, {pool.embeddings.shape[1]} components)",
     )

@@ -11,6 +11,7 @@ from flywheel.strategies.auto import IMBALANCE_RATIO, LOW_BUDGET_PER_CLASS
 from flywheel.strategies.balanced import class_quotas
 from flywheel.strategies.dedup import DUPLICATE_COSINE, distinct_top
 from flywheel.strategies.diversity import kcenter_greedy
+from flywheel.strategies.geometry import whitened
 from flywheel.strategies.uncertainty import entropy_scores, least_confidence_scores, margin_scores
 
 NEEDS_PROBS = {"least_confidence", "margin", "entropy", "badge", "falcun", "hybrid", "balanced_margin",
@@ -422,3 +423,26 @@ def test_model_free_strategies_run_without_probabilities():
     pool = PoolView(candidates=np.arange(50), embeddings=rng.normal(size=(50, 8)).astype(np.float32))
     for name in MODEL_FREE:
         assert len(get_strategy(name)(pool, 5, rng=np.random.default_rng(1)).positions) == 5, name
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def test_whitened_embeddings_have_unit_covariance_over_the_pool_rows_and_leave_others_zero():
+    rng = _rng(3)
+    x = (rng.normal(size=(60, 6)) * np.array([50.0, 10.0, 3.0, 1.0, 0.5, 0.1])).astype(np.float32)
+    pool = PoolView(candidates=np.arange(10, 50), labelled=np.arange(50, 60), embeddings=x)
+    z = whitened(pool, dims=4).embeddings
+    rows = np.arange(10, 60)
+    assert z.shape == (60, 4) and not z[:10].any()
+    np.testing.assert_allclose(z[rows].mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(z[rows], rowvar=False), np.eye(4), atol=1e-3)
+
+
+def test_whitened_returns_the_pool_unchanged_when_there_is_nothing_to_fit():
+    no_embeddings = PoolView(candidates=np.arange(3))
+    assert whitened(no_embeddings) is no_embeddings
+    one_row = PoolView(candidates=np.array([0]), embeddings=np.ones((2, 3), dtype=np.float32))
+    assert whitened(one_row) is one_row
+    constant = PoolView(candidates=np.arange(4), embeddings=np.ones((4, 3), dtype=np.float32))
+    assert whitened(constant) is constant
