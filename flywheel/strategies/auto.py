@@ -24,8 +24,9 @@ share on uneven counts, the imbalanced set gains +3.8 (0.5 of the batch) or +3.7
 Whitened geometry (chosen on digits seeds 3-12, where raw auto has 77.3 AULC: whitened 64 components 79.1,
 32 or 128 78.7, per-feature standardisation 78.4), then the issue's check (bench/results/strategies.md,
 seeds 0-2): gain digits +4.7 (raw +2.3; sk:TypiClust +4.4), imbalanced +3.3 (raw +2.6; best reference
-+2.4), Fashion-MNIST +3.5 (raw +4.0; best reference +1.3); digits 10 seeds: see
-bench/results/strategies-digits-10seeds.md. Tried in raw geometry without a gain beyond the noise (digits,
++2.4), Fashion-MNIST +3.5 (raw +4.0; best reference +1.3); digits 10 seeds +4.8 (raw +3.2; DropQuery +3.3).
+On seeds 3-12 the other two sets gain too: Fashion-MNIST AULC 68.9 -> 69.5, imbalanced 64.6 -> 65.3 (its
+balanced AULC 58.5 -> 57.3). Tried in raw geometry without a gain beyond the noise (digits,
 10 seeds, raw auto 77.7 on seeds 0-9, 77.3 on 3-12): half TypiClust / half k-center from 6 to 10 per class
 78.4 / 77.4; a DropQuery-style phase (logistic regression, dropout disagreement, k-means centres) from 6 to
 10 per class 78.2 (0-9); TypiClust's clusters in the order of fewest labels in their predicted class 77.4
