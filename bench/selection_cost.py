@@ -1,4 +1,4 @@
-"""Selection cost at scale: k-center, hybrid and falcun picking k=1,000 from a 1,000,000 x 512 pool.
+"""Selection cost at scale: k-center, hybrid, falcun and auto picking k=1,000 from a 1,000,000 x 512 pool.
 
 Synthetic clustered embeddings (float32 blobs) and softmax probabilities over 10 classes stand in for a
 real pool. Prints seconds and peak RSS per strategy, and checks that k-center's shortlisted greedy reaches
@@ -6,9 +6,11 @@ the same max-min distance as the plain (every point, every step) greedy on a 50k
 
     .venv/bin/python bench/selection_cost.py [--n 1000000] [--dim 512] [--k 1000]
 
-Bar (issue 4): each under 60 s on 2 CPU cores, peak RSS under 8 GB. Measured on the 2-core dev machine while
-other jobs held it (load ~7): kcenter 42 s, hybrid 31 s, falcun 7.5 s, peak RSS 2.7 GB (the pool itself 2.0 GB);
-k-center on the 50k subset equal to the plain greedy (ratio 1.0000: the shortlisted greedy is exact).
+Bar (issue 4): each under 60 s on 2 CPU cores, peak RSS under 8 GB. Measured on the 2-core dev machine:
+quiet (load 1.0): kcenter 4.0 s, hybrid 1.4 s, falcun 1.3 s, auto 3.1 s (whitening, then k-center: 10
+labels/class), peak RSS 2.65 GB (the pool itself 2.0 GB); while other jobs held it (load ~7): kcenter 42 s,
+hybrid 31 s, falcun 7.5 s, peak RSS 2.7 GB. k-center on the 50k subset equals the plain greedy (ratio 1.0000:
+the shortlisted greedy is exact).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--labelled", type=int, default=100)
     parser.add_argument("--subset", type=int, default=50_000)
+    parser.add_argument("--strategies", default="kcenter,hybrid,falcun,auto")
     args = parser.parse_args()
 
     t = time.perf_counter()
@@ -67,7 +70,7 @@ def main() -> None:
         probs=probs,
         embeddings=x,
     )
-    for name in ("kcenter", "hybrid", "falcun"):
+    for name in args.strategies.split(","):
         t = time.perf_counter()
         selection = get_strategy(name)(pool, args.k, rng=np.random.default_rng(0))
         seconds = time.perf_counter() - t
