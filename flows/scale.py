@@ -1,10 +1,11 @@
-"""Distributed embedding and scoring: the shards of flywheel.scaleout as Prefect tasks on a Dask cluster.
+"""Distributed embedding and scoring: the shards of flywheel.scaleout as Prefect tasks on a Dask or Ray cluster.
 
     from flows.scale import distributed, embed_distributed_flow
     distributed(embed_distributed_flow, settings)(split="pool")
 
-`distributed` gives a flow prefect-dask's DaskTaskRunner for the cluster the settings name: a local cluster
-of `scaleout.n_workers` processes, or the existing scheduler at `scaleout.address` (docs/operations.md).
+`distributed` gives a flow the task runner `scaleout.runner` names (prefect-dask's DaskTaskRunner or
+prefect-ray's RayTaskRunner) for the cluster the settings name: a local one of `scaleout.n_workers` worker
+processes, or the existing cluster at `scaleout.address` (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
+from prefect_ray import RayTaskRunner
 
 from flows.common import Overrides, settings_from, with_retries
 from flywheel import features, scaleout, tracking
@@ -26,14 +28,16 @@ from flywheel.config import Settings
 from flywheel.embed import EmbeddingStore
 
 
-def dask_task_runner(settings: Settings) -> DaskTaskRunner:
+def task_runner(settings: Settings) -> DaskTaskRunner | RayTaskRunner:
     """The task runner for the cluster in settings.scaleout."""
+    if settings.scaleout.runner == "ray":
+        return RayTaskRunner(**scaleout.ray_runner_options(settings))
     return DaskTaskRunner(**scaleout.dask_runner_options(settings))
 
 
 def distributed(flow_fn: Flow, settings: Settings) -> Flow:
-    """`flow_fn` with its tasks sent to the Dask cluster from the settings."""
-    return flow_fn.with_options(task_runner=dask_task_runner(settings))
+    """`flow_fn` with its tasks sent to the cluster from the settings."""
+    return flow_fn.with_options(task_runner=task_runner(settings))
 
 
 @task(cache_policy=NO_CACHE)

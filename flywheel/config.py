@@ -214,11 +214,14 @@ class IndexSettings(_Section):
 
 
 class ScaleoutSettings(_Section):
-    """Where distributed flows run their tasks (flywheel/scaleout.py, flows/scale.py): a Dask cluster."""
+    """Where distributed flows run their tasks (flywheel/scaleout.py, flows/scale.py): a Dask or Ray cluster."""
 
-    address: str = Field("", description="scheduler of an existing Dask cluster (tcp://host:8786); empty: local")
+    runner: Literal["dask", "ray"] = Field("dask", description="prefect-dask's or prefect-ray's task runner")
+    address: str = Field(
+        "", description="an existing cluster: Dask scheduler tcp://host:8786, Ray ray://host:10001; empty: local"
+    )
     n_workers: int = Field(2, ge=1, description="local cluster: worker processes (one per GPU when present)")
-    threads_per_worker: int = Field(1, ge=1, description="local cluster: threads per worker process")
+    threads_per_worker: int = Field(1, ge=1, description="local Dask cluster: threads per worker process")
     shard_size: int = Field(4096, ge=1, description="samples per distributed embedding or scoring task")
 
 

@@ -1,9 +1,10 @@
-"""Scale-out: embedding and scoring cut into shards that run as independent tasks on a Dask cluster.
+"""Scale-out: embedding and scoring cut into shards that run as independent tasks on a Dask or Ray cluster.
 
 The library half, with no Prefect inside: how the work is cut (`plan_shards`), what one worker does with a
 shard (`embed_shard`: the embedding pipeline into a shard file; `score_shard`: a head over stored vectors),
 how the shards come back together (`collect_shards`), and which cluster the settings name
-(`dask_runner_options`). flows/scale.py runs these as Prefect tasks on prefect-dask's DaskTaskRunner.
+(`dask_runner_options`, `ray_runner_options`). flows/scale.py runs these as Prefect tasks on prefect-dask's
+DaskTaskRunner or prefect-ray's RayTaskRunner (settings.scaleout.runner).
 
 Workers read images from and write shard files to the workspace, so on a real cluster the workspace must be
 storage every worker sees (a shared filesystem or volume) under the same path.
@@ -78,14 +79,28 @@ def dask_runner_options(settings: Settings) -> dict:
     }
 
 
+def ray_runner_options(settings: Settings) -> dict:
+    """Keyword arguments for prefect_ray.RayTaskRunner: the cluster at scaleout.address (ray://host:10001),
+    or a local Ray with scaleout.n_workers CPUs (so at most that many tasks at once) and no dashboard."""
+    scale = settings.scaleout
+    if scale.address:
+        return {"address": scale.address}
+    return {"init_kwargs": {"num_cpus": scale.n_workers, "include_dashboard": False}}
+
+
 def worker_name() -> str:
-    """The Dask worker running this code, or "local" outside a cluster."""
+    """The Dask worker or Ray worker process running this code, or "local" outside a cluster."""
     try:
         from distributed import get_worker
 
         return str(get_worker().name)
     except (ImportError, ValueError):
-        return "local"
+        pass
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        return f"ray-{ray.get_runtime_context().get_worker_id()[:8]}"
+    return "local"
 
 
 def worker_device(settings: Settings) -> torch.device:

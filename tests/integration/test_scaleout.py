@@ -1,5 +1,6 @@
-"""Scale-out on Dask through Prefect: embedding and scoring sharded over 2 worker processes, reported to the
-real Prefect test server; once on a local cluster the task runner starts, once on an existing cluster."""
+"""Scale-out through Prefect: embedding and scoring sharded over 2 worker processes, reported to the real
+Prefect test server; on Dask once on a local cluster the task runner starts and once on an existing cluster,
+and on a local Ray."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 from distributed import LocalCluster
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect_ray import RayTaskRunner
 
 from flows.deploy import prefect_api
-from flows.scale import distributed, embed_distributed_flow, score_distributed_flow
+from flows.scale import distributed, embed_distributed_flow, score_distributed_flow, task_runner
 from flywheel import scaleout, tracking
 from flywheel.backbones import Classifier, build_body, get_spec
 from flywheel.catalog import Catalog
@@ -77,6 +79,28 @@ def test_embedding_is_sharded_over_a_local_cluster_of_two_workers(project):
     assert not list(scaleout.shard_dir(settings, store.key).glob("*.npz"))  # shard files joined the store
 
 
+def test_embedding_is_sharded_over_a_local_ray(project):
+    _, overrides, catalog, store = project
+    overrides = {**overrides, "scaleout": {**overrides["scaleout"], "runner": "ray"}}
+    settings = load_settings(**overrides)
+    rows = catalog.samples()
+    ids, paths = [r.id for r in rows], [r.uri for r in rows]
+    assert isinstance(task_runner(settings), RayTaskRunner)
+
+    with prefect_api(settings):
+        state = distributed(embed_distributed_flow, settings)(overrides=overrides, return_state=True)
+        result = state.result()
+        task_runs = _task_runs(state.state_details.flow_run_id)
+
+    assert result["embedded"] == 96 and result["cached"] == 0 and len(result["shards"]) == 6
+    assert result["workers"] and all(w.startswith("ray-") for w in result["workers"])  # Ray workers, not here
+    shard_runs = [t for t in task_runs if t.name.startswith("embed_shard")]
+    assert len(shard_runs) == 6 and all(t.state.is_completed() for t in shard_runs)  # seen by the server
+    body, spec = build_body(settings.backbone), get_spec(settings.backbone)
+    expected = embed_all(paths, body, spec, image_size=32, device=CPU, options=EmbedOptions(workers=0))
+    np.testing.assert_allclose(store.get(ids), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_scoring_runs_on_an_existing_cluster_at_scaleout_address(project):
     settings, overrides, catalog, store = project
     rows = catalog.samples()
@@ -121,3 +145,6 @@ def test_a_shard_file_already_complete_is_reused_not_recomputed(project):
         scaleout.plan_shards([1, 2, 3, 4, 5, 6], ["a"] * 5, 2)
     assert [len(s.ids) for s in scaleout.plan_shards(list(range(5)), ["p"] * 5, 2)] == [2, 2, 1]
     assert scaleout.dask_runner_options(settings)["cluster_kwargs"]["n_workers"] == 2
+    assert scaleout.ray_runner_options(settings) == {"init_kwargs": {"num_cpus": 2, "include_dashboard": False}}
+    remote = settings.model_copy(update={"scaleout": settings.scaleout.model_copy(update={"address": "ray://h:1"})})
+    assert scaleout.ray_runner_options(remote) == {"address": "ray://h:1"}
