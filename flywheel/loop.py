@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from label_studio_sdk.client import LabelStudio
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from torch import nn
 
 from flywheel import (
@@ -653,14 +654,11 @@ def switch_body(settings: Settings, catalog: Catalog, version: str, body, *, pro
     return True
 
 
-def _model_body(settings: Settings, mlflow_client: MlflowClient, version: str) -> tuple[Settings, str]:
-    """(settings with the backbone of registered `version`, the body version its head reads embeddings of)."""
-    model = tracking.model_version(mlflow_client, settings, version)
-    body_version = (
-        version if model.tags.get("kind") == "finetune" else model.tags.get("body_version", features.IMAGENET)
-    )
-    in_use = model.tags.get("backbone") or tracking.load_classifier(settings, version).backbone
-    return settings.model_copy(update={"backbone": in_use}), body_version
+def _body_version(model: ModelVersion) -> str:
+    """The body version whose embeddings a registered model's head reads: its own for a fine-tune."""
+    if model.tags.get("kind") == "finetune":
+        return str(model.version)
+    return model.tags.get("body_version", features.IMAGENET)
 
 
 @locking.locked
@@ -671,13 +669,16 @@ def promote(
 
     Open Label Studio tasks still show the old champion's predictions until `refresh_open_tasks` runs
     (the CLI and the flows call it next: it needs Label Studio, the promotion does not)."""
-    model_settings, body_version = _model_body(settings, mlflow_client, version)
+    model = tracking.model_version(mlflow_client, settings, version)
+    in_use = model.tags.get("backbone") or tracking.load_classifier(settings, version).backbone
     tracking.apply_promotion(
         mlflow_client, settings, version, tracking.PromotionDecision(True, "promoted by hand (flywheel promote)")
     )
+    body_version = _body_version(model)
+    model_settings = settings.model_copy(update={"backbone": in_use})
     body = features.load_body(model_settings, body_version)
     switch_body(model_settings, catalog, body_version, body, progress=progress)
-    features.record_backbone(catalog, configured=settings.backbone, in_use=model_settings.backbone)
+    features.record_backbone(catalog, configured=settings.backbone, in_use=in_use)
     return body_version
 
 
@@ -697,8 +698,9 @@ def refresh_open_tasks(
     version = version or tracking.champion_version(mlflow_client, settings)
     if version is None:
         return 0
-    model_settings, body_version = _model_body(settings, mlflow_client, version)
+    body_version = _body_version(tracking.model_version(mlflow_client, settings, version))
     classifier = tracking.load_classifier(settings, version)
+    model_settings = settings.model_copy(update={"backbone": classifier.backbone})
     pool = features.split_features(model_settings, catalog, POOL, classifier.body, body_version, progress=progress)
     probs = predict_proba(classifier.head, pool.vectors)
     with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
