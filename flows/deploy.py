@@ -49,7 +49,7 @@ from flows.flywheel_flows import annotate_sim_flow, bootstrap_flow, finetune_flo
 from flows.worker import REPO, prefect_api, start_worker
 from flows.worker import describe as describe_worker
 from flywheel.config import Settings, load_settings
-from flywheel.errors import ConfigError, FlywheelError
+from flywheel.errors import ConfigError, exit_code_on_error
 
 KINDS = ("bootstrap", "round", "sync", "finetune", "simulate")
 FLOWS: dict[str, Flow] = {
@@ -203,25 +203,22 @@ def describe(settings: Settings) -> list[dict[str, str]]:
     return rows
 
 
+@exit_code_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("up", "status"))
     parser.add_argument("--no-worker", action="store_true", help="up: deployments only (a worker runs elsewhere)")
     parser.add_argument("--code-dir", type=Path, default=REPO, help="up: where the worker finds this repository")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-        if args.command == "up":
-            up(settings, worker=not args.no_worker, code_dir=args.code_dir)
-        for row in describe(settings):
-            print(f"{row['deployment']:34s} {row['starts']:70s} {row['concurrency']}")
-        print(describe_worker(settings))
-        ui = settings.prefect.api_url.removesuffix("/api")
-        print(f"Prefect UI: {ui}/deployments (runs: {ui}/runs, artifacts: {ui}/artifacts)")
-        return 0
-    except FlywheelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings()
+    if args.command == "up":
+        up(settings, worker=not args.no_worker, code_dir=args.code_dir)
+    for row in describe(settings):
+        print(f"{row['deployment']:34s} {row['starts']:70s} {row['concurrency']}")
+    print(describe_worker(settings))
+    ui = settings.prefect.api_url.removesuffix("/api")
+    print(f"Prefect UI: {ui}/deployments (runs: {ui}/runs, artifacts: {ui}/artifacts)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from flows.common import THRESHOLD_REACHED, project_resource_id
 from flywheel import services
 from flywheel.catalog import Catalog
 from flywheel.config import Settings, load_settings
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, exit_code_on_error
 
 
 def ui_url(settings: Settings, path: str = "") -> str:
@@ -120,6 +120,7 @@ def demo(settings: Settings, *, rounds: int, pool_size: int, test_size: int, noi
     return finetunes
 
 
+@exit_code_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.served", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -127,32 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=10000)
     parser.add_argument("--noise-rate", type=float, default=0.0)
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-        services.start(settings)
-        names = deploy.up(settings)
-        print("deployments: " + ", ".join(names))
-        began = time.monotonic()
-        with worker.prefect_api(settings):
-            finetunes = demo(
-                settings, rounds=args.rounds, pool_size=args.pool_size, test_size=args.test_size,
-                noise_rate=args.noise_rate,
-            )  # fmt: skip
-        for r in Catalog(settings.catalog_url).rounds():
-            test = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
-            print(f"round {r.id}: {r.n_labels} labels, model version {r.model_version or '-'}, test accuracy {test}")
-        for f in finetunes:
-            print(f"fine-tune run {f.name}: {f.state_name}")
-        print(f"done in {time.monotonic() - began:.0f} s. In the Prefect UI ({ui_url(settings)}):")
-        print(f"  runs (round, simulate, sync, and the fine-tunes the trigger started): {ui_url(settings, '/runs')}")
-        print(f"  deployments, schedules and triggers: {ui_url(settings, '/deployments')}")
-        print(f"  round / sync / fine-tune reports and embedding progress: {ui_url(settings, '/artifacts')}")
-        print(f"  events (annotations, threshold reached): {ui_url(settings, '/events')}")
-        print("the worker and servers keep running (the round runs on its cron); `make stop` ends them")
-        return 0
-    except FlywheelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    settings = load_settings()
+    services.start(settings)
+    names = deploy.up(settings)
+    print("deployments: " + ", ".join(names))
+    began = time.monotonic()
+    with worker.prefect_api(settings):
+        finetunes = demo(
+            settings, rounds=args.rounds, pool_size=args.pool_size, test_size=args.test_size,
+            noise_rate=args.noise_rate,
+        )  # fmt: skip
+    for r in Catalog(settings.catalog_url).rounds():
+        test = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
+        print(f"round {r.id}: {r.n_labels} labels, model version {r.model_version or '-'}, test accuracy {test}")
+    for f in finetunes:
+        print(f"fine-tune run {f.name}: {f.state_name}")
+    print(f"done in {time.monotonic() - began:.0f} s. In the Prefect UI ({ui_url(settings)}):")
+    print(f"  runs (round, simulate, sync, and the fine-tunes the trigger started): {ui_url(settings, '/runs')}")
+    print(f"  deployments, schedules and triggers: {ui_url(settings, '/deployments')}")
+    print(f"  round / sync / fine-tune reports and embedding progress: {ui_url(settings, '/artifacts')}")
+    print(f"  events (annotations, threshold reached): {ui_url(settings, '/events')}")
+    print("the worker and servers keep running (the round runs on its cron); `make stop` ends them")
+    return 0
 
 
 if __name__ == "__main__":

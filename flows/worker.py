@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, exit_code_on_error
 from flywheel.health import require_healthy
 from flywheel.services import kill_group, log_tail, running_pid, spawn_detached
 
@@ -98,23 +98,20 @@ def describe(settings: Settings) -> str:
     return f"worker for pool {settings.prefect.work_pool}: {state} (log {_files(settings)[1]})"
 
 
+@exit_code_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("start", "stop", "status"))
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-        if args.command == "start":
-            start_worker(settings)
-        elif args.command == "stop":
-            stopped = "stopped" if stop_worker(settings) else "none was running"
-            print(f"worker for pool {settings.prefect.work_pool} from {settings.workspace}: {stopped}")
-            return 0
-        print(describe(settings))
+    settings = load_settings()
+    if args.command == "start":
+        start_worker(settings)
+    elif args.command == "stop":
+        stopped = "stopped" if stop_worker(settings) else "none was running"
+        print(f"worker for pool {settings.prefect.work_pool} from {settings.workspace}: {stopped}")
         return 0
-    except FlywheelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    print(describe(settings))
+    return 0
 
 
 if __name__ == "__main__":

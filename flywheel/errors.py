@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
+
 
 class FlywheelError(Exception):
     """Base of every error flywheel raises on purpose; the CLI prints these without a traceback."""
@@ -57,3 +64,17 @@ class BadImageError(DataError):
 
 class ProjectBusyError(FlywheelError):
     """Another process is running a step of the same project (see flywheel.locking)."""
+
+
+def exit_code_on_error(main: Callable[P, int]) -> Callable[P, int]:
+    """A `python -m` entry point that prints a FlywheelError as one line on stderr and returns 1."""
+
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except FlywheelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
