@@ -34,6 +34,16 @@ define pip_install
 	grep -E '^(WARNING|ERROR)' $(LOGS)/$(3) | grep -v -E 'Location .* is ignored' | head -n 20 || true
 endef
 
+# A full disk makes pip fail halfway with "[Errno 28] No space left on device": say so up front, with the
+# numbers. $(1): the venv, $(2): the GiB its install needs (the torch CUDA build alone is about 5.5 GiB).
+define require_free_disk
+	free=$$(df --output=avail -BG . | tail -n 1 | tr -dc '0-9'); \
+	if [ "$$free" -lt $(2) ]; then \
+		echo "not enough disk to install $(1): $$free GiB free on $$(df --output=target . | tail -n 1), $(2) GiB needed" >&2; \
+		exit 1; \
+	fi
+endef
+
 .PHONY: help setup fashion-mnist postgresql services stop demo deploy demo-served test lint clean
 
 help:
@@ -42,12 +52,14 @@ help:
 setup: $(VENV_STAMP) $(LS_STAMP) fashion-mnist postgresql
 
 $(VENV_STAMP):
+	@$(call require_free_disk,.venv,9)
 	@test -x .venv/bin/python || $(PYTHON) -m venv .venv
 	@$(call pip_install,.venv,-e '.[dev]',pip-venv.log)
 	@rm -f .venv/.installed-* && touch $@
 
 # Label Studio lives in its own venv: its pins conflict with Prefect's.
 $(LS_STAMP):
+	@$(call require_free_disk,.ls-venv,2)
 	@test -x .ls-venv/bin/python || $(PYTHON) -m venv .ls-venv
 	@$(call pip_install,.ls-venv,label-studio==$(LS_VERSION),pip-ls-venv.log)
 	@rm -f .ls-venv/.installed-* && touch $@
