@@ -64,7 +64,10 @@ def confident_learning(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "may not flag all label issues in class k": rare classes, said below
-        found = find_label_issues(targets, probs, return_indices_ranked_by="self_confidence")
+        # n_jobs=1: cleanlab's default forks a multiprocessing.Pool, whose workers inherit Prefect's SIGTERM
+        # handler inside a task and print a TerminationSignal traceback when the pool closes; at our sizes
+        # (thousands of labels) the pool saves nothing
+        found = find_label_issues(targets, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     return np.asarray(found, dtype=np.int64)
 
 
