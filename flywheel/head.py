@@ -12,6 +12,15 @@ from torch import nn
 
 from flywheel.errors import FlywheelError
 
+STD_FLOOR = 0.1
+"""Standardisation divides by max(std, STD_FLOOR x the median feature's std). Pooled backbone features include
+near-dead ones (nonzero in a handful of the labelled images): divided by their own tiny std, their folded-back
+weights reach thousands, and any small change of the input, an augmented crop or a pool image unlike the
+labelled ones, swings the logits by hundreds. Measured on the demo's 482 Fashion-MNIST labels under Lite0:
+without the floor the largest weight was 5,749, test accuracy 78.1% fell to 11.4% with N(0, 0.05) noise on the
+features, and the fine-tune's LP warm start began at a training loss of 63; with it, 1.9 / 0.5 / 0.2 at
+floors 0.01 / 0.1 / 0.3, test accuracy 78.8 / 79.0 / 79.3% unchanged by the noise."""
+
 
 def train_head(
     features: np.ndarray,
@@ -32,7 +41,8 @@ def train_head(
     torch.manual_seed(seed)
     x = torch.as_tensor(features, dtype=torch.float32)
     y = torch.as_tensor(targets, dtype=torch.int64)
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    std = std.clamp_min(max(STD_FLOOR * float(std.median()), 1e-6))
     z = (x - mean) / std
     linear = nn.Linear(x.shape[1], n_classes)
     nn.init.zeros_(linear.weight)
