@@ -32,10 +32,28 @@ def class_quotas(available: np.ndarray, order: np.ndarray, n: int) -> np.ndarray
     return quota
 
 
+def levelling_quotas(labelled: np.ndarray, available: np.ndarray, n: int, tie: np.ndarray) -> np.ndarray:
+    """Deal n picks one at a time, each to the class with the fewest labels counting the picks dealt so far
+    (ties by `tie`), skipping a class once it has no candidates left: the counts move towards level instead
+    of each class getting the same share. labelled, available, tie: (C,). Returns (C,) picks per class."""
+    quota = np.zeros(len(available), dtype=np.int64)
+    for _ in range(n):
+        level = np.where(quota < available, labelled + quota, np.iinfo(np.int64).max)
+        quota[np.lexsort((tie, level))[0]] += 1
+    return quota
+
+
 def balanced_picks(
-    pool: PoolView, n: int, rng: np.random.Generator, *, scorer: str = "margin", name: str = "balanced_margin"
+    pool: PoolView,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    scorer: str = "margin",
+    name: str = "balanced_margin",
+    level: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(indices into candidates in round-robin order, scores, picks per class, near-duplicates skipped)."""
+    """(indices into candidates in round-robin order, scores, picks per class, near-duplicates skipped).
+    level: quotas from `levelling_quotas` (the fewest-labelled classes get more) instead of equal shares."""
     probs = require_probs(pool, name)
     p = probs[pool.candidates].astype(np.float64)
     scores = SCORERS[scorer](p)
@@ -44,9 +62,10 @@ def balanced_picks(
     counts = pool.labelled_counts()
     labelled = np.zeros(n_classes, dtype=np.int64) if counts is None else counts[:n_classes]
     labelled = np.pad(labelled, (0, n_classes - len(labelled)))
-    order = np.lexsort((rng.random(n_classes), labelled))  # fewest labels first, ties at random
+    tie = rng.random(n_classes)
+    order = np.lexsort((tie, labelled))  # fewest labels first, ties at random
     available = np.bincount(predicted, minlength=n_classes)
-    quota = class_quotas(available, order, n)
+    quota = levelling_quotas(labelled, available, n, tie) if level else class_quotas(available, order, n)
     per_class: list[np.ndarray] = []
     dropped = 0
     for c in order:

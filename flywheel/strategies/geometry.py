@@ -1,4 +1,4 @@
-"""PCA whitening: the geometry `auto`'s diversity steps (TypiClust, k-center) measure distances in.
+"""PCA whitening: the geometry `auto`'s diversity steps (TypiClust, hybrid's clusters) measure distances in.
 
 Raw backbone features put most of their variance in a few directions, so cosine distances, k-means clusters
 and typicality follow those directions whether or not they separate classes. Projecting the pool on its top

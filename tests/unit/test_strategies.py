@@ -379,7 +379,7 @@ def _auto_pool(n_labels: int, n_classes: int = 4, targets: np.ndarray | None = N
     )
 
 
-def test_auto_switches_from_typiclust_to_kcenter_at_the_threshold():
+def test_auto_switches_from_typiclust_to_hybrid_at_the_threshold():
     n_classes = 4
     below = int(LOW_BUDGET_PER_CLASS * n_classes) - 1
     low = get_strategy("auto")(_auto_pool(below), 5, rng=_rng())
@@ -388,7 +388,7 @@ def test_auto_switches_from_typiclust_to_kcenter_at_the_threshold():
     at = int(LOW_BUDGET_PER_CLASS * n_classes)
     high = get_strategy("auto")(_auto_pool(at), 5, rng=_rng())
     assert f"{at} labels for 4 classes ({at / 4:.1f}/class >= {LOW_BUDGET_PER_CLASS:g})" in high.description
-    assert "k-center" in high.description and "typiclust" not in high.description
+    assert "by hybrid" in high.description and "typiclust" not in high.description
 
 
 def test_auto_cold_start_without_a_model_or_embeddings():
@@ -411,9 +411,9 @@ def test_auto_does_not_starve_a_rare_class():
     assert counts.max() >= IMBALANCE_RATIO * counts.min()
     selection = get_strategy("auto")(pool, 8, rng=_rng())
     predicted = pool.probs[selection.positions].argmax(axis=1)
-    assert (predicted == rare).sum() >= 2
-    assert predicted[0] == rare
-    assert "uneven (2..13" in selection.description and "balanced margin" in selection.description
+    assert (predicted[:4] == rare).all()  # the balanced half goes where the counts are lowest (2 vs 13)
+    assert "predicted class:picks 3:4" in selection.description
+    assert "uneven (2..13" in selection.description and "dealt to level the counts" in selection.description
 
 
 def test_model_free_strategies_run_without_probabilities():
@@ -446,3 +446,12 @@ def test_whitened_returns_the_pool_unchanged_when_there_is_nothing_to_fit():
     assert whitened(one_row) is one_row
     constant = PoolView(candidates=np.arange(4), embeddings=np.ones((4, 3), dtype=np.float32))
     assert whitened(constant) is constant
+
+
+def test_levelling_quotas_fill_the_lowest_counts_first_and_respect_what_is_available():
+    from flywheel.strategies.balanced import levelling_quotas
+
+    tie = np.zeros(4)
+    assert levelling_quotas(np.array([2, 13, 13, 8]), np.array([9, 9, 9, 9]), 8, tie).tolist() == [7, 0, 0, 1]
+    assert levelling_quotas(np.array([2, 13, 13, 9]), np.array([3, 9, 9, 9]), 8, tie).tolist() == [3, 1, 0, 4]
+    assert levelling_quotas(np.array([5, 5, 5, 5]), np.array([9, 9, 9, 9]), 6, tie).tolist() == [2, 2, 1, 1]
