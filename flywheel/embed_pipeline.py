@@ -95,18 +95,29 @@ def _gpu_decodable(path: str) -> bool:
 
 @dataclass
 class _Batch:
-    """A collated batch: pixels decoded by workers and, on CUDA, JPEG bytes left for the GPU."""
+    """A collated batch: pixels decoded by workers and, on CUDA, JPEG bytes left for the GPU.
+
+    The JPEG files travel end to end in one flat tensor: a worker shares each tensor it returns through a
+    file descriptor of its own, and one tensor per file (256 a batch, 8 workers) ran out of them on an H200
+    machine (EBADF in the worker's queue feeder, and the loader waited forever).
+    """
 
     size: int
     pixels: torch.Tensor  # (P, 3, S, S) uint8
     pixel_rows: torch.Tensor  # (P,) int64: row of each in the batch
-    jpegs: list[torch.Tensor] = field(default_factory=list)  # encoded bytes (n,) uint8
+    jpeg_bytes: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))  # files end to end
+    jpeg_sizes: list[int] = field(default_factory=list)  # bytes of each file in jpeg_bytes
     jpeg_rows: list[int] = field(default_factory=list)
     jpeg_paths: list[str] = field(default_factory=list)
 
+    @property
+    def jpegs(self) -> list[torch.Tensor]:
+        """Each file's encoded bytes, (n,) uint8 views into jpeg_bytes."""
+        return list(torch.split(self.jpeg_bytes, self.jpeg_sizes)) if self.jpeg_sizes else []
+
     def pin_memory(self) -> _Batch:  # called by DataLoader(pin_memory=True)
         self.pixels = self.pixels.pin_memory()
-        self.jpegs = [j.pin_memory() for j in self.jpegs]
+        self.jpeg_bytes = self.jpeg_bytes.pin_memory()
         return self
 
 
@@ -136,7 +147,8 @@ def _collate(items: list[tuple[str, torch.Tensor, str]]) -> _Batch:
         size=len(items),
         pixels=pixels,
         pixel_rows=torch.tensor(rows, dtype=torch.int64),
-        jpegs=[items[i][1] for i in jpeg_rows],
+        jpeg_bytes=torch.cat([items[i][1] for i in jpeg_rows]) if jpeg_rows else torch.empty(0, dtype=torch.uint8),
+        jpeg_sizes=[len(items[i][1]) for i in jpeg_rows],
         jpeg_rows=jpeg_rows,
         jpeg_paths=[items[i][2] for i in jpeg_rows],
     )
@@ -163,7 +175,7 @@ def _decode_on_gpu(batch: _Batch, size: int, device: torch.device) -> list[torch
 def _device_batch(batch: _Batch, size: int, device: torch.device, normalize: v2.Transform) -> torch.Tensor:
     """The batch as float (B, 3, S, S) on the device, normalised, channels_last."""
     cuda = device.type == "cuda"
-    if not batch.jpegs:
+    if not batch.jpeg_rows:
         x = batch.pixels.to(device, non_blocking=cuda)
     else:
         x = torch.empty((batch.size, 3, size, size), dtype=torch.uint8, device=device)

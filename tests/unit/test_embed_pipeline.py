@@ -143,6 +143,8 @@ def test_a_mixed_batch_is_assembled_in_order(images):
     files = _Files(images[:6], 16, gpu_jpeg=True)
     batch = _collate([files[i] for i in range(6)])
     assert batch.jpeg_rows == [0, 3] and batch.pixel_rows.tolist() == [1, 2, 4, 5]
+    assert batch.jpeg_bytes.ndim == 1 and batch.jpeg_sizes == [len(files[0][1]), len(files[3][1])]
+    assert torch.equal(batch.jpegs[1], files[3][1])  # the files travel end to end in one tensor, split here
     mixed = _device_batch(batch, 16, CPU, normalize)
     decoded_here = _Files(images[:6], 16, gpu_jpeg=False)
     cpu_only = _device_batch(_collate([decoded_here[i] for i in range(6)]), 16, CPU, normalize)
