@@ -31,7 +31,7 @@ import torch
 from flywheel.backbones import Classifier, build_body, layer_groups
 from flywheel.config import FinetuneSettings
 from flywheel.data import materialize_fashion_mnist, read_image_folder
-from flywheel.embed import embed_paths
+from flywheel.embed import embed_paths, resolve_device
 from flywheel.finetune import evaluate, finetune
 from flywheel.head import accuracy, predict_proba, train_head
 from flywheel.policy import DepthDecision, choose_depth
@@ -49,10 +49,10 @@ def _sample(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     )
 
 
-def _features(body, paths: list[str]) -> np.ndarray:
+def _features(body, paths: list[str], device: torch.device) -> np.ndarray:
     from flywheel.backbones import get_spec
 
-    return embed_paths(paths, body, get_spec(BACKBONE), image_size=SIZE, batch_size=128, device=torch.device("cpu"),
+    return embed_paths(paths, body, get_spec(BACKBONE), image_size=SIZE, batch_size=128, device=device,
                        progress=False)  # fmt: skip
 
 
@@ -62,12 +62,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--head-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--patience", type=int, default=FinetuneSettings().patience)
+    parser.add_argument("--head-lr", type=float, default=1e-3, help="earlier groups get 1/10 and 1/100 of it")
+    parser.add_argument("--adapt-batchnorm", action="store_true", help="re-estimate BatchNorm statistics at 'all'")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     settings = FinetuneSettings(
-        epochs=args.epochs, head_epochs=args.head_epochs, batch_size=64, head_lr=1e-3, device="cpu"
-    )
+        epochs=args.epochs, head_epochs=args.head_epochs, batch_size=64, head_lr=args.head_lr, device=str(device),
+        patience=args.patience, adapt_batchnorm=args.adapt_batchnorm,
+    )  # fmt: skip
     pool_root, test_root = materialize_fashion_mnist(
         REPO / ".flywheel" / "sources" / "bench-finetune", pool_size=12000, test_size=2000, seed=SEED
     )
@@ -80,7 +86,7 @@ def main() -> None:
     body = build_body(BACKBONE)
     n_groups = len(layer_groups(body, BACKBONE))
     t0 = time.perf_counter()
-    test_features = _features(body, test_paths)
+    test_features = _features(body, test_paths, device)
     print(f"test features: {len(test_paths)} images in {time.perf_counter() - t0:.1f}s", flush=True)
 
     rows = []
@@ -92,7 +98,7 @@ def main() -> None:
         cells: dict[str, dict] = {}
 
         t0 = time.perf_counter()
-        feats = _features(body, [paths[i] for i in chosen])
+        feats = _features(body, [paths[i] for i in chosen], device)
         head = train_head(feats, y, len(classes), l2=HEAD_L2, seed=SEED)
         cells["head"] = {
             "test_accuracy": accuracy(predict_proba(head, test_features), test_targets),
@@ -104,7 +110,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         probe = probe_domain(body, BACKBONE, [paths[i] for i in chosen], y, len(classes), SIZE, l2=HEAD_L2,
-                             seed=SEED)  # fmt: skip
+                             seed=SEED, device=device)  # fmt: skip
         probe_seconds = time.perf_counter() - t0
         print(per_class, probe.reason, f"{probe_seconds:.1f}s", flush=True)
         pick = choose_depth(len(train) / len(classes), n_groups, far_domain=probe.far)
@@ -112,7 +118,7 @@ def main() -> None:
         configs = {"last": DepthDecision(2, "last", "last stage"), "all": DepthDecision(n_groups, "all", "all")}
         for name, decision in configs.items():
             cells[name] = _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision, settings,
-                                         test_paths, test_targets)  # fmt: skip
+                                         test_paths, test_targets, device)  # fmt: skip
             print(per_class, name, cells[name], flush=True)
         same = next((n for n, d in configs.items() if d.trainable_groups == pick.trainable_groups), None)
         if pick.trainable_groups == 0:
@@ -121,7 +127,7 @@ def main() -> None:
             cells["policy"] = {**cells[same], "same_as": same}
         else:
             cells["policy"] = _finetune_cell(body, classes, lp_head, paths, targets, train, val, pick, settings,
-                                             test_paths, test_targets)  # fmt: skip
+                                             test_paths, test_targets, device)  # fmt: skip
         cells["policy"].update(depth=f"{pick.label} ({pick.trainable_groups} groups)", reason=pick.reason)
         best = max(cells[n]["test_accuracy"] for n in ("head", "last", "all"))
         best_all = max(best, cells["policy"]["test_accuracy"])
@@ -143,8 +149,11 @@ def main() -> None:
         "epochs": args.epochs,
         "head_epochs": args.head_epochs,
         "patience": settings.patience,
+        "head_lr": settings.head_lr,
+        "adapt_batchnorm": settings.adapt_batchnorm,
         "gradual_unfreeze": settings.gradual_unfreeze,
         "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "load_average_at_end": os.getloadavg(),
         "cpu_count": os.cpu_count(),
     }
@@ -156,7 +165,8 @@ def main() -> None:
     print(table)
 
 
-def _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision, settings, test_paths, test_targets):
+def _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision, settings, test_paths, test_targets,
+                   device):  # fmt: skip
     classifier = Classifier(BACKBONE, copy.deepcopy(body), copy.deepcopy(lp_head), classes, SIZE)
     t0 = time.perf_counter()
     result = finetune(
@@ -172,7 +182,7 @@ def _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision,
     )
     seconds = time.perf_counter() - t0
     return {
-        "test_accuracy": evaluate(result.classifier, test_paths, test_targets, device="cpu"),
+        "test_accuracy": evaluate(result.classifier, test_paths, test_targets, device=device),
         "seconds": seconds,
         "depth": f"{decision.label} ({decision.trainable_groups} groups)",
         "best_epoch": result.best_epoch,
@@ -186,8 +196,9 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Fashion-MNIST, {BACKBONE}, {SIZE} px, test = fixed 2,000-image subset of t10k; fine-tunes: "
         f"{meta['epochs']} epochs ({meta['head_epochs']} head + {meta['epochs'] - meta['head_epochs']} body), "
-        f"patience {meta['patience']}, gradual unfreezing {meta['gradual_unfreeze']}; CPU, {meta['threads']} "
-        f"torch threads, load average at end {meta['load_average_at_end'][0]:.1f}",
+        f"patience {meta['patience']}, gradual unfreezing {meta['gradual_unfreeze']}, head lr "
+        f"{meta['head_lr']:g}, BatchNorm re-estimated {meta['adapt_batchnorm']}; {meta['device']}, "
+        f"{meta['threads']} torch threads, load average at end {meta['load_average_at_end'][0]:.1f}",
         "",
         "| labels/class | head (linear probe) | last stage | all | policy's pick | policy within 1 pt |",
         "|---|---|---|---|---|---|",

@@ -18,14 +18,15 @@ overfit or transfer negatively, and the caller compares the result against the s
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from flywheel.atomic import atomic_path, verify_checksum
 from flywheel.backbones import Classifier, get_spec
 from flywheel.config import FinetuneSettings
 from flywheel.embed import resolve_device
+from flywheel.embed_pipeline import auto_workers
 from flywheel.errors import CorruptFileError, DataError
 from flywheel.images import Augmentation, ImageDataset, choose_augmentation, forked_worker_init
 from flywheel.policy import DepthDecision, freeze_body, param_groups, set_frozen_eval
@@ -60,7 +62,7 @@ class FinetuneResult:
     lr_by_group: dict[str, float]  # peak learning rate of each trained group ("head", "stage7", ...)
     seconds: float
     device: str
-    best_epoch: int = 0
+    best_epoch: int = 0  # 1-based; 0: no epoch beat the starting weights on validation, they are returned
     notes: list[str] = field(default_factory=list)
     augmentation: Augmentation | None = None
     stopped_early: bool = False
@@ -86,8 +88,15 @@ def _check_targets(paths: Sequence[str], targets: np.ndarray, n_classes: int, wh
 
 
 def _num_workers(device: torch.device) -> int:
-    """Decode in the main process on CPU (the cores are busy with the model); in workers on CUDA."""
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    """Decode in the main process on CPU (the cores are busy with the model); on CUDA in as many workers as
+    the embedding pipeline uses (embed_pipeline.auto_workers: up to 8, a core left for the main process)."""
+    return auto_workers(device) if device.type == "cuda" else 0
+
+
+def _eval_batch_size(n: int, device: torch.device) -> int:
+    """Up to 256 images a batch, but small enough that every loader worker gets one: a 256-image validation
+    set in one batch was decoded by a single worker while the others idled."""
+    return max(1, min(256, math.ceil(n / max(1, _num_workers(device)))))
 
 
 def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -186,7 +195,7 @@ def _train_epoch(
     if not adapt_bn:
         for bn in _batchnorms(model.body):
             bn.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
     for x, y in loader:
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
@@ -196,9 +205,9 @@ def _train_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total += float(loss.detach()) * len(y)
+        total += loss.detach() * len(y)
         count += len(y)
-    return total / max(1, count)
+    return float(total) / max(1, count)
 
 
 def unfrozen_count(body_epoch: int, body_epochs: int, n_groups: int, *, gradual: bool) -> int:
@@ -267,6 +276,58 @@ def _save_atomic(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _cpu_copy(obj):
+    """obj with every tensor in it (nested dicts, lists, tuples) copied to the CPU: a snapshot training
+    cannot change afterwards."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class _CheckpointWriter:
+    """Writes epoch checkpoints on a background thread, so the next epoch trains while the last is saved.
+
+    A ResNet-50 checkpoint with its AdamW state is about 300 MB plus its sha256; written in line it cost
+    0.9 s an epoch on an H200 (ResNet-50, 4,096 images an epoch: 1,206 img/s against 1,651 without).
+    `save` snapshots the state to the CPU first and waits for the previous write; `wait` returns once the
+    last one is on disk and re-raises its error. As a context manager it waits on exit, also when the
+    run fails, so an interrupted run leaves its last checkpoint whole. path None: saves nothing.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-checkpoint") if path else None
+        self._pending: Future | None = None
+
+    def save(self, state: dict) -> None:
+        if self._pool is None:
+            return
+        self.wait()
+        self._pending = self._pool.submit(_save_atomic, _cpu_copy(state), self.path)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:
+                concurrent.futures.wait([self._pending])  # the run's own error is the one to report
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
 def _load_checkpoint(path: Path) -> dict:
     """A checkpoint written by _save_atomic (tensors and plain data only: weights_only=True); CorruptFileError
     naming it, and how to start over, when its checksum does not match."""
@@ -282,7 +343,8 @@ def _load_checkpoint(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class EpochEnd:
-    """What `on_epoch_end` sees after each epoch (and after its checkpoint is on disk)."""
+    """What `on_epoch_end` sees after each epoch (and after its checkpoint is on disk: with a callback
+    the checkpoint write is waited for before the call)."""
 
     epoch: int  # 1-based, over both phases
     entry: dict
@@ -313,7 +375,8 @@ def finetune(
     epoch's weights are returned (and a note says so).
 
     Checkpoints: with `checkpoint_dir`, the model, optimizer, scheduler, RNG states, history and best-so-far
-    are written atomically after every epoch to checkpoint_dir/<run_key>/last.pt; `resume=True` continues
+    are written atomically after every epoch but the last (or an early stop), in the background while the
+    next epoch trains (_CheckpointWriter), to checkpoint_dir/<run_key>/last.pt; `resume=True` continues
     from there (on CPU to bit-identical final weights) and the file is removed once the run completes.
     `augmentation` defaults to `images.choose_augmentation` on the training images.
     """
@@ -355,7 +418,7 @@ def finetune(
             # BatchNorm cannot train on a batch of one: drop such a trailing batch.
             drop_last=n_train % settings.batch_size == 1 and n_train > 1,
         )
-        val_loader = _batches(model, val_paths, val_targets, 256, device)
+        val_loader = _batches(model, val_paths, val_targets, _eval_batch_size(len(val_targets), device), device)
         val_cache = None
         if len(val_targets) * 3 * classifier.image_size**2 * 4 <= VAL_CACHE_BYTES:
             val_cache = [x for x, _ in val_loader]  # decode and resize the validation set once
@@ -391,6 +454,14 @@ def finetune(
                 torch.cuda.set_rng_state(saved["rng_cuda"], device)
             notes.append(f"resumed from {ckpt} after epoch {start}")
 
+        if start == 0 and len(val_targets):
+            # The starting weights (the champion's body, the LP head) are a candidate too: a fine-tune whose
+            # every epoch scores worse on validation returns what it was given (best_epoch 0).
+            logits = _logits(model, val_cache if val_cache is not None else val_loader, device, forward)
+            start_accuracy = float((logits.argmax(1) == val_y).float().mean())
+            best = (start_accuracy, -float(nn.functional.cross_entropy(logits, val_y)))
+            best_state = _cpu_copy(model.state_dict())
+
         bar_ctx = nullcontext(None)
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -402,7 +473,7 @@ def finetune(
                 TimeRemainingColumn(),
                 transient=True,
             )
-        with bar_ctx as bar:
+        with bar_ctx as bar, _CheckpointWriter(ckpt) as writer:
             task = bar.add_task("fine-tune", total=settings.epochs, completed=start) if bar else None
             phase_now: str | None = None
             optimizer = scheduler = None
@@ -465,7 +536,7 @@ def finetune(
                     score = (entry["val_accuracy"], -entry["val_loss"])
                     if best is None or score > best:  # accuracy first; ties go to the lower loss
                         best, best_epoch = score, entry["epoch"]
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                        best_state = _cpu_copy(model.state_dict())
                 entry["seconds"] = time.perf_counter() - t0
                 history.append(entry)
                 stopped = should_stop(history, settings.patience)
@@ -473,8 +544,8 @@ def finetune(
                     notes.append(
                         f"early stop after epoch {e + 1}: no better validation score for {settings.patience} epochs"
                     )
-                if ckpt is not None:
-                    _save_atomic(
+                if ckpt is not None and not stopped and e + 1 < len(plan):  # after the last epoch the run ends
+                    writer.save(
                         {
                             "epoch": e + 1,
                             "model": model.state_dict(),
@@ -489,10 +560,10 @@ def finetune(
                             "best_epoch": best_epoch,
                             "lr_by_group": lr_by_group,
                             "stopped": stopped,
-                        },
-                        ckpt,
+                        }
                     )
                 if on_epoch_end is not None:
+                    writer.wait()
                     on_epoch_end(EpochEnd(e + 1, entry, model, optimizer, ckpt))
                 if bar is not None:
                     acc = entry["val_accuracy"]
@@ -506,6 +577,10 @@ def finetune(
     if best_state is None:
         notes.append("no validation images: returning the last epoch's weights")
         best_epoch = len(history)
+    elif best_epoch == 0:
+        notes.append(
+            f"no epoch beat the starting weights on validation (accuracy {best[0]:.3f}): returning them unchanged"
+        )
     model = model.to("cpu", memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)

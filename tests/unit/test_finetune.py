@@ -319,3 +319,35 @@ def test_compiled_training_matches_eager(classifier, stripes):
     assert compiled.history[-1]["val_accuracy"] >= eager.history[-1]["val_accuracy"] - 0.1
     a, b = compiled.classifier.state_dict(), eager.classifier.state_dict()
     assert a.keys() == b.keys()  # the compiled wrapper's "_orig_mod." prefix never leaks into the weights
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_path):
+    from flywheel.finetune import _CheckpointWriter, _load_checkpoint
+
+    weights = torch.zeros(1000)
+    path = tmp_path / "run" / "last.pt"
+    with _CheckpointWriter(path) as writer:
+        writer.save({"epoch": 1, "model": {"w": weights}, "history": [{"epoch": 1}]})
+        weights += 1.0  # training goes on while the file is written
+    saved = _load_checkpoint(path)  # waited for on exit; checksum verified
+    assert saved["epoch"] == 1 and torch.equal(saved["model"]["w"], torch.zeros(1000))
+
+    with pytest.raises(RuntimeError, match="interrupted"), _CheckpointWriter(path) as writer:
+        writer.save({"epoch": 2, "model": {"w": weights}})
+        raise RuntimeError("interrupted")
+    assert _load_checkpoint(path)["epoch"] == 2  # the write in flight when the run failed completed whole
+
+    with pytest.raises(OSError), _CheckpointWriter(tmp_path / "file" / "last.pt") as writer:
+        (tmp_path / "file").write_text("a file where the folder should be")
+        writer.save({"epoch": 1})  # the background error reaches the caller
+
+
+def test_a_fine_tune_that_only_hurts_returns_the_weights_it_started_from(classifier, stripes):
+    train_p, train_y, val_p, val_y = stripes
+    wrong = 1 - np.asarray(train_y)  # every training label flipped: each epoch moves away from validation
+    result = finetune(classifier, train_p, wrong, val_p, val_y, decision=LAST, settings=SETTINGS, seed=0,
+                      progress=False)  # fmt: skip
+    assert result.best_epoch == 0 and any("no epoch beat the starting weights" in n for n in result.notes)
+    start, end = classifier.state_dict(), result.classifier.state_dict()
+    assert all(torch.equal(start[k].cpu(), end[k]) for k in start)
+    assert len(result.history) >= 1  # epochs ran; none was kept
