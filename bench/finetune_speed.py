@@ -56,13 +56,26 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def _plain_model(classifier, args, device: torch.device):
+    """(forward, optimizer) of the plain loop: a copy of the classifier on the device, AdamW over everything."""
+    model = copy.deepcopy(classifier).to(device, memory_format=torch.channels_last).train()
+    forward = torch.compile(model) if args.compile else model
+    return forward, torch.optim.AdamW(model.parameters(), lr=HEAD_LR, weight_decay=WEIGHT_DECAY)
+
+
+def _plain_step(forward, optimizer, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    with _autocast(device):
+        loss = nn.functional.cross_entropy(forward(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def plain_loop(classifier, paths, targets, aug: Augmentation, args, device: torch.device) -> float:
     """The textbook loop; returns seconds for args.epochs epochs over paths."""
     _sync(device)
     started = time.perf_counter()
-    model = copy.deepcopy(classifier).to(device, memory_format=torch.channels_last).train()
-    forward = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=HEAD_LR, weight_decay=WEIGHT_DECAY)
+    forward, optimizer = _plain_model(classifier, args, device)
     loader = DataLoader(
         ImageDataset(paths, get_spec(args.model), args.size, targets, augment=aug),
         batch_size=args.batch_size,
@@ -74,12 +87,7 @@ def plain_loop(classifier, paths, targets, aug: Augmentation, args, device: torc
     for _ in range(args.epochs):
         for x, y in loader:
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with _autocast(device):
-                loss = nn.functional.cross_entropy(forward(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _plain_step(forward, optimizer, x, y.to(device, non_blocking=True), device)
     _sync(device)
     return time.perf_counter() - started
 
@@ -106,20 +114,14 @@ def ours(classifier, paths, targets, val_paths, val_targets, aug: Augmentation, 
 
 def ceiling(classifier, args, device: torch.device, steps: int = 30) -> float:
     """img/s of the plain training step on one batch already on the device: no data path at all."""
-    model = copy.deepcopy(classifier).to(device, memory_format=torch.channels_last).train()
-    forward = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=HEAD_LR, weight_decay=WEIGHT_DECAY)
+    forward, optimizer = _plain_model(classifier, args, device)
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, len(classifier.classes), (args.batch_size,), device=device)
     for i in range(steps + 5):  # the first 5: kernel choice, allocator
         if i == 5:
             _sync(device)
             started = time.perf_counter()
-        with _autocast(device):
-            loss = nn.functional.cross_entropy(forward(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _plain_step(forward, optimizer, x, y, device)
     _sync(device)
     return steps * args.batch_size / (time.perf_counter() - started)
 
