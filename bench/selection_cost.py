@@ -7,10 +7,10 @@ the same max-min distance as the plain (every point, every step) greedy on a 50k
     .venv/bin/python bench/selection_cost.py [--n 1000000] [--dim 512] [--k 1000]
 
 Bar (issue 4): each under 60 s on 2 CPU cores, peak RSS under 8 GB. Measured on the 2-core dev machine:
-quiet (load 1.0): kcenter 4.0 s, hybrid 1.4 s, falcun 1.3 s, auto 3.1 s (whitening, then k-center: 10
-labels/class), peak RSS 2.65 GB (the pool itself 2.0 GB); while other jobs held it (load ~7): kcenter 42 s,
-hybrid 31 s, falcun 7.5 s, peak RSS 2.7 GB. k-center on the 50k subset equals the plain greedy (ratio 1.0000:
-the shortlisted greedy is exact).
+quiet (load 1.0): kcenter 4.0 s, hybrid 1.4 s, falcun 1.3 s, auto 3.3 s (whitening, then hybrid: 10
+labels/class; 3.1 s when its second phase was k-center), peak RSS 2.66 GB (the pool itself 2.0 GB); while
+other jobs held it (load ~7): kcenter 42 s, hybrid 31 s, falcun 7.5 s, peak RSS 2.7 GB. k-center on the 50k
+subset equals the plain greedy (ratio 1.0000: the shortlisted greedy is exact).
 """
 
 from __future__ import annotations
