@@ -18,7 +18,6 @@ overfit or transfer negatively, and the caller compares the result against the s
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import hashlib
 import json
@@ -320,12 +319,10 @@ class _CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self.wait()
-            elif self._pending is not None:
-                concurrent.futures.wait([self._pending])  # the run's own error is the one to report
+                self.wait()  # a failed write is this run's error; after a failed run, the run's own is reported
         finally:
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown(wait=True)  # also lets a write in flight finish
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -423,6 +420,12 @@ def finetune(
         if len(val_targets) * 3 * classifier.image_size**2 * 4 <= VAL_CACHE_BYTES:
             val_cache = [x for x, _ in val_loader]  # decode and resize the validation set once
         val_y = torch.as_tensor(val_targets)
+
+        def validate() -> tuple[float, float]:
+            """(accuracy, loss) of the model as it is now on the validation images."""
+            logits = _logits(model, val_cache if val_cache is not None else val_loader, device, forward)
+            return float((logits.argmax(1) == val_y).float().mean()), float(nn.functional.cross_entropy(logits, val_y))
+
         loss_fn = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
         steps = len(loader)
 
@@ -457,9 +460,8 @@ def finetune(
         if start == 0 and len(val_targets):
             # The starting weights (the champion's body, the LP head) are a candidate too: a fine-tune whose
             # every epoch scores worse on validation returns what it was given (best_epoch 0).
-            logits = _logits(model, val_cache if val_cache is not None else val_loader, device, forward)
-            start_accuracy = float((logits.argmax(1) == val_y).float().mean())
-            best = (start_accuracy, -float(nn.functional.cross_entropy(logits, val_y)))
+            start_accuracy, start_loss = validate()
+            best = (start_accuracy, -start_loss)
             best_state = _cpu_copy(model.state_dict())
 
         bar_ctx = nullcontext(None)
@@ -530,9 +532,7 @@ def finetune(
                     "val_loss": None,
                 }
                 if len(val_targets):
-                    logits = _logits(model, val_cache if val_cache is not None else val_loader, device, forward)
-                    entry["val_accuracy"] = float((logits.argmax(1) == val_y).float().mean())
-                    entry["val_loss"] = float(nn.functional.cross_entropy(logits, val_y))
+                    entry["val_accuracy"], entry["val_loss"] = validate()
                     score = (entry["val_accuracy"], -entry["val_loss"])
                     if best is None or score > best:  # accuracy first; ties go to the lower loss
                         best, best_epoch = score, entry["epoch"]
