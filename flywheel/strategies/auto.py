@@ -13,46 +13,9 @@ TypiClust and hybrid's clusters use the whitened embeddings (geometry.py: top 64
 scaled to unit variance); the balanced share keeps the raw ones (its duplicate check is calibrated on them).
 The Selection's description says which was used and why, with the numbers.
 
-Measured (bench protocol: linear head, 2 -> 20 labels per class, one label per class per round, 5 seeds,
-gain = AULC minus random's, points): switching at 5/class to FALCUN (the old rule) gave Fashion-MNIST 5k
-+4.5 (3 seeds) but digits +2.0 and the imbalanced Fashion-MNIST subset +1.2 (3 seeds); FALCUN and margin
-are poor at these budgets there (falcun +0.1 on digits, margin -6.1 on the imbalanced set). TypiClust
-until 10/class then: k-center digits +4.3, imbalanced +3.1, Fashion-MNIST +3.1; falcun digits +3.3,
-imbalanced +2.4, Fashion-MNIST +2.9; margin digits +3.6, imbalanced +2.8, Fashion-MNIST +2.3. Switching
-at 7, 8, 12 or 15 per class (k-center after) gave digits +3.3, +2.9, +3.1, +2.5. With the balanced margin
-share on uneven counts, the imbalanced set gains +3.8 (0.5 of the batch) or +3.7 (0.2) instead of +3.1.
-
-Whitened geometry (chosen on digits seeds 3-12, where raw auto has 77.3 AULC: whitened 64 components 79.1,
-32 or 128 78.7, per-feature standardisation 78.4), then the issue's check (bench/results/strategies.md,
-seeds 0-2): gain digits +4.7 (raw +2.3; sk:TypiClust +4.4), imbalanced +3.3 (raw +2.6; best reference
-+2.4), Fashion-MNIST +3.5 (raw +4.0; best reference +1.3); digits 10 seeds +4.8 (raw +3.2; DropQuery +3.3).
-On seeds 3-12 the other two sets gain too: Fashion-MNIST AULC 68.9 -> 69.5, imbalanced 64.6 -> 65.3 (its
-balanced AULC 58.5 -> 57.3). Tried in raw geometry without a gain beyond the noise (digits,
-10 seeds, raw auto 77.7 on seeds 0-9, 77.3 on 3-12): half TypiClust / half k-center from 6 to 10 per class
-78.4 / 77.4; a DropQuery-style phase (logistic regression, dropout disagreement, k-means centres) from 6 to
-10 per class 78.2 (0-9); TypiClust's clusters in the order of fewest labels in their predicted class 77.4
-(3-12); k-center without the least typical 10% 77.8 (0-9); worse: uncertainty-weighted TypiClust clusters,
-k-center over the most uncertain half (76.4, 3-12), DropQuery-style after 10 per class (77.2, 0-9).
-scikit-learn k-means run to convergence inside TypiClust gave 77.0 against our 78.0 (3 seeds): the gap to
-sk:TypiClust (78.7, the same algorithm) is the random stream, not the clustering.
-
-Everything above was measured with the evaluation head's old standardisation, which gave near-dead features
-weights in the thousands (head.STD_FLOOR). Its probabilities were unreliable: margin lost 4.2 points to
-random on Fashion-MNIST and entropy 18.6, so k-center, which ignores them, won the second phase. With the
-fixed head every curve rises (random's AULC 66.1 -> 70.9 on Fashion-MNIST, 75.2 -> 80.0 on digits) and
-uncertainty pays. On held-out seeds 3-8 (AULC, digits / Fashion-MNIST / imbalanced; random 78.8 / 71.0 /
-65.5) the second phase as k-center gives 82.9 / 73.0 / 68.5, hybrid 83.4 / 73.3 / 68.7, falcun 82.8 / 73.4 /
-68.6, margin 82.8 / 73.5 / 68.6; hybrid with the switch at 5 per class 83.3 / 73.0 / 68.5, at 3 per class
-83.6 / 72.7 / 67.8, hybrid from the start 83.0 / 71.9 / 67.2. Hybrid after 10 per class was 0.2-0.5 above
-k-center on all three, but with the balanced share dealt equally its uncertain picks left the rarest class
-one pick of 8 in tests/unit/test_strategies.py (k-center gave 2). Dealing the balanced share by levelling
-fixes that (4 of 8). The same seeds 3-8, all four combinations (digits / Fashion-MNIST / imbalanced AULC,
-imbalanced balanced AULC): k-center + equal share 82.9 / 72.9 / 68.2 / 62.2, k-center + levelling 82.7 /
-72.7 / 68.6 / 62.0, hybrid + equal 83.2 / 73.2 / 68.8 / 61.7, hybrid + levelling 83.4 / 73.5 / 68.8 / 61.9:
-adopted, the best AULC on all three sets. Then the switch point, hybrid + levelling after it (same seeds):
-at 8 per class 83.4 / 73.6 / 68.9 / 64.0 (adopted: as good or better everywhere, and the rare classes gain),
-at 10 83.4 / 73.5 / 68.8 / 61.9, at 12 82.9 / 73.3 / 68.5 / 61.5; TypiClust on the raw embeddings instead of
-the whitened ones (switch at 10) 82.0 / 72.9 / 68.3 / 60.8.
+Every constant here was chosen on held-out seeds of bench/strategies.py's three data sets (digits,
+Fashion-MNIST, imbalanced Fashion-MNIST); on seeds 3-8, AULC 83.4 / 73.6 / 68.9 against random's 78.8 /
+71.0 / 65.5. docs/selection.md keeps each alternative tried and its figures.
 """
 
 from __future__ import annotations

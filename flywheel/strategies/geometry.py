@@ -4,7 +4,8 @@ Raw backbone features put most of their variance in a few directions, so cosine 
 and typicality follow those directions whether or not they separate classes. Projecting the pool on its top
 WHITEN_DIMS principal components and scaling each to unit variance lets the next directions count as much.
 Measured with `auto` (bench/strategies.py protocol, digits, seeds 3-12, raw auto 77.3): whitened to 32, 64
-and 128 dimensions 78.7, 79.1 and 78.7; per-feature standardisation 78.4. See auto.py for all three data sets.
+and 128 dimensions 78.7, 79.1 and 78.7; per-feature standardisation 78.4. docs/selection.md has all three
+data sets.
 Cost: 1.5 s for a 100,000 x 1280 pool on one core (fit on 10,000 rows, then one projection); TypiClust's
 k-means then runs on 64 columns instead of 1280, so auto's low-budget round got faster there (2.7 -> 2.1 s)
 and its k-center round slower (0.5 -> 1.6 s).
