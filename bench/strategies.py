@@ -283,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--random-draws", type=int, default=10, help="draws per seed of each random, averaged (1: a single draw)"
     )
-    parser.add_argument("--draws", type=int, default=1, help="draws per seed of every other strategy, averaged")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1000-image pool, 1 seed, 6 labels/class")
+    parser.add_argument("--draws", type=int, default=5, help="draws per seed of every other strategy, averaged")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1000-image pool, 1 seed, 6/class, 1 draw")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "strategies"), help="path stem")
     args = parser.parse_args(argv)
     if args.quick:
-        args.pool_size, args.seeds, args.budget_per_class = 1000, 1, 6
+        args.pool_size, args.seeds, args.budget_per_class, args.draws = 1000, 1, 6, 1
     ours = list(STRATEGIES) if args.ours == "all" else [s for s in args.ours.split(",") if s]
     for name in ours:
         get_strategy(name)  # unknown names fail here, listing the choices
