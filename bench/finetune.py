@@ -1,6 +1,6 @@
 """How deep to fine-tune: head-only vs last stage vs all vs the policy's pick, on Fashion-MNIST.
 
-    .venv/bin/python bench/finetune.py                      # 10, 50, 500 labels/class, 5 epochs
+    .venv/bin/python bench/finetune.py                      # 10, 50, 500 labels/class, FinetuneSettings defaults
     .venv/bin/python bench/finetune.py --sizes 10,50 --epochs 3
 
 Per size n (labels per class, drawn with a fixed seed from a 12,000-image sample of the train split):
@@ -59,12 +59,13 @@ def _features(body, paths: list[str], device: torch.device) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,50,500")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--head-epochs", type=int, default=1)
+    defaults = FinetuneSettings()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--head-epochs", type=int, default=defaults.head_epochs)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--patience", type=int, default=FinetuneSettings().patience)
-    parser.add_argument("--head-lr", type=float, default=1e-3, help="earlier groups get 1/10 and 1/100 of it")
+    parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--head-lr", type=float, default=defaults.head_lr, help="earlier groups get 1/10 and 1/100")
     parser.add_argument("--adapt-batchnorm", action="store_true", help="re-estimate BatchNorm statistics at 'all'")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune"))
     args = parser.parse_args()

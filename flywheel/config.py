@@ -133,10 +133,14 @@ class FinetuneSettings(_Section):
 
     min_labels: int = Field(300, ge=1, description="labelled samples before the first fine-tune")
     every_new_labels: int = Field(200, ge=1, description="new labels between two fine-tunes")
-    epochs: int = Field(6, ge=1)
-    head_epochs: int = Field(2, ge=0, description="LP-FT: epochs with the body frozen first")
+    epochs: int = Field(8, ge=1)
+    head_epochs: int = Field(1, ge=0, description="LP-FT: epochs with the body frozen first")
     batch_size: int = Field(64, ge=1)
-    head_lr: float = Field(1e-3, gt=0, description="AdamW; earlier groups get 1/10 and 1/100 of it")
+    head_lr: float = Field(
+        1e-2,
+        gt=0,
+        description="AdamW; earlier groups get 1/10 and 1/100 of it (at 1e-3 the body barely moved: bench/finetune.py)",
+    )
     weight_decay: float = Field(1e-4, ge=0)
     depth: Literal["auto", "head", "last", "all"] = "auto"
     domain: Literal["auto", "near", "far"] = Field(

@@ -12,7 +12,7 @@ from torchvision.io import write_png
 from flywheel.backbones import get_spec, layer_groups, new_classifier
 from flywheel.config import FinetuneSettings
 from flywheel.errors import DataError
-from flywheel.finetune import evaluate, finetune, predict_proba, should_stop, unfrozen_count
+from flywheel.finetune import HEAD_PHASE_LR_FACTOR, evaluate, finetune, predict_proba, should_stop, unfrozen_count
 from flywheel.images import choose_augmentation, train_transform
 from flywheel.policy import DepthDecision
 
@@ -211,6 +211,7 @@ def test_optimizer_built_by_finetune_has_the_configured_rate_ratios(classifier, 
     finetune(classifier, train_p[:16], train_y[:16], val_p[:8], val_y[:8], decision=FAR, settings=RESUME, seed=0,
              progress=False, on_epoch_end=record)  # fmt: skip
     assert list(seen[1]) == ["head"]
+    assert seen[1]["head"][1] == pytest.approx(RESUME.head_lr * HEAD_PHASE_LR_FACTOR)  # the LP head: gently
     body = seen[4]
     assert list(body) == ["head", "head_conv", "stage7", "stage6", "stage5"]
     head_lr, head_initial = body["head"]
