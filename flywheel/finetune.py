@@ -43,10 +43,11 @@ from flywheel.embed import resolve_device
 from flywheel.embed_pipeline import auto_workers
 from flywheel.errors import CorruptFileError, DataError
 from flywheel.images import Augmentation, ImageDataset, choose_augmentation, forked_worker_init
-from flywheel.policy import DepthDecision, freeze_body, param_groups, set_frozen_eval
+from flywheel.policy import DepthDecision, param_groups, set_frozen_eval
 
 LABEL_SMOOTHING = 0.1
 WARMUP_FRACTION = 0.1  # of each phase's optimizer steps; at least one step
+HEAD_PHASE = DepthDecision(0, "head", "LP-FT head phase: body frozen")
 HEAD_PHASE_LR_FACTOR = 0.1  # the head phase trains an LP-fitted head: at head_lr itself it fell apart
 # (bench/finetune.py, head_lr 1e-2: validation 0.84 -> 0.07 at 10 labels/class, 0.84 -> 0.78 at 500)
 VAL_CACHE_BYTES = 1 << 30  # keep the preprocessed validation set in memory below this size
@@ -490,18 +491,13 @@ def finetune(
                 phase = plan[e]
                 if phase != phase_now:
                     phase_now = phase
-                    if phase == "head":
-                        freeze_body(model)
-                        groups = [
-                            {
-                                "name": "head",
-                                "params": list(model.head.parameters()),
-                                "lr": settings.head_lr * HEAD_PHASE_LR_FACTOR,
-                                "weight_decay": settings.weight_decay,
-                            }
-                        ]
-                    else:
-                        groups = param_groups(model, decision, settings.head_lr, settings.weight_decay)
+                    head_phase = phase == "head"
+                    groups = param_groups(
+                        model,
+                        HEAD_PHASE if head_phase else decision,
+                        settings.head_lr * (HEAD_PHASE_LR_FACTOR if head_phase else 1.0),
+                        settings.weight_decay,
+                    )
                     body_groups = groups[1:]  # from the output end inwards
                     lr_by_group.update({g["name"]: g["lr"] for g in groups})
                     adapt_bn = phase == "body" and decision.label == "all" and settings.adapt_batchnorm

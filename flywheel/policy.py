@@ -124,14 +124,6 @@ def param_groups(classifier: Classifier, decision: DepthDecision, head_lr: float
     return [g for g in out if g["params"]]
 
 
-def freeze_body(classifier: Classifier) -> None:
-    """Head-only training: no body parameter gets gradients."""
-    for p in classifier.body.parameters():
-        p.requires_grad_(False)
-    for p in classifier.head.parameters():
-        p.requires_grad_(True)
-
-
 def set_frozen_eval(module: nn.Module) -> None:
     """Put every submodule whose parameters are all frozen into eval mode.
 
