@@ -199,6 +199,11 @@ def gains(report: dict, key: str = "aulc") -> dict[str, float]:
     }
 
 
+def _span(curve: dict) -> str:
+    """'lo..hi' of a several-draw curve's AULC per draw, in percent."""
+    return f"{100 * min(curve['aulc_per_draw']):.1f}..{100 * max(curve['aulc_per_draw']):.1f}"
+
+
 def verdict(report: dict) -> list[str]:
     """The issue's checks: auto beats random by 2 points; auto's gain is not below the best reference's."""
     g = gains(report)
@@ -220,19 +225,17 @@ def verdict(report: dict) -> list[str]:
         auto_gain = first["auto"] - first[OUR_RANDOM]
         ref_gains = {k: first[k] - first[THEIR_RANDOM] for k in refs}
         best = max(ref_gains, key=ref_gains.get)
-        others = curves["auto"].get("draws", 1)
-        lines.append(
+        drawn = (
             f"randoms: mean of {ours_r['draws']} draws per seed (AULC {100 * ours_r['aulc']:.1f} ours, "
-            f"{100 * theirs_r['aulc']:.1f} theirs; draws span {100 * min(ours_r['aulc_per_draw']):.1f}.."
-            f"{100 * max(ours_r['aulc_per_draw']):.1f} and {100 * min(theirs_r['aulc_per_draw']):.1f}.."
-            f"{100 * max(theirs_r['aulc_per_draw']):.1f})"
-            + (
-                f"; the other strategies: mean of {others} draws per seed (auto's span "
-                f"{100 * min(curves['auto']['aulc_per_draw']):.1f}..{100 * max(curves['auto']['aulc_per_draw']):.1f})"
-                if others > 1
-                else ""
+            f"{100 * theirs_r['aulc']:.1f} theirs; draws span {_span(ours_r)} and {_span(theirs_r)})"
+        )
+        if curves["auto"].get("draws", 1) > 1:
+            drawn += (
+                f"; the other strategies: mean of {curves['auto']['draws']} draws per seed (auto's span "
+                f"{_span(curves['auto'])})"
             )
-            + f". With the first draw alone (randoms {100 * first[OUR_RANDOM]:.1f} ours, "
+        lines.append(
+            f"{drawn}. With the first draw alone (randoms {100 * first[OUR_RANDOM]:.1f} ours, "
             f"{100 * first[THEIR_RANDOM]:.1f} theirs): auto gain {100 * auto_gain:+.1f} vs "
             f"{100 * ref_gains[best]:+.1f} ({best[3:]}): {'PASS' if auto_gain >= ref_gains[best] else 'FAIL'}"
         )
