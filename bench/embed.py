@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results_files import command_line, write_results  # bench/ is on the path when run as a script
 from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 
+from bench.results_files import command_line, write_results
 from flywheel.backbones import build_body, get_spec
 from flywheel.data import FASHION_MNIST_DIR, _read_idx
 from flywheel.embed import resolve_device
@@ -102,15 +102,16 @@ def bench_model(name: str, paths: list[str], args, device: torch.device) -> dict
             outputs[which].append(result)
         pair_ratios.append(took["plain"] / took["pipeline"])
     diff = float(np.abs(np.concatenate(outputs["plain"]) - np.concatenate(outputs["pipeline"])).max())
+    plain_img_s, pipeline_img_s = len(paths) / seconds["plain"], len(paths) / seconds["pipeline"]
     row = {
         "model": name,
         "weights": weights,
         "images": len(paths),
-        "plain_img_s": len(paths) / seconds["plain"],
-        "pipeline_img_s": len(paths) / seconds["pipeline"],
+        "plain_img_s": plain_img_s,
+        "pipeline_img_s": pipeline_img_s,
         "max_abs_diff": diff,
+        "ratio": pipeline_img_s / plain_img_s,
     }
-    row["ratio"] = row["pipeline_img_s"] / row["plain_img_s"]
     row["median_pair_ratio"] = float(np.median(pair_ratios))  # robust to load swings between chunks
     row["pair_ratios"] = pair_ratios
     print(f"{name:18s} plain {row['plain_img_s']:8.1f} img/s | pipeline {row['pipeline_img_s']:8.1f} img/s | "

@@ -34,6 +34,7 @@ from flywheel.data import materialize_fashion_mnist, read_image_folder
 from flywheel.embed import embed_paths, resolve_device
 from flywheel.finetune import evaluate, finetune
 from flywheel.head import accuracy, predict_proba, train_head
+from flywheel.manifest import Record
 from flywheel.policy import DepthDecision, choose_depth
 from flywheel.transfer import probe_domain, stratified_folds
 
@@ -47,6 +48,15 @@ def _sample(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.sort(
         np.concatenate([rng.permutation(np.flatnonzero(targets == c))[:per_class] for c in np.unique(targets)])
     )
+
+
+def _targets(records: list[Record], classes: list[str]) -> np.ndarray:
+    """Each record's class index in `classes`."""
+    targets = []
+    for r in records:
+        assert r.label is not None  # an image folder's records all carry their folder's class
+        targets.append(classes.index(r.label))
+    return np.array(targets)
 
 
 def _features(body, paths: list[str], device: torch.device) -> np.ndarray:
@@ -81,9 +91,9 @@ def main() -> None:
     pool, classes = read_image_folder(pool_root)
     test, _ = read_image_folder(test_root)
     paths = [r.path for r in pool]
-    targets = np.array([classes.index(r.label) for r in pool])
+    targets = _targets(pool, classes)
     test_paths = [r.path for r in test]
-    test_targets = np.array([classes.index(r.label) for r in test])
+    test_targets = _targets(test, classes)
     body = build_body(BACKBONE)
     n_groups = len(layer_groups(body, BACKBONE))
     t0 = time.perf_counter()

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from embed import write_jpegs  # bench/ is on the path when run as a script
-from results_files import command_line, write_results
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bench.embed import write_jpegs
+from bench.results_files import command_line, write_results
 from flywheel.backbones import get_spec, layer_groups, new_classifier
 from flywheel.config import FinetuneSettings
 from flywheel.data import FASHION_MNIST_DIR, _read_idx

@@ -31,16 +31,15 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from flywheel.strategies import PoolView, Selection, get_strategy  # noqa: E402
 
@@ -62,7 +61,8 @@ class Recording:
     """A strategy that keeps every batch it picks, so the labels held at half-way can be rebuilt per seed."""
 
     def __init__(self, name: str):
-        self.strategy, self.picks = get_strategy(name), []
+        self.strategy = get_strategy(name)
+        self.picks: list[npt.NDArray[np.int64]] = []
 
     def __call__(self, pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
         selection = self.strategy(pool, n, rng=rng)
@@ -122,6 +122,7 @@ def run_job(dataset: str, strategy: str, config: Config) -> dict:
     data = datasets.embed_dataset(
         datasets.load_dataset(dataset, settings, pool_size=config.pool_size), settings, progress=False
     )
+    assert data.features is not None  # embed_dataset fills them
     recording = Recording(strategy)
     began = time.perf_counter()
     report = simulate(
@@ -166,7 +167,7 @@ def run_job(dataset: str, strategy: str, config: Config) -> dict:
 
 def summarize(job: dict, method: str) -> dict:
     rows = [s[method] for s in job["seeds"]]
-    out = {
+    out: dict[str, object] = {
         "mae_points": float(np.mean([r["mae_points"] for r in rows])),
         "bias_points": float(np.mean([r["bias_points"] for r in rows])),
         "final_error_points": float(np.mean([abs(r["final_error_points"]) for r in rows])),

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_files import command_line, write_results  # bench/ is on the path when run as a script
-from selection_cost import synthetic_pool
 
+from bench.results_files import command_line, write_results
+from bench.selection_cost import synthetic_pool
 from flywheel.config import IndexSettings
-from flywheel.vector_index import ShardedIndex, build_vector_index, plan_index
+from flywheel.vector_index import ShardedIndex, VectorsOf, build_vector_index, plan_index
 
 
 def rss_gb() -> float:
@@ -63,7 +63,7 @@ def run_kind(kind: str, data: dict, exact: np.ndarray | None, args) -> list[tupl
         t = time.perf_counter()
         index = ShardedIndex.load(tmp, settings)
         load_s = time.perf_counter() - t
-    variants = [(kind, None)]
+    variants: list[tuple[str, VectorsOf | None]] = [(kind, None)]
     if kind == "ivfpq":  # re-rank from the vectors on disk (memory-mapped), as from the embedding store
         variants.append((f"ivfpq + re-rank x{settings.rerank}", lambda wanted: data["on_disk"][(wanted - 3) // 7]))
     out = []

@@ -17,8 +17,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+from label_studio_sdk import ImportApiRequest
 
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
@@ -73,16 +75,15 @@ def main() -> None:
 
         began = time.monotonic()
         for start in range(0, len(to_annotate), 5000):
-            client.projects.import_tasks(
-                project_id,
-                request=[
-                    {
-                        "data": {"image": image_url(s.uri, settings), "sample_id": s.id},
-                        "annotations": [{"result": choice_result(s.truth or FASHION_MNIST_CLASSES[0])}],
-                    }
-                    for s in to_annotate[start : start + 5000]
-                ],
-            )
+            annotated = [
+                {
+                    "data": {"image": image_url(s.uri, settings), "sample_id": s.id},
+                    "annotations": [{"result": choice_result(s.truth or FASHION_MNIST_CLASSES[0])}],
+                }
+                for s in to_annotate[start : start + 5000]
+            ]
+            # the SDK types the request as its models, and sends these dicts as they are
+            client.projects.import_tasks(project_id, request=cast(list[ImportApiRequest], annotated))
         print(f"seeded {len(to_annotate)} annotated tasks in {time.monotonic() - began:.1f} s (not timed)")
 
         began = time.monotonic()
@@ -104,7 +105,7 @@ def main() -> None:
         figures["resync_s"] = round(time.monotonic() - began, 1)
         print(f"sync again: {again.new} new, {again.unchanged} unchanged in {figures['resync_s']} s; lost: {lost}")
         if args.screenshot:
-            from screenshot import data_manager_screenshot  # bench/ is on the path when run as a script
+            from bench.screenshot import data_manager_screenshot
 
             data_manager_screenshot(settings, project_id, args.screenshot)
             print(f"screenshot: {args.screenshot}")

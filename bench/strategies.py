@@ -22,7 +22,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
@@ -32,7 +31,6 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from flywheel.strategies import STRATEGIES, PoolView, Selection, get_strategy  # noqa: E402
 
@@ -69,6 +67,7 @@ class Reference:
         self._strategy = None
 
     def _state(self, pool: PoolView, rng: np.random.Generator):
+        assert pool.embeddings is not None and pool.probs is not None  # simulate passes both
         if self._for is not pool.embeddings:  # a new seed: new split, new array
             import skactiveml.pool as skpool
 
@@ -88,6 +87,7 @@ class Reference:
         from sklearn.preprocessing import StandardScaler
 
         x, strategy = self._state(pool, rng)
+        assert pool.probs is not None and pool.labelled_targets is not None  # simulate passes both
         y = np.full(len(x), -1, dtype=np.int64)
         y[pool.labelled] = pool.labelled_targets
         kwargs = {}
@@ -210,7 +210,7 @@ def verdict(report: dict) -> list[str]:
     refs = {k: v for k, v in g.items() if k in REFERENCES and k != THEIR_RANDOM}
     lines = []
     if "auto" in g and refs:
-        best = max(refs, key=refs.get)
+        best = max(refs, key=refs.__getitem__)
         lines.append(
             f"auto gain {100 * g['auto']:+.1f} vs best reference gain {100 * refs[best]:+.1f} ({best[3:]}): "
             f"{'PASS' if g['auto'] >= refs[best] else 'FAIL'}"
@@ -224,7 +224,7 @@ def verdict(report: dict) -> list[str]:
         first = {name: c["aulc_per_draw"][0] if "draws" in c else c["aulc"] for name, c in curves.items()}
         auto_gain = first["auto"] - first[OUR_RANDOM]
         ref_gains = {k: first[k] - first[THEIR_RANDOM] for k in refs}
-        best = max(ref_gains, key=ref_gains.get)
+        best = max(ref_gains, key=ref_gains.__getitem__)
         drawn = (
             f"randoms: mean of {ours_r['draws']} draws per seed (AULC {100 * ours_r['aulc']:.1f} ours, "
             f"{100 * theirs_r['aulc']:.1f} theirs; draws span {_span(ours_r)} and {_span(theirs_r)})"

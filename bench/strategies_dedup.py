@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from flywheel.strategies.base import unit_rows  # noqa: E402
 from flywheel.strategies.dedup import DUPLICATE_COSINE  # noqa: E402
@@ -49,7 +47,7 @@ def _crop(image: Image.Image) -> Image.Image:
     """Central 90% (a tight re-crop), scaled back to the original size."""
     w, h = image.size
     dx, dy = round(0.05 * w), round(0.05 * h)
-    return image.crop((dx, dy, w - dx, h - dy)).resize((w, h), Image.BILINEAR)
+    return image.crop((dx, dy, w - dx, h - dy)).resize((w, h), Image.Resampling.BILINEAR)
 
 
 def _shift(image: Image.Image) -> Image.Image:
@@ -103,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     settings = load_settings()
     data = datasets.embed_dataset(datasets.load_dataset("fashion-mnist", settings), settings, progress=False)
+    assert data.features is not None  # embed_dataset fills them
     x = unit_rows(data.features)
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)

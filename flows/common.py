@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from prefect import Task
 from prefect.artifacts import (
@@ -24,6 +24,7 @@ from prefect.artifacts import (
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -33,7 +34,7 @@ from pydantic import AfterValidator, SecretStr
 from flywheel import insight
 from flywheel.catalog import Round
 from flywheel.config import Settings, load_settings, secret_settings
-from flywheel.errors import ConfigError
+from flywheel.errors import ConfigError, FlywheelError
 from flywheel.loop import FinetuneReport, RoundReport, SyncOutcome
 
 THRESHOLD_REACHED = "flywheel.labels.threshold-reached"
@@ -78,7 +79,7 @@ def with_secret_blocks(settings: Settings) -> Settings:
     for name, block in settings.secret_blocks.items():
         section, field = name.split(".")
         try:
-            value = Secret.load(block).get()
+            value = synchronously(Secret.load(block)).get()
         except Exception as exc:  # a missing block is a ValueError, an unreachable server an httpx error
             raise ConfigError(
                 f"secret_blocks: {name} names Prefect Secret block {block!r}, which cannot be read "
@@ -89,7 +90,15 @@ def with_secret_blocks(settings: Settings) -> Settings:
     return settings.model_copy(update=updates) if updates else settings
 
 
-T = TypeVar("T", bound=Task)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def synchronously(value: R | Coroutine[Any, Any, R]) -> R:
+    """The value of one of Prefect's dual sync/async calls made from synchronous code (typed as either)."""
+    if isinstance(value, Coroutine):
+        raise TypeError(f"a Prefect call gave a coroutine in synchronous code: {value!r}")
+    return value
 
 
 @contextmanager
@@ -115,12 +124,26 @@ def ensure_project_limit(settings: Settings) -> str:
     return name
 
 
-def with_retries(network_task: T, settings: Settings) -> T:
+def with_retries(network_task: Task[P, R], settings: Settings) -> Task[P, R]:
     """A network task with the settings' retries, each delay double the last (plus jitter): a server that is
-    restarting gets time to come back, a dead one fails the run after a bounded wait."""
+    restarting gets time to come back, a dead one fails the run after a bounded wait. What a wait cannot fix
+    (a refused token, a port nothing listens on, bad input) fails at once."""
     retries, first = settings.prefect.task_retries, settings.prefect.retry_delay_s
     delays = [first * 2**attempt for attempt in range(retries)]
-    return network_task.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=0.2)
+    return network_task.with_options(
+        retries=retries, retry_delay_seconds=delays, retry_jitter_factor=0.2, retry_condition_fn=worth_retrying
+    )
+
+
+def worth_retrying(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect's retry condition: retry unless the failure is one of ours that says a retry cannot help."""
+    try:
+        state.result()
+    except FlywheelError as exc:
+        return exc.retryable
+    except Exception:  # an SDK's own error (a timeout, a 5xx): worth another try
+        return True
+    return True
 
 
 def results_storage(settings: Settings) -> str:
@@ -134,7 +157,9 @@ class ProgressArtifact:
     """A Prefect progress artifact, updated at most every `every_s` seconds (and at 100%)."""
 
     def __init__(self, settings: Settings, kind: str, description: str, every_s: float = 2.0):
-        self.id = create_progress_artifact(0.0, key=artifact_key(settings, kind), description=description)
+        self.id = synchronously(
+            create_progress_artifact(0.0, key=artifact_key(settings, kind), description=description)
+        )
         self.every_s, self._last = every_s, time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
@@ -186,7 +211,7 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         f"model version **{report.model_version}** ([MLflow run]({report.run_url})), "
         f"{'promoted to champion' if report.promoted else 'not promoted'}: {report.promotion_reason}"
         if report.model_version
-        else "no model yet (cold start)"
+        else report.model_note or "no model yet (cold start)"
     )
     markdown = (
         f"# Round {report.round_id}\n\n"

@@ -35,16 +35,23 @@ from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.schemas.schedules import SCHEDULE_TYPES, CronSchedule, IntervalSchedule
 from prefect.deployments.runner import RunnerDeployment
-from prefect.events import DeploymentEventTrigger
+from prefect.events import DeploymentEventTrigger, EventTrigger
 from prefect.exceptions import ObjectNotFound
 from prefect.runner.storage import LocalStorage
-from prefect.schedules import Cron
+from prefect.schedules import Cron, Schedule
 from prefect.workers.process import ProcessWorker
 from pydantic import BaseModel, SecretStr
 from pydantic_core import to_jsonable_python
 
-from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, ensure_project_limit, project_resource_id
+from flows.common import (
+    ANNOTATION_EVENTS,
+    THRESHOLD_REACHED,
+    ensure_project_limit,
+    project_resource_id,
+    synchronously,
+)
 from flows.flywheel_flows import annotate_sim_flow, bootstrap_flow, finetune_flow, round_flow, sync_flow
 from flows.worker import REPO, prefect_api, start_worker
 from flows.worker import describe as describe_worker
@@ -86,14 +93,18 @@ def _public(model: BaseModel) -> dict[str, Any]:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as FLYWHEEL_* variables (sections as JSON), secrets left out: load_settings() in a run
-    started with them gives back these settings."""
+    started with them gives back these settings. The backbone only when something set it: a default must not
+    move a project off the backbone it was set up with (flywheel.features.active_settings)."""
+    public = _public(settings)
+    if "backbone" not in settings.model_fields_set:
+        del public["backbone"]
     return {
         f"FLYWHEEL_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
-        for name, value in _public(settings).items()
+        for name, value in public.items()
     }
 
 
-def _round_schedule(settings: Settings) -> Cron:
+def _round_schedule(settings: Settings) -> Schedule:
     """The round's cron schedule; a bad cron string or time zone names the setting."""
     pf = settings.prefect
     try:
@@ -133,13 +144,15 @@ def build_deployments(settings: Settings, *, code_dir: Path = REPO) -> list[Runn
     deployments = []
     for kind in KINDS:
         flow = FLOWS[kind]
-        deployment = flow.to_deployment(
-            name=deployment_name(kind, settings),
-            work_pool_name=pf.work_pool,
-            job_variables={"env": settings_env(settings)},
-            tags=["flywheel", f"project:{project}"],
-            description=f"flywheel {kind} for project {project!r}: {inspect.getdoc(flow.fn) or flow.name}",
-            **specific[kind],
+        deployment = synchronously(
+            flow.to_deployment(
+                name=deployment_name(kind, settings),
+                work_pool_name=pf.work_pool,
+                job_variables={"env": settings_env(settings)},
+                tags=["flywheel", f"project:{project}"],
+                description=f"flywheel {kind} for project {project!r}: {inspect.getdoc(flow.fn) or flow.name}",
+                **specific[kind],
+            )
         )
         deployment.storage = LocalStorage(path=str(code_dir))  # pull step: set_working_directory(code_dir)
         deployment.entrypoint = f"{Path(inspect.getfile(flow.fn)).relative_to(REPO)}:{flow.fn.__name__}"
@@ -189,18 +202,24 @@ def describe(settings: Settings) -> list[dict[str, str]]:
             except ObjectNotFound:
                 rows.append({"deployment": full_name(kind, settings), "starts": "not deployed", "concurrency": ""})
                 continue
-            starts = [
-                f"cron {s.schedule.cron} {s.schedule.timezone}" if hasattr(s.schedule, "cron") else
-                f"every {s.schedule.interval.total_seconds():g} s"
-                for s in deployment.schedules
-            ]  # fmt: skip
+            starts = [_describe_schedule(s.schedule) for s in deployment.schedules]
             automations = client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
-            starts += [f"on {', '.join(sorted(a.trigger.expect))}" for a in automations]
+            starts += [
+                f"on {', '.join(sorted(a.trigger.expect))}" for a in automations if isinstance(a.trigger, EventTrigger)
+            ]
             limit, options = deployment.global_concurrency_limit, deployment.concurrency_options
             concurrency = f"{limit.limit}, {options.collision_strategy.value.lower()}" if limit and options else "-"
             rows.append({"deployment": full_name(kind, settings), "starts": "; ".join(starts) or "by hand",
                          "concurrency": concurrency})  # fmt: skip
     return rows
+
+
+def _describe_schedule(schedule: SCHEDULE_TYPES) -> str:
+    if isinstance(schedule, CronSchedule):
+        return f"cron {schedule.cron} {schedule.timezone}"
+    if isinstance(schedule, IntervalSchedule):
+        return f"every {schedule.interval.total_seconds():g} s"
+    return str(schedule)
 
 
 @exit_code_on_error

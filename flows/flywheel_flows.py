@@ -15,6 +15,8 @@ from dataclasses import asdict, replace
 from typing import Annotated, Any
 
 import numpy as np
+from label_studio_sdk.client import LabelStudio
+from mlflow import MlflowClient
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, NO_CACHE
 from pydantic import Field
@@ -47,12 +49,12 @@ def _finite(value: float) -> float | None:
 
 # Network tasks: flows call them through with_retries(task, settings) (retries with backoff from settings).
 @task(cache_policy=NO_CACHE)
-def connect_label_studio(settings: Settings):
+def connect_label_studio(settings: Settings) -> LabelStudio:
     return labelstudio.connect(settings)
 
 
 @task(cache_policy=NO_CACHE)
-def connect_mlflow(settings: Settings):
+def connect_mlflow(settings: Settings) -> MlflowClient:
     return tracking.connect(settings)
 
 
@@ -86,16 +88,19 @@ def import_data(settings: Settings, source: str, pool_size: int, test_size: int)
 
 @flow(name="bootstrap", log_prints=True)
 def bootstrap_flow(
-    source: str = "fashion-mnist", pool_size: Count = 5000, test_size: Count = 10000, overrides: Overrides | None = None
+    source: str | None = None, pool_size: Count = 5000, test_size: Count = 10000, overrides: Overrides | None = None
 ) -> dict[str, Any]:
+    """Embed and index what the catalog holds and create the Label Studio project; `source`, when given, is
+    imported first (pool_size and test_size apply to the built-in fashion-mnist only). Nothing is imported
+    that was not named."""
     settings = settings_from(overrides)
     client = with_retries(connect_label_studio, settings)(settings)
     with project_slot(settings):
-        imported = import_data(settings, source, pool_size, test_size)
+        imported = import_data(settings, source, pool_size, test_size) if source else {}
         for split in (POOL, TEST):
             embed(settings, split)
-        report = task(loop.bootstrap, cache_policy=NO_CACHE)(settings, Catalog(settings.catalog_url), client)
-    print(f"imported {imported}; embedded {report.n_pool} pool + {report.n_test} test samples")
+        report = task(cache_policy=NO_CACHE)(loop.bootstrap)(settings, Catalog(settings.catalog_url), client)
+    print(f"imported {imported or 'nothing'}; embedded {report.n_pool} pool + {report.n_test} test samples")
     return {"imported": imported, **asdict(report)}
 
 
@@ -107,7 +112,7 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
     catalog = Catalog(settings.catalog_url)
     with project_slot(settings):
         embed(settings, POOL)  # samples imported since the last round
-        report = task(loop.run_round, cache_policy=NO_CACHE)(settings, catalog, ls_client, mlflow_client, select=select)
+        report = task(cache_policy=NO_CACHE)(loop.run_round)(settings, catalog, ls_client, mlflow_client, select=select)
     publish_round_report(settings, report, catalog.rounds())
     print(f"round {report.round_id}: {report.n_labels} labels, test accuracy {report.test_accuracy:.3f}")
     return report
@@ -119,10 +124,10 @@ def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport:
     mlflow_client = with_retries(connect_mlflow, settings)(settings)
     catalog = Catalog(settings.catalog_url)
     with project_slot(settings):
-        report = task(loop.run_finetune, cache_policy=NO_CACHE)(settings, catalog, mlflow_client)
+        report = task(cache_policy=NO_CACHE)(loop.run_finetune)(settings, catalog, mlflow_client)
         if report.promoted:  # open tasks show the new champion's predictions; retried alone, not the fine-tune
             ls_client = with_retries(connect_label_studio, settings)(settings)
-            refresh = with_retries(task(loop.refresh_open_tasks, cache_policy=NO_CACHE), settings)
+            refresh = with_retries(task(cache_policy=NO_CACHE)(loop.refresh_open_tasks), settings)
             refreshed = refresh(settings, catalog, ls_client, mlflow_client, report.model_version)
             report = replace(report, predictions_refreshed=refreshed)
     publish_finetune_report(settings, report)
@@ -131,7 +136,7 @@ def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport:
 
 
 @task(cache_policy=NO_CACHE)
-def pull_annotations(settings: Settings, client) -> loop.SyncOutcome:
+def pull_annotations(settings: Settings, client: LabelStudio) -> loop.SyncOutcome:
     return loop.run_sync(settings, Catalog(settings.catalog_url), client)
 
 
@@ -165,7 +170,7 @@ def annotate_sim_flow(noise_rate: Share = 0.0, limit: Count | None = None, overr
     catalog = Catalog(settings.catalog_url)
     project_id = labelstudio.ensure_project(client, settings, catalog, catalog.classes())
     rng = np.random.default_rng([settings.seed, catalog.count_labels()])
-    done = with_retries(task(annotator.annotate_open_tasks, cache_policy=NO_CACHE), settings)(
+    done = with_retries(task(cache_policy=NO_CACHE)(annotator.annotate_open_tasks), settings)(
         client, catalog, project_id, noise_rate=noise_rate, rng=rng, limit=limit
     )
     print(f"simulated annotator answered {done} tasks")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from prefect import Flow, flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner
 from prefect_dask import DaskTaskRunner
 from prefect_ray import RayTaskRunner
 
@@ -28,7 +29,7 @@ from flywheel.config import Settings
 from flywheel.embed import EmbeddingStore
 
 
-def task_runner(settings: Settings) -> DaskTaskRunner | RayTaskRunner:
+def task_runner(settings: Settings) -> TaskRunner[Any]:
     """The task runner for the cluster in settings.scaleout."""
     if settings.scaleout.runner == "ray":
         return RayTaskRunner(**scaleout.ray_runner_options(settings))
@@ -52,7 +53,7 @@ def score_shard(settings: Settings, key: str, ids: tuple[int, ...], weight: np.n
 
 @task(cache_policy=NO_CACHE)
 def load_head(settings: Settings, model_version: str) -> tuple[np.ndarray, np.ndarray]:
-    head = tracking.load_classifier(settings, model_version).head
+    head = tracking.load_classifier(settings.mlflow.url, settings.registered_model_name, model_version).head
     return head.weight.detach().numpy(), head.bias.detach().numpy()
 
 

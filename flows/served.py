@@ -20,7 +20,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymen
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
-from prefect.events import Event
 from prefect.events.filters import (
     EventFilter,
     EventNameFilter,
@@ -28,9 +27,10 @@ from prefect.events.filters import (
     EventRelatedFilter,
     EventResourceFilter,
 )
+from prefect.events.schemas.events import ReceivedEvent
 
 from flows import deploy, worker
-from flows.common import THRESHOLD_REACHED, project_resource_id
+from flows.common import THRESHOLD_REACHED, project_resource_id, synchronously
 from flywheel import services
 from flywheel.catalog import Catalog
 from flywheel.config import Settings, load_settings
@@ -64,7 +64,7 @@ def wait_final(client: SyncPrefectClient, run_id: UUID, *, timeout: float, poll_
 
 def run(settings: Settings, kind: str, parameters: dict[str, Any] | None = None, *, timeout: float = 1800) -> FlowRun:
     """Start a run of one of this project's deployments and wait for it; raise unless it completes."""
-    started = run_deployment(deploy.full_name(kind, settings), parameters=parameters or {}, timeout=0)
+    started = synchronously(run_deployment(deploy.full_name(kind, settings), parameters=parameters or {}, timeout=0))
     with get_client(sync_client=True) as client:
         done = wait_final(client, started.id, timeout=timeout)
     if not done.state or not done.state.is_completed():
@@ -77,7 +77,7 @@ def run(settings: Settings, kind: str, parameters: dict[str, Any] | None = None,
 
 def threshold_events(
     client: SyncPrefectClient, since: datetime, *, project: str | None = None, flow_run_id: UUID | None = None
-) -> list[Event]:
+) -> list[ReceivedEvent]:
     """flywheel.labels.threshold-reached events since `since`, for a project and/or emitted by a flow run."""
     event_filter = EventFilter(
         occurred=EventOccurredFilter(since=since),
@@ -104,7 +104,7 @@ def wait_for_finetunes(settings: Settings, since: datetime, *, timeout: float = 
 
 def demo(settings: Settings, *, rounds: int, pool_size: int, test_size: int, noise_rate: float) -> list[FlowRun]:
     """The loop through the deployments; returns the fine-tune runs the threshold events started."""
-    run(settings, "bootstrap", {"pool_size": pool_size, "test_size": test_size})
+    run(settings, "bootstrap", {"source": "fashion-mnist", "pool_size": pool_size, "test_size": test_size})
     finetunes: list[FlowRun] = []
     for number in range(1, rounds + 1):
         run(settings, "round")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from flywheel.errors import CorruptFileError
 
@@ -42,7 +43,7 @@ def _recorded(path: Path) -> list[str]:
     return [line.split()[0] for line in lines if line.strip()]
 
 
-def _replace_with(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+def _replace_with(path: Path, write: Callable[[TextIO], object]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
     try:
         with os.fdopen(fd, "w") as fh:

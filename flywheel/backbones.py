@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -96,7 +97,7 @@ def _lite_body(name: str, pretrained: bool) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None: TF-style "same" padding computed per input, so any image size pads correctly.
-    net = EfficientNet.from_name(name.replace("_", "-"), image_size=None)
+    net: nn.Module = EfficientNet.from_name(name.replace("_", "-"), image_size=None)
     if pretrained:
         path = lite_weights_path(name)
         if not path.exists():
@@ -115,7 +116,7 @@ def _strip_torchvision(name: str, model: nn.Module) -> nn.Module:
     elif name.startswith("efficientnet"):
         model.classifier = nn.Identity()  # Dropout + Linear; features -> avgpool -> flatten remain
     elif name.startswith("convnext"):
-        model.classifier[2] = nn.Identity()  # LayerNorm2d, Flatten stay: they shape the features
+        model.set_submodule("classifier.2", nn.Identity())  # LayerNorm2d, Flatten stay: they shape the features
     elif name.startswith("vit"):
         model.heads = nn.Identity()  # forward returns the class token after the final LayerNorm
     else:  # pragma: no cover - registry and this function are edited together
@@ -127,14 +128,14 @@ def weights_cache_path(name: str) -> Path:
     """Where torchvision looks for a backbone's weights file ($TORCH_HOME/hub/checkpoints/<file>)."""
     from torchvision.models import get_weight
 
-    weights = get_weight(get_spec(name).weights_id)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    url: str = get_weight(get_spec(name).weights_id).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
     """Fetch url to dest atomically, failing fast when offline (torch.hub's own download has no timeout)."""
     with (
-        urllib.request.urlopen(url, timeout=timeout) as response,  # noqa: S310 - fixed torchvision URLs
+        urllib.request.urlopen(url, timeout=timeout) as response,  # fixed torchvision URLs
         atomic_path(dest) as tmp,
         open(tmp, "wb") as out,
     ):
@@ -198,28 +199,29 @@ def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
 def _lite_groups(body: nn.Module) -> list[Group]:
     stages: list[list[nn.Module]] = []
     last_out = None
-    for block in body._blocks:
-        out = block._block_args.output_filters  # each stage has its own width: 16, 24, 40, ... 320
+    for block in body.get_submodule("_blocks").children():
+        block_args: Any = block._block_args  # efficientnet_lite_pytorch's BlockArgs: the package has no types
+        out = block_args.output_filters  # each stage has its own width: 16, 24, 40, ... 320
         if out != last_out:
             stages.append([])
             last_out = out
         stages[-1].append(block)
     return [
-        ("stem", [body._conv_stem, body._bn0]),
+        ("stem", [body.get_submodule("_conv_stem"), body.get_submodule("_bn0")]),
         *[(f"stage{i}", mods) for i, mods in enumerate(stages, 1)],
-        ("head_conv", [body._conv_head, body._bn1]),
+        ("head_conv", [body.get_submodule("_conv_head"), body.get_submodule("_bn1")]),
     ]
 
 
 def _resnet_groups(body: nn.Module) -> list[Group]:
     return [
-        ("stem", [body.conv1, body.bn1]),
-        *[(f"stage{i}", [getattr(body, f"layer{i}")]) for i in range(1, 5)],
+        ("stem", [body.get_submodule("conv1"), body.get_submodule("bn1")]),
+        *[(f"stage{i}", [body.get_submodule(f"layer{i}")]) for i in range(1, 5)],
     ]
 
 
 def _efficientnet_groups(body: nn.Module) -> list[Group]:
-    feats = list(body.features)  # [stem conv, 7 stages of MBConv, final 1x1 conv]
+    feats = list(body.get_submodule("features").children())  # [stem conv, 7 stages of MBConv, final 1x1 conv]
     return [
         ("stem", [feats[0]]),
         *[(f"stage{i}", [feats[i]]) for i in range(1, len(feats) - 1)],
@@ -228,14 +230,15 @@ def _efficientnet_groups(body: nn.Module) -> list[Group]:
 
 
 def _convnext_groups(body: nn.Module) -> list[Group]:
-    f = list(body.features)  # [stem, stage, downsample, stage, downsample, stage, downsample, stage]
+    # [stem, stage, downsample, stage, downsample, stage, downsample, stage]
+    f = list(body.get_submodule("features").children())
     return [
         ("stem", [f[0]]),
         ("stage1", [f[1]]),
         ("stage2", f[2:4]),
         ("stage3", f[4:6]),
         ("stage4", f[6:8]),
-        ("head_norm", [body.classifier[0]]),
+        ("head_norm", [body.get_submodule("classifier.0")]),
     ]
 
 
@@ -249,13 +252,14 @@ class _Params(nn.Module):
 
 
 def _vit_groups(body: nn.Module) -> list[Group]:
-    layers = list(body.encoder.layers)  # 12 encoder blocks, grouped by 3 into 4 stages
+    layers = list(body.get_submodule("encoder.layers").children())  # 12 encoder blocks, grouped by 3 into 4 stages
     per = max(1, len(layers) // 4)
     stages = [layers[i : i + per] for i in range(0, len(layers), per)]
+    tokens = _Params(body.get_parameter("class_token"), body.get_parameter("encoder.pos_embedding"))
     return [
-        ("stem", [body.conv_proj, _Params(body.class_token, body.encoder.pos_embedding)]),
+        ("stem", [body.get_submodule("conv_proj"), tokens]),
         *[(f"stage{i}", mods) for i, mods in enumerate(stages, 1)],
-        ("head_norm", [body.encoder.ln]),
+        ("head_norm", [body.get_submodule("encoder.ln")]),
     ]
 
 
@@ -318,7 +322,8 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, S, S) normalised per the backbone's spec -> logits (B, C)."""
-        return self.head(self.body(x))
+        logits: torch.Tensor = self.head(self.body(x))
+        return logits
 
 
 def new_classifier(

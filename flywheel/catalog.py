@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (
+    ColumnElement,
     DateTime,
     Dialect,
     ForeignKey,
@@ -26,7 +27,9 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from flywheel import migrations
 from flywheel.errors import DataError
@@ -552,12 +555,12 @@ def _fields(entry: Quarantined) -> dict[str, str | None]:
     return {"uri": entry.uri, "reason": entry.reason, "detail": entry.detail, "content_hash": entry.content_hash}
 
 
-def _not_quarantined():  # type: ignore[no-untyped-def]
+def _not_quarantined() -> ColumnElement[bool]:
     held = select(Quarantine.sample_id).where(Quarantine.sample_id.is_not(None))
     return Sample.id.not_in(held)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     """WAL lets the UI-facing readers and one writer work at once; foreign keys are off by default."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

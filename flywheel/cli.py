@@ -46,10 +46,20 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _use_prefect_server(settings: Settings) -> None:
-    """Flows report to the Prefect server from the settings; refuse early and clearly when it is down."""
+def _use_prefect_server(settings: Settings, *, label_studio: bool = False, mlflow: bool = False) -> None:
+    """Flows report to the Prefect server from the settings. It, and the servers the flow needs, are checked
+    here first: a server that is down or a refused token is one line, at once (inside a flow, Prefect would
+    log the same failure with its traceback)."""
     url = settings.prefect.api_url
     require_healthy("Prefect", url)
+    if label_studio:
+        from flywheel import labelstudio
+
+        labelstudio.connect(settings)
+    if mlflow:
+        from flywheel import tracking
+
+        tracking.connect(settings)
     os.environ["PREFECT_API_URL"] = url
 
 
@@ -141,13 +151,16 @@ def import_(
 @app.command()
 @_friendly
 def bootstrap(
-    source: Annotated[str, typer.Option(help="what to import first")] = "fashion-mnist",
-    pool_size: int = 5000,
-    test_size: int = 10000,
+    source: Annotated[
+        str | None, typer.Option(help="import this first (as `flywheel import` does); default: nothing")
+    ] = None,
+    pool_size: Annotated[int, typer.Option(help="--source fashion-mnist: pool images")] = 5000,
+    test_size: Annotated[int, typer.Option(help="--source fashion-mnist: test images")] = 10000,
 ) -> None:
-    """Import, embed the pool with the frozen backbone, build the FAISS index, create the Label Studio project."""
+    """Embed the catalog's images with the frozen backbone, build the FAISS index, create the Label Studio
+    project."""
     settings = _settings()
-    _use_prefect_server(settings)
+    _use_prefect_server(settings, label_studio=True)
     from flows.flywheel_flows import bootstrap_flow
 
     console.print(bootstrap_flow(source=source, pool_size=pool_size, test_size=test_size))
@@ -158,13 +171,19 @@ def bootstrap(
 def round_() -> None:
     """Train the head on the labels so far, register it, select the next batch, push it to Label Studio."""
     settings = _settings()
-    _use_prefect_server(settings)
+    _use_prefect_server(settings, label_studio=True, mlflow=True)
     from flows.flywheel_flows import round_flow
 
     report = round_flow()
+    picked = (
+        f"selected {len(report.selected)} by {report.strategy}"
+        if report.selected
+        else f"selected nothing ({report.description or 'selection off'})"
+    )
     console.print(
-        f"round {report.round_id}: {report.n_labels} labels, test {_pct(report.test_accuracy)}, "
-        f"selected {len(report.selected)} by {report.strategy}, model version {report.model_version}"
+        f"round {report.round_id}: {report.n_labels} labels, test {_pct(report.test_accuracy)}, {picked}, "
+        f"model version {report.model_version or '-'}" + (f"\n{report.model_note}" if report.model_note else ""),
+        highlight=False,
     )
 
 
@@ -173,7 +192,7 @@ def round_() -> None:
 def sync(finetune: Annotated[bool, typer.Option(help="run the fine-tune when the threshold is met")] = True) -> None:
     """Pull new annotations from Label Studio into the catalog (idempotent)."""
     settings = _settings()
-    _use_prefect_server(settings)
+    _use_prefect_server(settings, label_studio=True)
     from flows.flywheel_flows import sync_flow
 
     console.print(sync_flow(finetune_when_due=finetune))
@@ -184,7 +203,7 @@ def sync(finetune: Annotated[bool, typer.Option(help="run the fine-tune when the
 def finetune_() -> None:
     """Fine-tune deeper now (normally started by sync when enough labels have accumulated)."""
     settings = _settings()
-    _use_prefect_server(settings)
+    _use_prefect_server(settings, mlflow=True)
     from flows.flywheel_flows import finetune_flow
 
     report = finetune_flow()
@@ -232,7 +251,7 @@ def annotate_sim(
 ) -> None:
     """Answer open Label Studio tasks from ground truth, through the Label Studio API."""
     settings = _settings()
-    _use_prefect_server(settings)
+    _use_prefect_server(settings, label_studio=True)
     from flows.flywheel_flows import annotate_sim_flow
 
     console.print(f"annotated {annotate_sim_flow(noise_rate=noise_rate, limit=limit)} tasks")
@@ -252,7 +271,7 @@ def demo(
 
     settings = _settings()
     services.start(settings)
-    _use_prefect_server(settings)
+    _use_prefect_server(settings, label_studio=True, mlflow=True)
     from flows.flywheel_flows import demo_flow
 
     began = time.monotonic()
@@ -324,9 +343,11 @@ def simulate(
     client = tracking.connect(settings) if mlflow else None  # a down server fails before the work too
     began = time.monotonic()
     dataset = datasets.embed_dataset(datasets.load_dataset(data, settings, pool_size=pool_size), settings)
+    features = dataset.features
+    assert features is not None  # embed_dataset fills them
     console.print(
         f"{dataset.name}: {len(dataset.paths)} images, {len(dataset.classes)} classes, "
-        f"{settings.backbone} {settings.image_size}px features {dataset.features.shape[1]}-d "
+        f"{settings.backbone} {settings.image_size}px features {features.shape[1]}-d "
         f"({time.monotonic() - began:.0f} s)"
     )
     n_classes = len(dataset.classes)
@@ -340,7 +361,7 @@ def simulate(
             progress.update(task, advance=1, description=f"seed {seed} {name}: {budget} labels")
 
         report = run_simulation(
-            dataset.features,
+            features,
             dataset.targets,
             dataset.classes,
             strategies=names,
@@ -406,6 +427,7 @@ def status() -> None:
             _pct(r.test_accuracy),
         )
     console.print(table)
+    console.print(_champion_line(settings), highlight=False)
     from flywheel import forecast, insight, review
 
     latest = insight.latest_forecast(catalog)
@@ -416,6 +438,26 @@ def status() -> None:
     console.print(
         f"label review: {counts.total} flagged labels sent, {counts.corrected} corrected, "
         f"{counts.confirmed} confirmed, {counts.open} open"
+    )
+
+
+def _champion_line(settings: Settings) -> str:
+    """The champion as MLflow holds it: version, kind, and its held-out and test accuracy when logged."""
+    from flywheel import tracking
+    from flywheel.errors import ServiceUnavailableError
+
+    try:
+        client = tracking.connect(settings)
+    except ServiceUnavailableError as exc:
+        return f"champion: unknown ({exc})"
+    version = tracking.champion_version(client, settings)
+    if version is None:
+        return f"champion: none yet in {settings.registered_model_name} ({settings.mlflow.url})"
+    model = tracking.model_version(client, settings, version)
+    metrics = client.get_run(model.run_id).data.metrics if model.run_id else {}
+    return (
+        f"champion: version {version} of {settings.registered_model_name} ({model.tags.get('kind', '?')}, "
+        f"held-out {_pct(metrics.get('holdout_accuracy'))}, test {_pct(metrics.get('test_accuracy'))})"
     )
 
 

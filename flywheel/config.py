@@ -7,19 +7,44 @@ the path in `FLYWHEEL_CONFIG`), then the defaults below, which run everything on
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
 LOOPBACK = "127.0.0.1"
+ENV_PREFIX = "FLYWHEEL_"
+# FLYWHEEL_* variables that are not settings: the settings file, the test harness's, the fault injector's.
+NOT_SETTINGS = ("FLYWHEEL_CONFIG", "FLYWHEEL_FAULT_AT")
+NOT_SETTINGS_PREFIX = "FLYWHEEL_TEST_"
+
+
+def _split_list(value: object) -> object:
+    """A list setting from the environment: comma-separated (`a,b`) or JSON (`["a", "b"]`)."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+"""A list of names or paths: `FLYWHEEL_CLASSES=circle,square` or `FLYWHEEL_CLASSES='["circle", "square"]'`."""
 
 
 class _Section(BaseModel):
@@ -153,7 +178,7 @@ class FinetuneSettings(_Section):
         False, description="re-estimate BatchNorm statistics at depth 'all' (off: statistics stay ImageNet's)"
     )
     resume: bool = Field(True, description="continue an interrupted fine-tune from its last epoch checkpoint")
-    backbones: list[str] = Field(
+    backbones: StrList = Field(
         default_factory=list,
         description="candidates scored by transferability before the first fine-tune; empty: every backbone "
         "whose weights are available offline",
@@ -233,7 +258,7 @@ class Settings(BaseSettings):
     """Every path, URL, port, credential and threshold flywheel uses."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLYWHEEL_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
@@ -242,7 +267,7 @@ class Settings(BaseSettings):
     project: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     workspace: Path = Path(".flywheel")
     catalog_url: str = ""  # empty: SQLite file in the workspace
-    classes: list[str] = Field(default_factory=list, description="fixes the class list; else from the data")
+    classes: StrList = Field(default_factory=list, description="fixes the class list; else from the data")
 
     backbone: str = "efficientnet_lite0"
     image_size: int = Field(64, ge=16, le=1024)
@@ -270,7 +295,7 @@ class Settings(BaseSettings):
         description="a selected sample at least this close (embedding cosine) to a labelled, already sent or "
         "better-ranked one is quarantined as a near-duplicate instead of being sent to Label Studio",
     )
-    allowed_roots: list[str] = Field(
+    allowed_roots: StrList = Field(
         default_factory=list,
         description="folders (and http(s):// URL prefixes) manifest entries may point into, besides the "
         "manifest's own folder and the workspace; anything else, ../ and escaping symlinks included, is refused",
@@ -400,24 +425,80 @@ def secret_settings() -> list[str]:
     ]
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning pydantic's validation error into one naming the setting, its environment
-    variable and the allowed values (or known names); a secret in the TOML file is refused (env or Prefect
-    Secret blocks only), and a secret's rejected value is never echoed."""
+    variable and the allowed values (or known names). Refused with the same kind of message: a FLYWHEEL_*
+    variable that names no setting, a FLYWHEEL_CONFIG file that does not exist, and a secret in the TOML
+    file (a password inside a URL included: secrets come from the environment or Prefect Secret blocks);
+    a secret's rejected value is never echoed."""
     import tomllib
 
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from flywheel.errors import ConfigError
 
-    toml_file = Path(os.environ.get("FLYWHEEL_CONFIG", "flywheel.toml"))
+    toml_file = _settings_file()
     try:
+        _refuse_unknown_variables(os.environ)
         _refuse_secrets_in(toml_file)
         return Settings(**overrides)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{toml_file.absolute()}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{toml_file.absolute()}: invalid TOML: {exc}") from exc
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {'; '.join(_explain(err) for err in exc.errors())}") from None
+    except SettingsError as exc:  # a dict setting whose variable is not JSON
+        raise ConfigError(f"invalid settings: {_not_json(exc)}") from None
+
+
+def _settings_file() -> Path:
+    """flywheel.toml in the working directory (optional), or the file FLYWHEEL_CONFIG names (which must exist)."""
+    from flywheel.errors import ConfigError
+
+    named = os.environ.get("FLYWHEEL_CONFIG")
+    if named is None:
+        return Path("flywheel.toml")
+    if not Path(named).is_file():
+        raise ConfigError(f"FLYWHEEL_CONFIG={named}: no such file (unset it to read ./flywheel.toml if present)")
+    return Path(named)
+
+
+def setting_variables() -> list[str]:
+    """Every environment variable that sets something: FLYWHEEL_<NAME> and FLYWHEEL_<SECTION>__<NAME>."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        names.append(_env_name((name,)))
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += [_env_name((name, inner)) for inner in field.annotation.model_fields]
+    return names
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A misspelled variable would otherwise be ignored without a word (pydantic-settings skips it)."""
+    from flywheel.errors import ConfigError
+
+    known = set(setting_variables())
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in known or name in NOT_SETTINGS:
+            continue
+        if name.startswith(NOT_SETTINGS_PREFIX):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; see flywheel/config.py for the settings"
+        raise ConfigError(f"{variable} is set in the environment but names no setting{hint}")
+
+
+def _not_json(exc: Exception) -> str:
+    """A pydantic-settings parse error (it names the field) as: which variable must be JSON, and why it is not."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    variable = _env_name((match.group(1),)) if match else "a FLYWHEEL_* variable"
+    example = '\'{"label_studio.token": "ls-token"}\''
+    return f"{variable} must be JSON ({exc.__cause__ or exc}), e.g. {variable}={example}"
+
+
+# user:password@ in a URL (database and store URLs): a secret, whatever the key is called.
+_PASSWORD_IN_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:[^/@]+@")
 
 
 def _refuse_secrets_in(toml_file: Path) -> None:
@@ -427,25 +508,28 @@ def _refuse_secrets_in(toml_file: Path) -> None:
 
     if not toml_file.is_file():
         return
-    pending = [((), tomllib.loads(toml_file.read_text()))]
+    pending: list[tuple[tuple[str, ...], dict[str, Any]]] = [((), tomllib.loads(toml_file.read_text()))]
     while pending:
         prefix, table = pending.pop()
         for key, value in table.items():
             if isinstance(value, dict):
                 pending.append(((*prefix, key), value))
-            elif key in SECRET_NAMES and value:
+                continue
+            in_url = isinstance(value, str) and _PASSWORD_IN_URL.match(value) is not None
+            if (key in SECRET_NAMES and value) or in_url:
                 name = ".".join((*prefix, key))
+                what = "holds a password in its URL" if in_url else "is a secret"
                 raise ConfigError(
-                    f"{toml_file.absolute()}: {name} is a secret and must not be in a file; set "
+                    f"{toml_file.absolute()}: {name} {what} and must not be in a file; set "
                     f"{_env_name((*prefix, key))} in the environment or use a Prefect Secret block"
                 )
 
 
 def _env_name(loc: tuple[object, ...]) -> str:
-    return "FLYWHEEL_" + "__".join(str(p).upper() for p in loc)
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
 
 
-def _explain(err: dict) -> str:  # type: ignore[type-arg]
+def _explain(err: ErrorDetails) -> str:
     """One pydantic error as 'name: message[, got value][; known names: ...] (env ENV_NAME)'."""
     loc = tuple(p for p in err["loc"] if not isinstance(p, int))
     text = f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"

@@ -8,8 +8,10 @@ models that never saw the label they judge, which the largest size (all other fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.errors import DataError
 from flywheel.head import predict_proba, train_head
@@ -21,12 +23,12 @@ class CrossValidation:
     """sizes: (S,) training labels per fit, ascending; accuracy: (S, K) held-out-fold accuracy per size and fold;
     probs: (N, C) float32 out-of-fold probabilities of every labelled row from the largest size."""
 
-    sizes: np.ndarray
-    accuracy: np.ndarray
-    probs: np.ndarray
+    sizes: npt.NDArray[np.int64]
+    accuracy: npt.NDArray[np.float64]
+    probs: npt.NDArray[np.float32]
 
 
-def stratified_folds(targets: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def stratified_folds(targets: npt.NDArray[np.integer[Any]], k: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
     """(N,) fold index in [0, k): each class's rows shuffled and dealt round-robin, so folds share classes evenly."""
     folds = np.empty(len(targets), dtype=np.int64)
     offset = 0
@@ -37,7 +39,7 @@ def stratified_folds(targets: np.ndarray, k: int, rng: np.random.Generator) -> n
     return folds
 
 
-def curve_sizes(n_full: int, *, n_sizes: int, smallest: int) -> np.ndarray:
+def curve_sizes(n_full: int, *, n_sizes: int, smallest: int) -> npt.NDArray[np.int64]:
     """Up to n_sizes training-set sizes, geometrically spaced from `smallest` to n_full (both included)."""
     smallest = max(1, min(smallest, n_full))
     if n_sizes <= 1:
@@ -46,8 +48,8 @@ def curve_sizes(n_full: int, *, n_sizes: int, smallest: int) -> np.ndarray:
 
 
 def cross_validate(
-    features: np.ndarray,
-    targets: np.ndarray,
+    features: npt.NDArray[np.floating[Any]],
+    targets: npt.NDArray[np.integer[Any]],
     n_classes: int,
     *,
     folds: int = 5,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.atomic import file_sha256
 from flywheel.catalog import POOL, TEST, Catalog, ImportResult, NewSample, Quarantined
@@ -79,7 +80,7 @@ def materialize_fashion_mnist(
     return roots[0], roots[1]
 
 
-def _read_idx(source_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_idx(source_dir: Path, prefix: str) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     images_file = source_dir / f"{prefix}-images-idx3-ubyte.gz"
     labels_file = source_dir / f"{prefix}-labels-idx1-ubyte.gz"
     for file in (images_file, labels_file):
@@ -157,7 +158,7 @@ def import_source(
             )
         return results
     path = Path(source).expanduser()
-    extra_roots = [settings.workspace, *settings.allowed_roots]
+    extra_roots: list[str | Path] = [settings.workspace, *settings.allowed_roots]
     if path.is_dir():
         records, classes = read_image_folder(path, allowed_roots=extra_roots)
     elif path.is_file():

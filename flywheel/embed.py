@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -23,6 +24,9 @@ from flywheel.backbones import BackboneSpec
 from flywheel.embed_pipeline import EmbedOptions, embed_all, embed_stream
 from flywheel.errors import BadImageError, CorruptFileError, DataError, FlywheelError
 from flywheel.images import load_image
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool) -> AbstractContextManager[Progress | None]:
     """A transient rich progress bar, or a null context yielding None."""
     if not enabled:
         return nullcontext(None)
@@ -81,7 +85,7 @@ def embed_paths(
     progress: bool = True,
     on_progress: ProgressFn | None = None,
     options: EmbedOptions | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Features of each image: (N, D) float32, row i for paths[i] (flywheel.embed_pipeline does the work;
     `options`, e.g. from the settings, replace batch_size and num_workers)."""
     options = options or EmbedOptions(batch_size=batch_size, workers=num_workers)
@@ -106,7 +110,7 @@ def _batch_counter(bar: Any, task: Any, on_progress: ProgressFn | None, total: i
     return on_batch
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
+def _atomic_save(path: Path, array: npt.NDArray[np.generic]) -> None:
     """np.save to a temp file, then os.replace, with a sha256 sidecar: readers never see half a file, and a
     file damaged later is recognised (atomic.py)."""
     with atomic_path(path, checksum=True) as tmp, open(tmp, "wb") as f:
@@ -126,8 +130,8 @@ class EmbeddingStore:
     def __init__(self, root: Path, key: str):
         self.dir = Path(root) / key
         self.key = key
-        self._ids: np.ndarray | None = None
-        self._vectors: np.ndarray | None = None
+        self._ids: npt.NDArray[np.int64] | None = None
+        self._vectors: npt.NDArray[np.float32] | None = None
         self._stamp: tuple[int, int, int] | None = None  # ids.npy (inode, size, mtime) when loaded
 
     @staticmethod
@@ -144,7 +148,7 @@ class EmbeddingStore:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
         """The stored arrays, re-read when another writer (process or instance) replaced the files."""
         stamp = self._file_stamp()
         if self._ids is None or stamp != self._stamp:
@@ -158,9 +162,9 @@ class EmbeddingStore:
                 self.discard()
                 ids, vectors, stamp = np.empty(0, np.int64), None, None
             self._ids, self._vectors, self._stamp = ids.astype(np.int64, copy=False), vectors, stamp
-        return self._ids, self._vectors  # type: ignore[return-value]
+        return self._ids, self._vectors
 
-    def _read(self, ids_path: Path, vec_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    def _read(self, ids_path: Path, vec_path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
         if not (ids_path.exists() and vec_path.exists()):
             return np.empty(0, np.int64), None
         verify_checksum(ids_path)
@@ -179,7 +183,9 @@ class EmbeddingStore:
     def __len__(self) -> int:
         return len(self._load()[0])
 
-    def _positions(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _positions(
+        self, ids: Sequence[int] | npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
         """Row of each id in the store and a mask of which ids are present."""
         stored, _ = self._load()
         query = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -197,7 +203,7 @@ class EmbeddingStore:
         _, found = self._positions(ids)
         return list(dict.fromkeys(int(i) for i, ok in zip(np.asarray(ids).reshape(-1), found, strict=True) if not ok))
 
-    def get(self, ids: Sequence[int]) -> np.ndarray:
+    def get(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """(len(ids), D) float32, rows in the order of ids."""
         rows, found = self._positions(ids)
         if not found.all():
@@ -211,9 +217,9 @@ class EmbeddingStore:
             return np.empty((0, 0), np.float32)
         return vectors[rows]
 
-    def add(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def add(self, ids: Sequence[int], vectors: npt.NDArray[np.floating[Any]]) -> None:
         """Store vectors (N, D) for ids (N,); ids already stored are overwritten with the new vectors."""
-        new_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        new_ids: npt.NDArray[np.int64] = np.asarray(ids, dtype=np.int64).reshape(-1)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(new_ids):
             raise DataError(f"add: {len(new_ids)} ids but vectors of shape {vectors.shape}")
@@ -253,7 +259,7 @@ def embed_samples(
     num_workers: int = 0,
     on_progress: ProgressFn | None = None,
     options: EmbedOptions | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order.
 
     on_progress counts only the images embedded now. One stream of shards (`options.shard_size` images, each
@@ -281,7 +287,7 @@ def embed_available(
     *args: Any,
     on_bad: Callable[[int, BadImageError], None],
     **kwargs: Any,
-) -> tuple[np.ndarray, list[int]]:
+) -> tuple[npt.NDArray[np.float32], list[int]]:
     """`embed_samples`, except that images which cannot be decoded are reported to `on_bad(id, error)` and
     left out, so one bad file does not stop the rest. Returns (vectors, the ids they belong to).
 
@@ -300,7 +306,7 @@ def embed_available(
                 broken[i] = exc
         if not broken:
             raise
-    for i, exc in broken.items():
-        on_bad(i, exc)
+    for i, error in broken.items():
+        on_bad(i, error)
     keep = [k for k, i in enumerate(ids) if int(i) not in broken]
     return embed_available(store, [ids[k] for k in keep], [paths[k] for k in keep], *args, on_bad=on_bad, **kwargs)

@@ -17,8 +17,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from torch import nn
@@ -33,6 +35,9 @@ from flywheel.images import _normalize, check_image_size, forked_worker_init, lo
 
 EXIF_ORIENTATION = 0x0112  # EXIF tag; 1 = upright. nvJPEG ignores it, so rotated JPEGs decode on the CPU.
 GPU_JPEG_MODES = ("RGB", "L")  # nvJPEG handles these; CMYK/YCCK JPEGs go to the CPU decoder
+
+Forward: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
+"""What a batch goes through: a module, or its torch.compile'd form."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ def _gpu_decodable(path: str) -> bool:
     if header.format != "JPEG" or header.mode not in GPU_JPEG_MODES:
         return False
     with Image.open(path) as im:
-        return im.getexif().get(EXIF_ORIENTATION, 1) == 1
+        orientation: int = im.getexif().get(EXIF_ORIENTATION, 1)
+        return orientation == 1
 
 
 @dataclass
@@ -121,7 +127,10 @@ class _Batch:
         return self
 
 
-class _Files(Dataset):
+_FileItem: TypeAlias = tuple[str, torch.Tensor, str]  # ("pixels" or "jpeg", tensor, path)
+
+
+class _Files(Dataset[_FileItem]):
     """Item i: ("pixels", uint8 (3, S, S)) decoded and resized here, or ("jpeg", bytes) for nvJPEG."""
 
     def __init__(self, paths: Sequence[str], image_size: int, gpu_jpeg: bool):
@@ -132,14 +141,14 @@ class _Files(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[str, torch.Tensor, str]:
+    def __getitem__(self, i: int) -> _FileItem:
         path = self.paths[i]
         if self.gpu_jpeg and _gpu_decodable(path):
             return "jpeg", read_file(path), path
         return "pixels", self.resize(load_image(path)), path
 
 
-def _collate(items: list[tuple[str, torch.Tensor, str]]) -> _Batch:
+def _collate(items: list[_FileItem]) -> _Batch:
     rows = [i for i, (kind, _, _) in enumerate(items) if kind == "pixels"]
     jpeg_rows = [i for i, (kind, _, _) in enumerate(items) if kind == "jpeg"]
     pixels = torch.stack([items[i][1] for i in rows]) if rows else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
@@ -169,7 +178,7 @@ def _decode_on_gpu(batch: _Batch, size: int, device: torch.device) -> list[torch
         resized = v2.functional.resize(torch.stack([decoded[i] for i in members]), [size, size], antialias=True)
         for j, i in enumerate(members):
             out[i] = resized[j]
-    return out  # type: ignore[return-value]
+    return out  # type: ignore[return-value]  # every slot is filled: each image is in one shape group
 
 
 def _device_batch(batch: _Batch, size: int, device: torch.device, normalize: v2.Transform) -> torch.Tensor:
@@ -182,15 +191,16 @@ def _device_batch(batch: _Batch, size: int, device: torch.device, normalize: v2.
         if len(batch.pixel_rows):
             x[batch.pixel_rows.to(device)] = batch.pixels.to(device, non_blocking=cuda)
         x[torch.tensor(batch.jpeg_rows, device=device)] = torch.stack(_decode_on_gpu(batch, size, device))
-    return normalize(x).contiguous(memory_format=torch.channels_last)
+    normalized: torch.Tensor = normalize(x)
+    return normalized.contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def prepare_body(body: nn.Module, device: torch.device, options: EmbedOptions) -> nn.Module:
+def prepare_body(body: nn.Module, device: torch.device, options: EmbedOptions) -> Forward:
     """The body in eval mode on the device, channels_last, compiled when asked (returns what to call)."""
-    body = body.eval().to(device, memory_format=torch.channels_last)
+    body = body.eval().to(device).to(memory_format=torch.channels_last)
     return torch.compile(body, dynamic=False) if options.compile else body
 
 
@@ -203,7 +213,7 @@ def embed_stream(
     device: torch.device,
     options: EmbedOptions = EmbedOptions(),
     on_batch: Callable[[int], None] | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
+) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
     """Yield (start, vectors (n, D) float32) for consecutive shards of `paths`, in order; one DataLoader
     (one set of workers) for the whole stream. `on_batch(n)` is called after each batch (progress)."""
     check_image_size(spec, image_size)
@@ -263,7 +273,7 @@ def embed_all(
     device: torch.device,
     options: EmbedOptions = EmbedOptions(),
     on_batch: Callable[[int], None] | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """(N, D) float32, row i for paths[i]: `embed_stream` collected in one array."""
     out = np.empty((len(paths), spec.embedding_dim), dtype=np.float32)
     for start, vectors in embed_stream(

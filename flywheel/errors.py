@@ -11,7 +11,12 @@ P = ParamSpec("P")
 
 
 class FlywheelError(Exception):
-    """Base of every error flywheel raises on purpose; the CLI prints these without a traceback."""
+    """Base of every error flywheel raises on purpose; the CLI prints these without a traceback.
+
+    `retryable`: whether the same call can succeed after a wait (a server restarting, a busy project); a bad
+    setting, a refused token or bad data fails the same way again, so it is not retried."""
+
+    retryable = False
 
 
 class ConfigError(FlywheelError):
@@ -31,10 +36,13 @@ class UnknownChoiceError(FlywheelError):
 
 
 class ServiceUnavailableError(FlywheelError):
-    """A server (Label Studio, MLflow, Prefect) does not answer at its URL."""
+    """A server (Label Studio, MLflow, Prefect) does not answer at its URL.
 
-    def __init__(self, service: str, url: str, detail: str = ""):
-        self.service, self.url, self.detail = service, url, detail
+    `retryable` is False when nothing listens at the address (connection refused, unknown host): a wrong
+    port or a stopped server, which a retry a few seconds later would only report again."""
+
+    def __init__(self, service: str, url: str, detail: str = "", *, retryable: bool = True):
+        self.service, self.url, self.detail, self.retryable = service, url, detail, retryable
         hint = " (start it with `make services` or `flywheel services start`)"
         super().__init__(f"{service} is not reachable at {url}{': ' + detail if detail else ''}{hint}")
 
@@ -64,6 +72,8 @@ class BadImageError(DataError):
 
 class ProjectBusyError(FlywheelError):
     """Another process is running a step of the same project (see flywheel.locking)."""
+
+    retryable = True
 
 
 def exit_code_on_error(main: Callable[P, int]) -> Callable[P, int]:

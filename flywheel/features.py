@@ -4,8 +4,10 @@ The body is the ImageNet-pretrained backbone until a fine-tuned model is promote
 champion's body. Embeddings are cached per (backbone, body version, image size), so switching body never
 mixes vectors from two feature spaces.
 
-The backbone is the configured one (settings.backbone) unless a promoted fine-tune started from another
-candidate that transferred better (loop.run_finetune) or a model of another backbone was promoted by hand:
+The backbone is the project's: the one it was first embedded with, wherever a command runs from, until the
+settings name another one (in a flywheel.toml, FLYWHEEL_BACKBONE or an argument), which moves the project
+there with a warning (the pool is embedded anew). A promoted fine-tune that started from another candidate
+that transferred better (loop.run_finetune), or a model of another backbone promoted by hand, moves it too:
 then the project runs on that backbone for as long as the configuration names the same one as then.
 """
 
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from torch import nn
 
 from flywheel import tracking
@@ -30,33 +34,61 @@ from flywheel.vector_index import sync_vector_index
 
 IMAGENET = "imagenet"
 BODY_KEY = "body"  # catalog meta: {"backbone": ..., "version": "imagenet" | MLflow model version}
-BACKBONE_KEY = "backbone"  # catalog meta: {"configured": settings.backbone then, "in_use": the champion's}
+BACKBONE_KEY = "backbone"  # catalog meta: {"configured": settings.backbone then, "in_use": the project's now}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SplitFeatures:
     """One split's samples, aligned row by row with their embeddings."""
 
-    ids: np.ndarray  # (N,) int64 sample ids
+    ids: npt.NDArray[np.int64]  # (N,) sample ids
     paths: list[str]
     truths: list[str | None]
-    folds: np.ndarray  # (N,) int
-    vectors: np.ndarray  # (N, D) float32
+    folds: npt.NDArray[np.int64]  # (N,)
+    vectors: npt.NDArray[np.float32]  # (N, D)
 
 
 def active_settings(settings: Settings, catalog: Catalog) -> Settings:
     """`settings` with the backbone the project runs on now (see the module docstring)."""
-    stored = catalog.get_meta(BACKBONE_KEY)
-    if stored:
-        moved = json.loads(stored)
-        if moved["configured"] == settings.backbone and moved["in_use"] != settings.backbone:
-            return settings.model_copy(update={"backbone": moved["in_use"]})
+    record = _backbone_record(catalog)
+    if record is None:  # the project's first use fixes its backbone
+        record_backbone(catalog, configured=settings.backbone, in_use=settings.backbone)
+        return settings
+    if settings.backbone == record["in_use"]:
+        return settings
+    configured = configured_backbone(settings, catalog)
+    if configured == record["configured"]:
+        return settings.model_copy(update={"backbone": record["in_use"]})
+    log.warning(
+        "project %s: settings.backbone moves it from %s to %s; the pool is embedded anew with %s",
+        settings.project, record["in_use"], configured, configured,
+    )  # fmt: skip
+    record_backbone(catalog, configured=configured, in_use=configured)
     return settings
 
 
+def configured_backbone(settings: Settings, catalog: Catalog) -> str:
+    """The backbone the user chose: settings.backbone when something set it (file, environment, argument),
+    else the one the project was set up with (a default never moves a project)."""
+    record = _backbone_record(catalog)
+    if record is None or "backbone" in settings.model_fields_set:
+        return settings.backbone
+    return record["configured"]
+
+
 def record_backbone(catalog: Catalog, *, configured: str, in_use: str) -> None:
-    """Remember that the champion runs on `in_use` while the configuration says `configured`."""
+    """Remember that the project runs on `in_use` while the configuration says `configured`."""
     catalog.set_meta(BACKBONE_KEY, json.dumps({"configured": configured, "in_use": in_use}))
+
+
+def _backbone_record(catalog: Catalog) -> dict[str, str] | None:
+    stored = catalog.get_meta(BACKBONE_KEY)
+    if not stored:
+        return None
+    record: dict[str, str] = json.loads(stored)
+    return record
 
 
 def body_version(settings: Settings, catalog: Catalog) -> str:
@@ -75,7 +107,7 @@ def set_body_version(settings: Settings, catalog: Catalog, version: str) -> None
 def load_body(settings: Settings, version: str) -> nn.Module:
     if version == IMAGENET:
         return build_body(settings.backbone, pretrained=True)
-    return tracking.load_classifier(settings, version).body
+    return tracking.load_classifier(settings.mlflow.url, settings.registered_model_name, version).body
 
 
 def split_features(

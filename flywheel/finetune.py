@@ -25,13 +25,16 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -40,10 +43,13 @@ from flywheel.atomic import atomic_path, verify_checksum
 from flywheel.backbones import Classifier, get_spec
 from flywheel.config import FinetuneSettings
 from flywheel.embed import resolve_device
-from flywheel.embed_pipeline import auto_workers
+from flywheel.embed_pipeline import Forward, auto_workers
 from flywheel.errors import CorruptFileError, DataError
-from flywheel.images import Augmentation, ImageDataset, choose_augmentation, forked_worker_init
+from flywheel.images import Augmentation, ImageDataset, ImageItem, choose_augmentation, forked_worker_init
 from flywheel.policy import DepthDecision, param_groups, set_frozen_eval
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 LABEL_SMOOTHING = 0.1
 WARMUP_FRACTION = 0.1  # of each phase's optimizer steps; at least one step
@@ -60,8 +66,8 @@ class FinetuneResult:
 
     classifier: Classifier
     decision: DepthDecision
-    history: list[dict]  # per epoch: epoch, phase ("head"|"body"), trainable_groups, train_loss, val_accuracy,
-    # val_loss, seconds
+    history: list[dict[str, Any]]  # per epoch: epoch, phase ("head"|"body"), trainable_groups, train_loss,
+    # val_accuracy, val_loss, seconds
     lr_by_group: dict[str, float]  # peak learning rate of each trained group ("head", "stage7", ...)
     seconds: float
     device: str
@@ -76,12 +82,14 @@ def _as_device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device) -> AbstractContextManager[None]:
     """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _check_targets(paths: Sequence[str], targets: np.ndarray, n_classes: int, what: str) -> np.ndarray:
+def _check_targets(
+    paths: Sequence[str], targets: npt.NDArray[np.integer[Any]], n_classes: int, what: str
+) -> npt.NDArray[np.int64]:
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)
     if len(targets) != len(paths):
         raise DataError(f"{what}: {len(paths)} paths but {len(targets)} targets")
@@ -116,8 +124,12 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.
 
 
 def _batches(
-    classifier: Classifier, paths: Sequence[str], targets: np.ndarray | None, batch_size: int, device: torch.device
-) -> DataLoader:
+    classifier: Classifier,
+    paths: Sequence[str],
+    targets: npt.NDArray[np.int64] | None,
+    batch_size: int,
+    device: torch.device,
+) -> DataLoader[ImageItem]:
     spec = get_spec(classifier.backbone)
     dataset = ImageDataset(paths, spec, classifier.image_size, targets)
     return DataLoader(
@@ -131,11 +143,16 @@ def _batches(
 
 
 @torch.inference_mode()
-def _logits(model: Classifier, batches, device: torch.device, forward: Callable | None = None) -> torch.Tensor:
+def _logits(
+    model: Classifier,
+    batches: Iterable[torch.Tensor | list[torch.Tensor]],
+    device: torch.device,
+    forward: Forward | None = None,
+) -> torch.Tensor:
     """(N, C) float32 logits on CPU over an iterable of x or (x, y) batches; `forward`: model or its compiled form."""
     model.eval()
     forward = model if forward is None else forward
-    out = []
+    out: list[torch.Tensor] = []
     with _autocast(device):
         for batch in batches:
             x = batch[0] if isinstance(batch, list | tuple) else batch
@@ -150,13 +167,13 @@ def predict_proba(
     *,
     batch_size: int = 256,
     device: torch.device | str = "auto",
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Class probabilities (N, C) float32, rows sum to 1, columns in classifier.classes order.
 
     Moves `classifier` to the device (channels_last) and leaves it in eval mode.
     """
     dev = _as_device(device)
-    classifier.to(dev, memory_format=torch.channels_last)
+    classifier.to(dev).to(memory_format=torch.channels_last)
     logits = _logits(classifier, _batches(classifier, paths, None, batch_size, dev), dev)
     return torch.softmax(logits, dim=1).numpy().astype(np.float32)
 
@@ -164,7 +181,7 @@ def predict_proba(
 def evaluate(
     classifier: Classifier,
     paths: Sequence[str],
-    targets: np.ndarray,
+    targets: npt.NDArray[np.integer[Any]],
     *,
     batch_size: int = 256,
     device: torch.device | str = "auto",
@@ -183,14 +200,14 @@ def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def _train_epoch(
     model: Classifier,
-    loader: DataLoader,
+    loader: DataLoader[ImageItem],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_fn: nn.Module,
     device: torch.device,
     *,
     adapt_bn: bool,
-    forward: Callable,
+    forward: Forward,
 ) -> float:
     """One pass over the training set; returns the mean training loss. `forward`: model or its compiled form."""
     model.train()
@@ -226,7 +243,7 @@ def unfrozen_count(body_epoch: int, body_epochs: int, n_groups: int, *, gradual:
     return min(n_groups, math.ceil((body_epoch + 1) * n_groups / ramp))
 
 
-def should_stop(history: Sequence[dict], patience: int) -> bool:
+def should_stop(history: Sequence[dict[str, Any]], patience: int) -> bool:
     """Early stopping: the last `patience` body epochs all failed to beat the best validation score so far.
 
     Scores are (accuracy, -loss), as for the best epoch. Head epochs count for the best score but never
@@ -243,9 +260,9 @@ def should_stop(history: Sequence[dict], patience: int) -> bool:
 def run_key(
     classifier: Classifier,
     train_paths: Sequence[str],
-    train_targets: np.ndarray,
+    train_targets: npt.NDArray[np.integer[Any]],
     val_paths: Sequence[str],
-    val_targets: np.ndarray,
+    val_targets: npt.NDArray[np.integer[Any]],
     *,
     decision: DepthDecision,
     settings: FinetuneSettings,
@@ -272,14 +289,14 @@ def run_key(
     return digest.hexdigest()[:20]
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file in the same folder, then os.replace, with a sha256 sidecar: a crash never
     leaves half a checkpoint, and a damaged one is refused on resume (`_load_checkpoint`)."""
     with atomic_path(path, checksum=True) as tmp:
         torch.save(obj, tmp)
 
 
-def _cpu_copy(obj):
+def _cpu_copy(obj: object) -> Any:
     """obj with every tensor in it (nested dicts, lists, tuples) copied to the CPU: a snapshot training
     cannot change afterwards."""
     if isinstance(obj, torch.Tensor):
@@ -304,10 +321,10 @@ class _CheckpointWriter:
     def __init__(self, path: Path | None):
         self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-checkpoint") if path else None
-        self._pending: Future | None = None
+        self._pending: Future[None] | None = None
 
-    def save(self, state: dict) -> None:
-        if self._pool is None:
+    def save(self, state: dict[str, Any]) -> None:
+        if self._pool is None or self.path is None:
             return
         self.wait()
         self._pending = self._pool.submit(_save_atomic, _cpu_copy(state), self.path)
@@ -320,7 +337,9 @@ class _CheckpointWriter:
     def __enter__(self) -> _CheckpointWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             if exc_type is None:
                 self.wait()  # a failed write is this run's error; after a failed run, the run's own is reported
@@ -329,7 +348,7 @@ class _CheckpointWriter:
                 self._pool.shutdown(wait=True)  # also lets a write in flight finish
 
 
-def _load_checkpoint(path: Path) -> dict:
+def _load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by _save_atomic (tensors and plain data only: weights_only=True); CorruptFileError
     naming it, and how to start over, when its checksum does not match."""
     try:
@@ -339,7 +358,8 @@ def _load_checkpoint(path: Path) -> dict:
             f"fine-tune checkpoint refused: {exc}; delete {path.parent} (or set finetune.resume=false, "
             "FLYWHEEL_FINETUNE__RESUME=false) to start this fine-tune over"
         ) from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint
 
 
 @dataclass(frozen=True)
@@ -348,7 +368,7 @@ class EpochEnd:
     the checkpoint write is waited for before the call)."""
 
     epoch: int  # 1-based, over both phases
-    entry: dict
+    entry: dict[str, Any]
     model: Classifier
     optimizer: torch.optim.Optimizer
     checkpoint: Path | None
@@ -357,9 +377,9 @@ class EpochEnd:
 def finetune(
     classifier: Classifier,
     train_paths: Sequence[str],
-    train_targets: np.ndarray,
+    train_targets: npt.NDArray[np.integer[Any]],
     val_paths: Sequence[str],
-    val_targets: np.ndarray,
+    val_targets: npt.NDArray[np.integer[Any]],
     *,
     decision: DepthDecision,
     settings: FinetuneSettings,
@@ -403,7 +423,7 @@ def finetune(
 
     with torch.random.fork_rng(devices=[device] if cuda else []):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
-        model = copy.deepcopy(classifier).to(device, memory_format=torch.channels_last)
+        model = copy.deepcopy(classifier).to(device).to(memory_format=torch.channels_last)
         # compiled once; freezing changes recompile it a few times (one per unfreeze step), weights are shared
         forward = torch.compile(model) if settings.compile else model
         gen = torch.Generator().manual_seed(seed)
@@ -420,7 +440,7 @@ def finetune(
             drop_last=n_train % settings.batch_size == 1 and n_train > 1,
         )
         val_loader = _batches(model, val_paths, val_targets, _eval_batch_size(len(val_targets), device), device)
-        val_cache = None
+        val_cache: list[torch.Tensor] | None = None
         if len(val_targets) * 3 * classifier.image_size**2 * 4 <= VAL_CACHE_BYTES:
             val_cache = [x for x, _ in val_loader]  # decode and resize the validation set once
         val_y = torch.as_tensor(val_targets)
@@ -441,14 +461,14 @@ def finetune(
         body_epochs = settings.epochs - head_epochs
         plan = ["head"] * head_epochs + ["body"] * body_epochs
 
-        history: list[dict] = []
+        history: list[dict[str, Any]] = []
         best: tuple[float, float] | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch = 0
         lr_by_group: dict[str, float] = {}
         stopped = False
         start = 0
-        saved: dict | None = None
+        saved: dict[str, Any] | None = None
         if ckpt is not None and resume and ckpt.exists():
             saved = _load_checkpoint(ckpt)
             model.load_state_dict(saved["model"])
@@ -468,7 +488,7 @@ def finetune(
             best = (start_accuracy, -start_loss)
             best_state = _cpu_copy(model.state_dict())
 
-        bar_ctx = nullcontext(None)
+        bar_ctx: AbstractContextManager[Progress | None] = nullcontext(None)
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -483,7 +503,7 @@ def finetune(
             task = bar.add_task("fine-tune", total=settings.epochs, completed=start) if bar else None
             phase_now: str | None = None
             optimizer = scheduler = None
-            body_groups: list[dict] = []
+            body_groups: list[dict[str, Any]] = []
             adapt_bn = False
             for e in range(start, len(plan)):
                 if stopped:
@@ -518,11 +538,12 @@ def finetune(
                     for i, group in enumerate(body_groups):
                         for p in group["params"]:
                             p.requires_grad_(i < n_trainable)
+                assert optimizer is not None and scheduler is not None  # made when the first epoch's phase starts
                 t0 = time.perf_counter()
                 train_loss = _train_epoch(
                     model, loader, optimizer, scheduler, loss_fn, device, adapt_bn=adapt_bn, forward=forward
                 )
-                entry: dict = {
+                entry: dict[str, Any] = {
                     "epoch": e + 1,
                     "phase": phase,
                     "trainable_groups": n_trainable,
@@ -564,7 +585,7 @@ def finetune(
                 if on_epoch_end is not None:
                     writer.wait()
                     on_epoch_end(EpochEnd(e + 1, entry, model, optimizer, ckpt))
-                if bar is not None:
+                if bar is not None and task is not None:
                     acc = entry["val_accuracy"]
                     bar.update(
                         task,
@@ -577,10 +598,11 @@ def finetune(
         notes.append("no validation images: returning the last epoch's weights")
         best_epoch = len(history)
     elif best_epoch == 0:
+        assert best is not None  # set with best_state
         notes.append(
             f"no epoch beat the starting weights on validation (accuracy {best[0]:.3f}): returning them unchanged"
         )
-    model = model.to("cpu", memory_format=torch.contiguous_format)
+    model = model.to("cpu").to(memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)
     for p in model.parameters():

@@ -15,8 +15,10 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, overload
 
 import numpy as np
+import numpy.typing as npt
 from matplotlib.figure import Figure
 from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -35,8 +37,13 @@ class PowerLaw:
     b: float
     c: float
 
-    def __call__(self, n: np.ndarray | float) -> np.ndarray | float:
-        return self.a - self.b * np.power(np.maximum(n, 1e-9), -self.c)
+    @overload
+    def __call__(self, n: float) -> float: ...
+    @overload
+    def __call__(self, n: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]: ...
+    def __call__(self, n: npt.NDArray[np.floating[Any]] | float) -> npt.NDArray[np.float64] | float:
+        value: npt.NDArray[np.float64] | float = self.a - self.b * np.power(np.maximum(n, 1e-9), -self.c)
+        return value
 
     def labels_for(self, target: float) -> float:
         """Training labels at which the curve reaches `target`; inf when the plateau lies at or below it."""
@@ -45,12 +52,16 @@ class PowerLaw:
         return float((self.b / (self.a - target)) ** (1.0 / self.c)) if self.b > 0 else 0.0
 
 
-def _power_law(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
-    return a - b * np.power(n, -c)
+def _power_law(n: npt.NDArray[np.float64], a: float, b: float, c: float) -> npt.NDArray[np.float64]:
+    value: npt.NDArray[np.float64] = a - b * np.power(n, -c)
+    return value
 
 
 def fit_power_law(
-    labels: Sequence[float] | np.ndarray, accuracy: Sequence[float] | np.ndarray, *, start: PowerLaw | None = None
+    labels: Sequence[float] | npt.NDArray[np.floating[Any]],
+    accuracy: Sequence[float] | npt.NDArray[np.floating[Any]],
+    *,
+    start: PowerLaw | None = None,
 ) -> PowerLaw:
     """Least-squares fit (a in [0, 1], b >= 0, c in C_BOUNDS), best of a few starting exponents.
 
@@ -89,7 +100,12 @@ def fit_power_law(
 
 
 def bootstrap_fits(
-    labels: np.ndarray, accuracy: np.ndarray, fit: PowerLaw, *, n_boot: int, rng: np.random.Generator
+    labels: npt.NDArray[np.floating[Any]],
+    accuracy: npt.NDArray[np.floating[Any]],
+    fit: PowerLaw,
+    *,
+    n_boot: int,
+    rng: np.random.Generator,
 ) -> list[PowerLaw]:
     """Refits on points resampled with replacement (pairs bootstrap). A resample with fewer than MIN_POINTS
     distinct label counts (likely with few rounds) is replaced by the curve plus resampled residuals."""
@@ -107,7 +123,9 @@ def bootstrap_fits(
     return fits
 
 
-def scatter(labels: np.ndarray, accuracy: np.ndarray, fit: PowerLaw) -> np.ndarray:
+def scatter(
+    labels: npt.NDArray[np.floating[Any]], accuracy: npt.NDArray[np.floating[Any]], fit: PowerLaw
+) -> npt.NDArray[np.float64]:
     """The points' residuals around the fit, scaled by sqrt(P / (P - 3)) for the three fitted parameters."""
     x, y = np.asarray(labels, dtype=np.float64), np.asarray(accuracy, dtype=np.float64)
     residuals = y - np.asarray(fit(x))
@@ -115,11 +133,16 @@ def scatter(labels: np.ndarray, accuracy: np.ndarray, fit: PowerLaw) -> np.ndarr
 
 
 def prediction_band(
-    fits: Sequence[PowerLaw], residuals: np.ndarray, at: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    fits: Sequence[PowerLaw],
+    residuals: npt.NDArray[np.floating[Any]],
+    at: npt.NDArray[np.floating[Any]],
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """BAND percentiles of (bootstrap curve + a resampled residual) at `at`: where a measurement should fall."""
     curves = np.array([f(at) for f in fits]) + rng.choice(residuals, size=(len(fits), len(at)))
-    return np.percentile(curves, BAND[0], axis=0), np.percentile(curves, BAND[1], axis=0)
+    low: npt.NDArray[np.float64] = np.percentile(curves, BAND[0], axis=0)
+    high: npt.NDArray[np.float64] = np.percentile(curves, BAND[1], axis=0)
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -148,11 +171,11 @@ class Forecast:
     band_low: list[float]  # prediction band: bootstrap curves plus the rounds' scatter
     band_high: list[float]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Forecast:
+    def from_dict(cls, data: dict[str, Any]) -> Forecast:
         values = dict(data)
         values["fit"] = PowerLaw(**values["fit"])
         values["labels_to_target_band"] = tuple(values["labels_to_target_band"])
@@ -161,8 +184,8 @@ class Forecast:
 
 
 def make_forecast(
-    labels: Sequence[float] | np.ndarray,
-    accuracy: Sequence[float] | np.ndarray,
+    labels: Sequence[float] | npt.NDArray[np.floating[Any]],
+    accuracy: Sequence[float] | npt.NDArray[np.floating[Any]],
     *,
     current_labels: int,
     target: float,

@@ -14,6 +14,8 @@ def require_healthy(service: str, base_url: str, *, path: str = "/health", timeo
     """Raise ServiceUnavailableError naming `base_url` unless GET `base_url + path` answers HTTP 200."""
     try:
         response = httpx.get(f"{base_url}{path}", timeout=timeout)
+    except httpx.ConnectError as exc:  # refused, or no such host: nothing to wait for
+        raise ServiceUnavailableError(service, base_url, f"{type(exc).__name__}: {exc}", retryable=False) from None
     except httpx.HTTPError as exc:
         raise ServiceUnavailableError(service, base_url, f"{type(exc).__name__}: {exc}") from None
     if response.status_code != 200:

@@ -11,8 +11,10 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -82,7 +84,7 @@ def load_image(path: str) -> torch.Tensor:
         if header.format in TORCHVISION_FORMATS:
             alpha = header.has_alpha and header.format in ALPHA_FORMATS
             mode = ImageReadMode.RGB_ALPHA if alpha else ImageReadMode.RGB
-            image = decode_image(path, mode=mode, apply_exif_orientation=True)
+            image: torch.Tensor = decode_image(path, mode=mode, apply_exif_orientation=True)
             image = image[0] if image.ndim == 4 else image  # an animated GIF decodes to frames: keep the first
         else:
             image = _decode_with_pil(path)
@@ -104,8 +106,8 @@ def _decoder_message(exc: Exception) -> str:
 
 def _decode_with_pil(path: str) -> torch.Tensor:
     """Formats torchvision does not read (BMP, TIFF, ...): RGB, or RGBA when transparent, as uint8/uint16."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as file:
+        im = ImageOps.exif_transpose(file)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # PIL's RGB conversion would clip, not scale
             plane = torch.from_numpy(np.asarray(im).astype(np.int64) >> 8).clamp(0, 255).to(torch.uint8)
             return plane.expand(3, *plane.shape).clone()
@@ -124,7 +126,7 @@ def forked_worker_init(_worker_id: int) -> None:
     (Prefect's background services register some once a flow or the API was used), which fail in the worker
     when it ends, so the worker exits 1 and the DataLoader fails the whole embedding. The worker has no
     threads of its own to drain: drop them."""
-    threading._threading_atexits.clear()  # type: ignore[attr-defined]
+    threading._threading_atexits.clear()  # type: ignore[attr-defined]  # private: not in typeshed
 
 
 def _normalize(spec: BackboneSpec) -> v2.Transform:
@@ -199,10 +201,15 @@ def preprocess(batch_uint8: torch.Tensor, spec: BackboneSpec, image_size: int) -
     if batch_uint8.ndim != 4 or batch_uint8.shape[1] != 3:
         raise DataError(f"preprocess expects (B, 3, H, W), got {tuple(batch_uint8.shape)}")
     check_image_size(spec, image_size)
-    return eval_transform(spec, image_size)(batch_uint8)
+    x: torch.Tensor = eval_transform(spec, image_size)(batch_uint8)
+    return x
 
 
-class ImageDataset(Dataset):
+ImageItem: TypeAlias = torch.Tensor | tuple[torch.Tensor, int]
+"""An ImageDataset item: x, or (x, target) when the dataset has targets."""
+
+
+class ImageDataset(Dataset[ImageItem]):
     """Preprocessed images from absolute paths; items are x (3, S, S), or (x, target) when targets given.
 
     `augment=True` (or an Augmentation) applies the fine-tuning augmentation; randomness comes from torch's
@@ -214,7 +221,7 @@ class ImageDataset(Dataset):
         paths: Sequence[str],
         spec: BackboneSpec,
         image_size: int,
-        targets: Sequence[int] | np.ndarray | None = None,
+        targets: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
         *,
         augment: bool | Augmentation = False,
     ):
@@ -232,8 +239,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
-        x = self.transform(load_image(self.paths[i]))
+    def __getitem__(self, i: int) -> ImageItem:
+        x: torch.Tensor = self.transform(load_image(self.paths[i]))
         if self.targets is None:
             return x
         return x, int(self.targets[i])

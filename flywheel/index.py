@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.atomic import atomic_path, verify_checksum
 from flywheel.errors import DataError, UnknownChoiceError
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 _FACTORY = {"flat": "Flat"}
 
 
-def _normalized(vectors: np.ndarray, what: str) -> np.ndarray:
+def _normalized(vectors: npt.NDArray[np.floating[Any]], what: str) -> npt.NDArray[np.float32]:
     """A C-contiguous float32 copy with unit rows (zero rows stay zero)."""
     x = np.array(vectors, dtype=np.float32, order="C", copy=True)
     if x.ndim == 1:
@@ -35,7 +37,9 @@ def _normalized(vectors: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, *, kind: str = "flat") -> faiss.Index:
+def build_index(
+    vectors: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.integer[Any]], *, kind: str = "flat"
+) -> faiss.Index:
     """vectors (N, D) float32, ids (N,) int64 -> a cosine index whose search returns those ids."""
     if kind not in _FACTORY:
         raise UnknownChoiceError("index kind", kind, list(_FACTORY))
@@ -52,7 +56,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, *, kind: str = "flat") -> 
     return index
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: npt.NDArray[np.floating[Any]], k: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Top-k by cosine: scores (Q, k) float32 descending, ids (Q, k) int64; -1 ids pad when k > index size."""
     if k < 1:
         raise DataError(f"search: k must be >= 1, got {k}")
@@ -63,7 +69,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return scores, ids.astype(np.int64, copy=False)
 
 
-def radius_search(index: faiss.Index, queries: np.ndarray, min_cosine: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def radius_search(
+    index: faiss.Index, queries: npt.NDArray[np.floating[Any]], min_cosine: float
+) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
     """Every stored vector with cosine >= min_cosine to each query: per query (ids (m,) int64, scores (m,)),
     most similar first. Used to find near-duplicates, whose count per query is not known in advance."""
     q = _normalized(queries, "queries")
@@ -78,9 +86,10 @@ def radius_search(index: faiss.Index, queries: np.ndarray, min_cosine: float) ->
     return out
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
+def index_ids(index: faiss.Index) -> npt.NDArray[np.int64]:
     """The ids stored in an index built by build_index, (N,) int64."""
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    mapped = cast(faiss.IndexIDMap, faiss.downcast_index(index))  # the stubs type downcast_index's result as Index
+    return faiss.vector_to_array(mapped.id_map).astype(np.int64)
 
 
 def save_index(index: faiss.Index, path: Path | str) -> None:
@@ -103,7 +112,9 @@ def load_index(path: Path | str) -> faiss.Index:
         raise DataError(f"cannot read index {path}: {exc}") from None
 
 
-def load_or_build(path: Path | str, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+def load_or_build(
+    path: Path | str, vectors: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.integer[Any]]
+) -> faiss.Index:
     """The index at `path` if it is intact and holds exactly `ids`; else rebuilt from the vectors and saved
     (a missing, stale, damaged or unreadable file is never used)."""
     try:

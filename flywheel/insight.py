@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from label_studio_sdk import LabelStudio
 from mlflow import MlflowClient
 from sqlalchemy import select
@@ -76,7 +77,10 @@ def report_markdown(report: RoundReport) -> str:
 
 
 def roles(
-    sample_ids: np.ndarray, train: np.ndarray, holdout: np.ndarray, validation: np.ndarray | None = None
+    sample_ids: npt.NDArray[np.integer[Any]],
+    train: npt.NDArray[np.integer[Any]],
+    holdout: npt.NDArray[np.integer[Any]],
+    validation: npt.NDArray[np.integer[Any]] | None = None,
 ) -> dict[int, str]:
     """sample id -> train | validation | holdout, from positions into `sample_ids`."""
     out = {int(sample_ids[i]): "train" for i in train}
@@ -85,7 +89,9 @@ def roles(
     return out
 
 
-def learning_points(catalog: Catalog, *, round_id: int, n_labels: int, test: float, holdout: float):
+def learning_points(
+    catalog: Catalog, *, round_id: int, n_labels: int, test: float, holdout: float
+) -> tuple[list[int], list[float], str]:
     """(labels, accuracy) of every round with a model, this one included: test accuracy when every such round
     has it (the same test split throughout), else held-out accuracy. Returns (labels, accuracy, which)."""
     rounds = [
@@ -96,8 +102,8 @@ def learning_points(catalog: Catalog, *, round_id: int, n_labels: int, test: flo
     use_test = not math.isnan(test) and all(r.test_accuracy is not None for r in rounds)
     labels = [r.n_labels for r in rounds] + [n_labels]
     accuracy = [r.test_accuracy if use_test else r.holdout_accuracy for r in rounds] + [test if use_test else holdout]
-    keep = [i for i, a in enumerate(accuracy) if a is not None and not math.isnan(a) and labels[i] > 0]
-    return [labels[i] for i in keep], [accuracy[i] for i in keep], "test" if use_test else "held-out"
+    points = [(n, a) for n, a in zip(labels, accuracy, strict=True) if a is not None and not math.isnan(a) and n > 0]
+    return [n for n, _ in points], [a for _, a in points], "test" if use_test else "held-out"
 
 
 def round_forecast(
@@ -149,9 +155,9 @@ def label_review(
     catalog: Catalog,
     ls_client: LabelStudio,
     *,
-    features: np.ndarray,
-    sample_ids: np.ndarray,
-    targets: np.ndarray,
+    features: npt.NDArray[np.floating[Any]],
+    sample_ids: npt.NDArray[np.integer[Any]],
+    targets: npt.NDArray[np.integer[Any]],
     classes: list[str],
     round_id: int,
     model_version: str,

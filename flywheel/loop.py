@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from label_studio_sdk.client import LabelStudio
 from mlflow import MlflowClient
@@ -66,17 +68,18 @@ class RoundReport:
     n_train: int
     n_holdout: int
     labels_per_class: dict[str, int]
-    strategy: str = "random"
+    strategy: str = "none"  # the strategy that selected this round's batch; none when nothing was selected
     description: str = ""
+    model_note: str = ""  # why no model was trained this round, when none was
     model_version: str | None = None
     run_url: str | None = None
     holdout_accuracy: float = float("nan")
     test_accuracy: float = float("nan")
     promoted: bool = False
     promotion_reason: str = ""
-    selected: list[dict] = field(default_factory=list)
-    quarantine: dict = field(default_factory=dict)  # quarantine.QuarantineSummary: total, by_reason, report (CSV)
-    near_duplicates: list[dict] = field(default_factory=list)  # picks this round quarantined as near-duplicates
+    selected: list[dict[str, Any]] = field(default_factory=list)  # sample_id, score, predicted, confidence
+    quarantine: dict[str, Any] = field(default_factory=dict)  # quarantine.QuarantineSummary: total, by_reason, report
+    near_duplicates: list[dict[str, int | float]] = field(default_factory=list)  # picks quarantined as such
     run_id: str | None = None
     forecast: Forecast | None = None  # the label-budget forecast (flywheel.insight), once enough rounds had a model
     forecast_note: str = ""
@@ -111,7 +114,7 @@ class FinetuneReport:
     far_domain: bool = False
     domain_reason: str = ""
     domain_probe: transfer.DomainProbe | None = None
-    backbone_scores: dict[str, list] | None = None  # the transferability table, when candidates were scored
+    backbone_scores: tracking.Table | None = None  # the transferability table, when candidates were scored
     backbone: str = ""  # the backbone fine-tuned
     backbone_choice: str = ""  # why that one, when candidates were scored
     best_epoch: int = 0
@@ -124,9 +127,9 @@ class FinetuneReport:
 class LabelledSplit:
     """Positions (into a SplitFeatures) of labelled samples, split by their stable fold."""
 
-    train: np.ndarray
-    holdout: np.ndarray
-    targets: np.ndarray  # (N,) class index per pool row, -1 when unlabelled
+    train: npt.NDArray[np.intp]
+    holdout: npt.NDArray[np.intp]
+    targets: npt.NDArray[np.int64]  # (N,) class index per pool row, -1 when unlabelled
 
 
 def split_labels(
@@ -154,7 +157,10 @@ def bootstrap(
     return BootstrapReport(len(pool.ids), len(test.ids), int(pool.vectors.shape[1]), str(path), project_id)
 
 
-def _current_state(settings: Settings, catalog: Catalog, *, progress: bool):
+State = tuple[list[str], str, nn.Module, features.SplitFeatures, dict[int, str], LabelledSplit]
+
+
+def _current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> State:
     """Classes, the body embedding the pool (version and module), the pool's features, labels and their split."""
     classes = _classes(catalog)
     version = features.body_version(settings, catalog)
@@ -190,7 +196,10 @@ def run_round(
         labels_per_class=per_class_counts(list(labels.values()), classes),
     )
     probs = None
-    if len(np.unique(split.targets[split.train])) >= 2:
+    trained_classes = np.unique(split.targets[split.train])
+    if len(trained_classes) < 2:
+        report.model_note = _no_model_yet(classes, [int(c) for c in trained_classes], len(split.train))
+    else:
         with health.unavailable_as("MLflow", settings.mlflow.url):  # a server gone mid-round is named as such
             probs = _train_and_register(
                 settings, catalog, mlflow_client, body, version, pool, split, classes, report, progress
@@ -216,14 +225,14 @@ def _train_and_register(
     settings: Settings,
     catalog: Catalog,
     mlflow_client: MlflowClient,
-    body,
+    body: nn.Module,
     body_version: str,
     pool: features.SplitFeatures,
     split: LabelledSplit,
     classes: list[str],
     report: RoundReport,
     progress: bool,
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     head = _fit_head(settings, pool, split.train, split.targets, len(classes))
     probs = predict_proba(head, pool.vectors)
     faults.point("round:after_train")
@@ -296,7 +305,7 @@ def _champion_holdout_accuracy(
     version = tracking.champion_version(mlflow_client, settings)
     if version is None:
         return None
-    champion = tracking.load_classifier(settings, version)
+    champion = _load(mlflow_client, settings, version)
     if list(champion.classes) != classes:
         return None  # the class list grew: the old champion cannot answer the new question
     return evaluate(champion, [pool.paths[i] for i in split.holdout], split.targets[split.holdout])
@@ -308,7 +317,7 @@ def _select_and_push(
     ls_client: LabelStudio | None,
     pool: features.SplitFeatures,
     split: LabelledSplit,
-    probs: np.ndarray | None,
+    probs: npt.NDArray[np.float32] | None,
     classes: list[str],
     report: RoundReport,
 ) -> None:
@@ -426,7 +435,7 @@ def run_finetune(
     to that backbone (features.active_settings). The probe, the policy's choice and its inputs, a holdout
     confusion matrix and a per-class report go to the MLflow run.
     """
-    configured = settings.backbone
+    configured = features.configured_backbone(settings, catalog)
     settings = features.active_settings(settings, catalog)
     ft = settings.finetune
     classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
@@ -436,7 +445,7 @@ def run_finetune(
     baseline = _fit_head(settings, pool, split.train, split.targets, len(classes))
     baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
     device = resolve_device(ft.device)
-    tables: dict[str, dict[str, list]] = {}
+    tables: dict[str, tracking.Table] = {}
     extra_params: dict[str, object] = {}
     picked = _pick_backbone(settings, catalog, pool, split, body, device, tables, extra_params)
     if picked != settings.backbone:  # start from the candidate's pretrained body, on its own embeddings
@@ -606,7 +615,7 @@ def _pick_backbone(
     split: LabelledSplit,
     body: nn.Module,
     device: torch.device,
-    tables: dict[str, dict[str, list]],
+    tables: dict[str, tracking.Table],
     params: dict[str, object],
 ) -> str:
     """Before the first fine-tune, score the candidates on the labelled images and log the table (into
@@ -640,7 +649,7 @@ def _pick_backbone(
     return best if picking else settings.backbone
 
 
-def switch_body(settings: Settings, catalog: Catalog, version: str, body, *, progress: bool = True) -> bool:
+def switch_body(settings: Settings, catalog: Catalog, version: str, body: nn.Module, *, progress: bool = True) -> bool:
     """Re-embed the pool with `body` and rebuild the index, then point the catalog at them.
 
     Until the pointer moves, rounds keep using the previous embeddings and index, so a crash half-way
@@ -670,7 +679,7 @@ def promote(
     Open Label Studio tasks still show the old champion's predictions until `refresh_open_tasks` runs
     (the CLI and the flows call it next: it needs Label Studio, the promotion does not)."""
     model = tracking.model_version(mlflow_client, settings, version)
-    in_use = model.tags.get("backbone") or tracking.load_classifier(settings, version).backbone
+    in_use = model.tags.get("backbone") or _load(mlflow_client, settings, version).backbone
     tracking.apply_promotion(
         mlflow_client, settings, version, tracking.PromotionDecision(True, "promoted by hand (flywheel promote)")
     )
@@ -678,7 +687,7 @@ def promote(
     model_settings = settings.model_copy(update={"backbone": in_use})
     body = features.load_body(model_settings, body_version)
     switch_body(model_settings, catalog, body_version, body, progress=progress)
-    features.record_backbone(catalog, configured=settings.backbone, in_use=in_use)
+    features.record_backbone(catalog, configured=features.configured_backbone(settings, catalog), in_use=in_use)
     return body_version
 
 
@@ -699,7 +708,7 @@ def refresh_open_tasks(
     if version is None:
         return 0
     body_version = _body_version(tracking.model_version(mlflow_client, settings, version))
-    classifier = tracking.load_classifier(settings, version)
+    classifier = _load(mlflow_client, settings, version)
     model_settings = settings.model_copy(update={"backbone": classifier.backbone})
     pool = features.split_features(model_settings, catalog, POOL, classifier.body, body_version, progress=progress)
     probs = predict_proba(classifier.head, pool.vectors)
@@ -712,8 +721,8 @@ def _refresh_open_tasks(
     ls_client: LabelStudio,
     catalog: Catalog,
     project_id: int,
-    sample_ids: np.ndarray,
-    probs: np.ndarray,
+    sample_ids: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.float32],
     classes: list[str],
     version: str,
 ) -> int:
@@ -721,8 +730,27 @@ def _refresh_open_tasks(
     return labelstudio.refresh_predictions(ls_client, catalog, project_id, predicted, model_version=version)
 
 
-def _fit_head(settings: Settings, pool: features.SplitFeatures, rows: np.ndarray, targets: np.ndarray, n_classes: int):
+def _load(mlflow_client: MlflowClient, settings: Settings, version: str) -> Classifier:
+    """A registered version of the project's model, from the client's server."""
+    return tracking.load_classifier(mlflow_client.tracking_uri, settings.registered_model_name, version)
+
+
+def _fit_head(
+    settings: Settings,
+    pool: features.SplitFeatures,
+    rows: npt.NDArray[np.intp],
+    targets: npt.NDArray[np.int64],
+    n_classes: int,
+) -> nn.Linear:
     return train_head(pool.vectors[rows], targets[rows], n_classes, l2=settings.head_l2, seed=settings.seed)
+
+
+def _no_model_yet(classes: list[str], trained: list[int], n_train: int) -> str:
+    """Why a round trains no model: a classifier needs training labels of two classes at least."""
+    have = ", ".join(classes[c] for c in trained) or "none"
+    if len(classes) < 2:
+        return f"no model: the project has one class ({have}); a classifier needs at least 2 (import another)"
+    return f"no model yet: {n_train} training labels cover {len(trained)} class(es) ({have}); a model needs 2"
 
 
 def _classes(catalog: Catalog) -> list[str]:
@@ -732,6 +760,6 @@ def _classes(catalog: Catalog) -> list[str]:
     return classes
 
 
-def _targets(truths: list[str | None], classes: list[str]) -> np.ndarray:
+def _targets(truths: list[str | None], classes: list[str]) -> npt.NDArray[np.int64]:
     position = {c: i for i, c in enumerate(classes)}
     return np.array([position.get(t, -1) if t is not None else -1 for t in truths], dtype=np.int64)

@@ -9,6 +9,7 @@ smaller learning rates (1/10, 1/100 of the head's) so pretrained weights are spe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -100,7 +101,9 @@ def should_finetune(n_labels: int, labels_at_last_finetune: int, *, min_labels: 
     return n_labels - labels_at_last_finetune >= every_new_labels
 
 
-def param_groups(classifier: Classifier, decision: DepthDecision, head_lr: float, weight_decay: float) -> list[dict]:
+def param_groups(
+    classifier: Classifier, decision: DepthDecision, head_lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
     """Optimizer param groups per the decision; freezes (requires_grad=False) every group it leaves out.
 
     Returns [{"name", "params", "lr", "weight_decay"}], head first, then the unfrozen body groups from the

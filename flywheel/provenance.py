@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 from label_studio_sdk import LabelStudio
 from mlflow import MlflowClient
@@ -31,6 +31,10 @@ TRAINING_SET_ARTIFACT = "training_set.csv"
 READ_CHUNK = 500  # tasks per Label Studio listing
 
 
+@overload
+def _utc(value: datetime | str) -> datetime: ...
+@overload
+def _utc(value: None) -> None: ...
 def _utc(value: datetime | str | None) -> datetime | None:
     """Naive UTC, as the catalog stores times (Label Studio sends ISO strings with a zone)."""
     if value is None:
@@ -167,7 +171,7 @@ def provenance_of(catalog: Catalog, sample_ids: Iterable[int]) -> dict[int, Samp
 
 
 def _record(
-    sample: Sample, label: Label | None, prov: Provenance | None, task: Task | None, review
+    sample: Sample, label: Label | None, prov: Provenance | None, task: Task | None, review: LabelReview | None
 ) -> SampleProvenance:
     annotations = json.loads(prov.annotations) if prov is not None and prov.annotations else []
     annotators = list(dict.fromkeys(a["annotator"] for a in annotations))

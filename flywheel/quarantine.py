@@ -20,8 +20,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import faiss
 import numpy as np
+import numpy.typing as npt
 
 from flywheel import features
 from flywheel.atomic import atomic_path
@@ -58,7 +61,11 @@ def write_report(settings: Settings, catalog: Catalog) -> QuarantineSummary:
 
 
 def near_duplicates(
-    index: object, vectors: np.ndarray, picked: Sequence[int], known: set[int], min_cosine: float
+    index: faiss.Index,
+    vectors: npt.NDArray[np.floating[Any]],
+    picked: Sequence[int],
+    known: set[int],
+    min_cosine: float,
 ) -> dict[int, tuple[int, float]]:
     """Picked sample id -> (the sample it nearly duplicates, cosine), for each pick with a neighbour at
     cosine >= min_cosine that is `known` (labelled or sent) or a better-ranked pick that was kept.
@@ -87,9 +94,9 @@ def drop_near_duplicates(
     settings: Settings,
     catalog: Catalog,
     pool: features.SplitFeatures,
-    positions: np.ndarray,
+    positions: npt.NDArray[np.integer[Any]],
     known: set[int],
-) -> tuple[np.ndarray, list[dict]]:
+) -> tuple[npt.NDArray[np.bool_], list[dict[str, int | float]]]:
     """A mask over `positions` (pool rows, best first) of the picks to keep; the others are quarantined as
     near-duplicates and returned as report rows. The pool's FAISS index is loaded (checksum verified) or
     rebuilt when missing, damaged or stale (a sharded index directory is not read here: a flat one is built

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import numpy.typing as npt
+from matplotlib.figure import Figure
 
 
-def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+def confusion_matrix(
+    targets: npt.NDArray[np.integer[Any]], predicted: npt.NDArray[np.integer[Any]], n_classes: int
+) -> npt.NDArray[np.int64]:
     """(C, C) counts: rows are true classes, columns predicted ones."""
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(matrix, (targets, predicted), 1)
     return matrix
 
 
-def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str) -> Figure:
+def confusion_figure(matrix: npt.NDArray[np.integer[Any]], classes: Sequence[str], title: str) -> Figure:
     figure = Figure(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
     ax = figure.subplots()
     ax.imshow(matrix, cmap="Blues")

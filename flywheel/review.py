@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Protocol, cast
 
 import numpy as np
-from label_studio_sdk import LabelStudio
+import numpy.typing as npt
+from label_studio_sdk import AllRolesProjectList, ImportApiRequest, LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from sqlalchemy import func, select
 
@@ -51,7 +53,9 @@ class Suspect:
     reasons: tuple[str, ...]
 
 
-def confident_learning(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def confident_learning(
+    targets: npt.NDArray[np.integer[Any]], probs: npt.NDArray[np.floating[Any]]
+) -> npt.NDArray[np.int64]:
     """Positions of likely wrong labels, most suspicious (lowest self-confidence) first.
 
     targets: (N,) class index of each label; probs: (N, C) out-of-sample probabilities, rows sum to 1.
@@ -84,9 +88,9 @@ def disagreements(votes: Mapping[int, Sequence[tuple[str, str]]]) -> dict[int, d
 
 
 def find_suspects(
-    sample_ids: np.ndarray,
-    targets: np.ndarray,
-    probs: np.ndarray,
+    sample_ids: npt.NDArray[np.integer[Any]],
+    targets: npt.NDArray[np.integer[Any]],
+    probs: npt.NDArray[np.floating[Any]],
     classes: Sequence[str],
     votes: Mapping[int, Sequence[tuple[str, str]]],
     *,
@@ -146,6 +150,16 @@ def reviewed_sample_ids(catalog: Catalog) -> set[int]:
 
 
 # --- Label Studio ----------------------------------------------------------------------------------------
+class _Stored(Protocol):
+    id: int | None
+
+
+def _stored_id(project: _Stored) -> int:
+    """The id of a project Label Studio returned: always set, though the SDK types every id as optional."""
+    assert project.id is not None
+    return project.id
+
+
 def review_title(settings: Settings) -> str:
     """`<labelling project title> review`, within Label Studio's 50 characters."""
     return f"{settings.labelstudio_project_title[:43]} review"
@@ -156,25 +170,26 @@ def ensure_review_project(client: LabelStudio, settings: Settings, catalog: Cata
     stored = catalog.get_meta(META_REVIEW_PROJECT)
     if stored is not None:
         try:
-            return int(client.projects.get(int(stored)).id)
+            return _stored_id(client.projects.get(int(stored)))
         except ApiError as exc:
             if exc.status_code != 404:
                 raise
             log.warning("Label Studio review project %s is gone; creating another", stored)
     title = review_title(settings)
-    matches = sorted((p for p in client.projects.list(title=title) if p.title == title), key=lambda p: p.id)
+    listed: Iterable[AllRolesProjectList] = client.projects.list(title=title)  # the SDK's pager loses the item type
+    matches = sorted((p for p in listed if p.title == title), key=_stored_id)
     if matches:
-        project_id = int(matches[0].id)
+        project_id = _stored_id(matches[0])
     else:
         config = label_config(classes, instructions=INSTRUCTIONS).replace(
             "<View>\n", '<View>\n  <Header value="$note" size="5"/>\n', 1
         )
-        project_id = int(
+        project_id = _stored_id(
             client.projects.create(
                 title=title,
                 label_config=config,
                 description=f"flywheel project {settings.project!r}: labels flagged as likely wrong",
-            ).id
+            )
         )
     catalog.set_meta(META_REVIEW_PROJECT, str(project_id))
     return project_id
@@ -207,8 +222,10 @@ def push_reviews(
     ensure_storages_for(client, project_id, [uris[sid] for sid in to_import], settings)
     if to_import:
         payloads = [_payload(todo[sid], uris[sid], settings, model_version) for sid in to_import]
+        # the SDK sends plain dicts as they are; its annotation names only its ImportApiRequest model
+        requests = cast(list[ImportApiRequest], payloads)
         response = client.projects.import_tasks(
-            project_id, request=payloads, return_task_ids=True, commit_to_project=True
+            project_id, request=requests, return_task_ids=True, commit_to_project=True
         )
         task_ids = [int(t) for t in (getattr(response, "task_ids", None) or [])]
         created = task_sample_ids(client, project_id, task_ids=task_ids)
@@ -236,7 +253,7 @@ def push_reviews(
     return len(found)
 
 
-def _payload(suspect: Suspect, uri: str, settings: Settings, model_version: str) -> dict:
+def _payload(suspect: Suspect, uri: str, settings: Settings, model_version: str) -> dict[str, Any]:
     note = f"current label: {suspect.label}; model suggests: {suspect.suggested}. Flagged: {'; '.join(suspect.reasons)}"
     return {
         "data": {"image": image_url(uri, settings), "sample_id": suspect.sample_id, "note": note},

@@ -16,8 +16,10 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from flywheel.atomic import atomic_path
@@ -62,7 +64,7 @@ def plan_shards(ids: list[int], paths: list[str], shard_size: int) -> list[Shard
     ]
 
 
-def dask_runner_options(settings: Settings) -> dict:
+def dask_runner_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for prefect_dask.DaskTaskRunner: the scheduler at scaleout.address, or a local
     cluster of scaleout.n_workers worker processes (one per GPU is the usual choice)."""
     scale = settings.scaleout
@@ -79,7 +81,7 @@ def dask_runner_options(settings: Settings) -> dict:
     }
 
 
-def ray_runner_options(settings: Settings) -> dict:
+def ray_runner_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for prefect_ray.RayTaskRunner: the cluster at scaleout.address (ray://host:10001),
     or a local Ray with scaleout.n_workers CPUs (so at most that many tasks at once) and no dashboard."""
     scale = settings.scaleout
@@ -162,7 +164,13 @@ def collect_shards(store: EmbeddingStore, results: list[ShardResult]) -> int:
     return int(sum(len(i) for i in ids))
 
 
-def score_shard(settings: Settings, key: str, ids: tuple[int, ...], weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def score_shard(
+    settings: Settings,
+    key: str,
+    ids: tuple[int, ...],
+    weight: npt.NDArray[np.floating[Any]],
+    bias: npt.NDArray[np.floating[Any]],
+) -> npt.NDArray[np.float32]:
     """On a worker: class probabilities (len(ids), C) float32 of the stored vectors of `ids` under the
     linear head (weight (C, D), bias (C,))."""
     vectors = EmbeddingStore(settings.embeddings_dir, key).get(list(ids))

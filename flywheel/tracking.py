@@ -1,26 +1,36 @@
 """MLflow: every model is a run plus a registered version; the `champion` alias moves only on a win.
 
-Clients are built here at the edge and passed in; nothing is configured at import time.
+Clients are built here at the edge and passed in; nothing is configured at import time, and nothing global
+is left behind: every call names its server (a client, or a tracking URI), so a process that never called
+`connect` cannot silently read another store (MLflow's default is a SQLite file in the working directory).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 import numpy as np
+import numpy.typing as npt
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from flywheel.backbones import Classifier
 from flywheel.config import Settings
-from flywheel.errors import UnknownChoiceError
-from flywheel.health import require_healthy
+from flywheel.errors import DataError, UnknownChoiceError
+from flywheel.health import require_healthy, unavailable_as
+
+SERVICE = "MLflow"
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+Table = dict[str, list[Any]]  # columns, as mlflow.log_table takes them
 
 
 @dataclass(frozen=True)
@@ -37,19 +47,36 @@ class PromotionDecision:
 
 
 def connect(settings: Settings) -> MlflowClient:
-    """Point mlflow at the server from the settings (checked first) and select the project's experiment."""
+    """A client for the MLflow server in the settings (its runs and its registry), checked first."""
     url = settings.mlflow.url
-    require_healthy("MLflow", url)
-    mlflow.set_tracking_uri(url)
-    mlflow.set_registry_uri(url)
-    mlflow.set_experiment(settings.experiment_name)
+    require_healthy(SERVICE, url)
     return MlflowClient(tracking_uri=url, registry_uri=url)
+
+
+@contextmanager
+def _fluent_api_on(client: MlflowClient) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_figure, pytorch.log_model) reads process-wide URIs: point them at the
+    client's server for one block, then put back what was there."""
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created on first use."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
 
 
 def log_classifier(
     client: MlflowClient,
     settings: Settings,
-    classifier: object,
+    classifier: Classifier,
     *,
     run_name: str,
     params: Mapping[str, object],
@@ -57,14 +84,19 @@ def log_classifier(
     tags: Mapping[str, str],
     history: Sequence[Mapping[str, float]] = (),
     figures: Mapping[str, Figure] | None = None,
-    tables: Mapping[str, dict[str, list]] | None = None,
+    tables: Mapping[str, Table] | None = None,
 ) -> LoggedModel:
     """One run: params, metrics (and per-epoch `history`), pictures, then the model as a registered version."""
     import mlflow.pytorch
 
-    image_size = int(params.get("image_size", settings.image_size))
-    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-    with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
+    size = classifier.image_size
+    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    with (
+        _fluent_api_on(client),
+        mlflow.start_run(
+            experiment_id=experiment_id(client, settings.experiment_name), run_name=run_name, tags=dict(tags)
+        ) as run,
+    ):
         mlflow.log_params({k: _param(v) for k, v in params.items()})
         mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
         for step, row in enumerate(history):
@@ -84,18 +116,27 @@ def log_classifier(
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(settings.registered_model_name, version, key, value)
-    experiment_id = run.info.experiment_id
     return LoggedModel(
         version=version,
         run_id=run.info.run_id,
-        run_url=f"{settings.mlflow.url}/#/experiments/{experiment_id}/runs/{run.info.run_id}",
+        run_url=f"{settings.mlflow.url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
     )
 
 
-def load_classifier(settings: Settings, version: str) -> object:
+def load_classifier(tracking_uri: str, model_name: str, version: str) -> Classifier:
+    """A registered version's classifier, read from the server at `tracking_uri`, on the CPU."""
+    import mlflow.artifacts
     import mlflow.pytorch
 
-    return mlflow.pytorch.load_model(f"models:/{settings.registered_model_name}/{version}", map_location="cpu")
+    uri = f"models:/{model_name}/{version}"
+    with unavailable_as(SERVICE, tracking_uri), tempfile.TemporaryDirectory(prefix="flywheel-model-") as folder:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=folder, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+        classifier = mlflow.pytorch.load_model(local, map_location="cpu")
+    if not isinstance(classifier, Classifier):
+        raise DataError(f"{uri} at {tracking_uri} is a {type(classifier).__name__}, not a flywheel classifier")
+    return classifier
 
 
 def model_version(client: MlflowClient, settings: Settings, version: str) -> ModelVersion:
@@ -155,7 +196,7 @@ def _param(value: object) -> object:
     return value if isinstance(value, int | float | str | bool) else str(value)
 
 
-def per_class_table(matrix: np.ndarray, classes: Sequence[str]) -> dict[str, list]:
+def per_class_table(matrix: npt.NDArray[np.integer[Any]], classes: Sequence[str]) -> Table:
     """Precision, recall, F1 and support per class from a (C, C) confusion matrix (rows true, cols predicted).
 
     A column for mlflow.log_table; a class never predicted (or never present) gets 0.0, not NaN.

@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -61,7 +63,7 @@ def stage_features(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
-) -> dict[str, np.ndarray]:
+) -> dict[str, npt.NDArray[np.float32]]:
     """Pooled (N, D_stage) float32 features of the named layer groups, plus "last": the body's output.
 
     A forward hook on each named group's last module captures its output; the body runs once per batch,
@@ -112,7 +114,7 @@ class DomainProbe:
         return {f"domain_probe_{k}": (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def stratified_folds(targets: npt.NDArray[np.integer[Any]], folds: int, seed: int) -> npt.NDArray[np.int64]:
     """(N,) fold index per sample, each class spread evenly over the folds (seeded)."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(targets), dtype=np.int64)
@@ -125,7 +127,13 @@ def stratified_folds(targets: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def cv_probe_accuracy(
-    features: np.ndarray, targets: np.ndarray, n_classes: int, *, folds: int, l2: float, seed: int
+    features: npt.NDArray[np.floating[Any]],
+    targets: npt.NDArray[np.integer[Any]],
+    n_classes: int,
+    *,
+    folds: int,
+    l2: float,
+    seed: int,
 ) -> float:
     """Mean held-out accuracy of `train_head` over stratified folds. features (N, D), targets (N,) int."""
     fold = stratified_folds(targets, folds, seed)
@@ -141,7 +149,9 @@ def cv_probe_accuracy(
     return correct / len(targets)
 
 
-def knn_accuracy(features: np.ndarray, targets: np.ndarray, *, k: int = KNN_K) -> float:
+def knn_accuracy(
+    features: npt.NDArray[np.floating[Any]], targets: npt.NDArray[np.integer[Any]], *, k: int = KNN_K
+) -> float:
     """Leave-one-out accuracy of a cosine k-nearest-neighbour vote (ties: nearest first). (N, D), (N,)."""
     n = len(targets)
     if n < 2:
@@ -163,7 +173,7 @@ def middle_stage(body: nn.Module, backbone: str) -> str:
     return names[len(names) // 2]
 
 
-def _subsample(targets: np.ndarray, limit: int, seed: int) -> np.ndarray:
+def _subsample(targets: npt.NDArray[np.integer[Any]], limit: int, seed: int) -> npt.NDArray[np.integer[Any]]:
     if len(targets) <= limit:
         return np.arange(len(targets))
     rng = np.random.default_rng(seed)
@@ -179,7 +189,7 @@ def probe_domain(
     body: nn.Module,
     backbone: str,
     paths: Sequence[str],
-    targets: np.ndarray,
+    targets: npt.NDArray[np.integer[Any]],
     n_classes: int,
     image_size: int,
     *,
@@ -241,7 +251,7 @@ def resolve_domain(setting: str, probe: DomainProbe | None) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------- backbone choice
 
 
-def logme(features: np.ndarray, targets: np.ndarray) -> float:
+def logme(features: npt.NDArray[np.floating[Any]], targets: npt.NDArray[np.integer[Any]]) -> float:
     """LogME: mean per-class log marginal evidence of a Bayesian linear model on the features.
 
     features (N, D), targets (N,) int. Higher is better; comparable across backbones on the same labels.
@@ -315,7 +325,7 @@ class BackboneScore:
 def score_backbones(
     candidates: Sequence[str],
     paths: Sequence[str],
-    targets: np.ndarray,
+    targets: npt.NDArray[np.integer[Any]],
     image_size: int,
     *,
     metric: str = "logme",
@@ -356,7 +366,7 @@ def score_backbones(
     return sorted(scores, key=lambda s: s.value(metric), reverse=True)
 
 
-def scores_table(scores: Sequence[BackboneScore]) -> dict[str, list]:
+def scores_table(scores: Sequence[BackboneScore]) -> dict[str, list[str] | list[float] | list[int]]:
     """Column dict for mlflow.log_table, best first."""
     return {
         "backbone": [s.backbone for s in scores],

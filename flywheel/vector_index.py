@@ -20,9 +20,11 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.atomic import atomic_path
 from flywheel.config import IndexSettings
@@ -35,6 +37,9 @@ ID_BYTES = 8  # an int64 sample id per vector, in the IDMap or the inverted list
 PQ_BITS = 8  # one byte per sub-quantiser code
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per IVF list
 PQ_POINTS_PER_CENTROID = 64  # PQ codebooks (256 centroids of a few dims each) train well on 16k points
+
+VectorsOf = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.floating[Any]]]
+"""ids (M,) -> their full vectors (M, D), for re-ranking PQ search results (`ShardedIndex.search`)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def index_bytes(kind: str, n: int, dim: int, *, nlist: int = 0, pq_m: int = 0, h
 
 def auto_nlist(n: int) -> int:
     """4 * sqrt(n) rounded to a power of two, at least 16 (the usual IVF guideline)."""
-    return max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
+    return max(16, int(2 ** round(math.log2(4 * math.sqrt(max(n, 1))))))
 
 
 def plan_index(n: int, dim: int, settings: IndexSettings) -> IndexPlan:
@@ -134,17 +139,18 @@ class ShardedIndex:
     def __init__(self, plan: IndexPlan, template: faiss.Index, settings: IndexSettings):
         self.plan, self.template, self.settings = plan, template, settings
         self.shards: list[faiss.Index] = []
-        self.shard_ids: list[np.ndarray] = []
+        self.shard_ids: list[npt.NDArray[np.int64]] = []
         self._dirty: set[int] = set()
         self._home: Path | None = None  # the directory this index was loaded from or last saved to
 
     # -- building
     @classmethod
-    def create(cls, plan: IndexPlan, sample: np.ndarray, settings: IndexSettings) -> ShardedIndex:
+    def create(cls, plan: IndexPlan, sample: npt.NDArray[np.floating[Any]], settings: IndexSettings) -> ShardedIndex:
         """An empty index; IVF kinds are trained on `sample` (float32 rows, normalised here)."""
         template = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
         if isinstance(template, faiss.IndexIVFPQ):
-            template.do_polysemous_training = False  # the factory turns it on: it serves Hamming search, slowly
+            # the factory turns it on: it serves Hamming search, slowly
+            template.do_polysemous_training = False  # type: ignore[attr-defined]  # missing from faiss's stubs
             template.pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID
         if not template.is_trained:
             x = _normalized(sample, "training vectors")
@@ -158,10 +164,10 @@ class ShardedIndex:
         return sum(len(i) for i in self.shard_ids)
 
     @property
-    def ids(self) -> np.ndarray:
+    def ids(self) -> npt.NDArray[np.int64]:
         return np.concatenate(self.shard_ids) if self.shard_ids else np.empty(0, np.int64)
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, vectors: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.integer[Any]]) -> None:
         """Add vectors (N, D) under ids (N,); ids already in the index are refused."""
         x = _normalized(vectors, "vectors")
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
@@ -190,8 +196,8 @@ class ShardedIndex:
 
     # -- querying
     def search(
-        self, queries: np.ndarray, k: int, *, vectors_of: Callable[[np.ndarray], np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, queries: npt.NDArray[np.floating[Any]], k: int, *, vectors_of: VectorsOf | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Top-k by cosine over all shards: scores (Q, k) descending, ids (Q, k); -1 ids pad a small index.
 
         PQ codes approximate the vectors; given `vectors_of(ids) -> (len(ids), D)` (e.g. rows of the
@@ -209,6 +215,7 @@ class ShardedIndex:
         scores = np.concatenate([p[0] for p in parts], axis=1)
         ids = np.concatenate([p[1] for p in parts], axis=1)
         if rerank:
+            assert vectors_of is not None  # rerank needs it
             scores = _exact_scores(queries, ids, vectors_of)
         scores[ids < 0] = -np.inf
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -266,7 +273,9 @@ class ShardedIndex:
         return index
 
 
-def _exact_scores(queries: np.ndarray, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _exact_scores(
+    queries: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.int64], vectors_of: VectorsOf
+) -> npt.NDArray[np.float32]:
     """Cosine of each query with each of its candidate ids (Q, C); -1 ids score -inf."""
     q = _normalized(queries, "queries")
     valid = ids >= 0
@@ -278,7 +287,9 @@ def _exact_scores(queries: np.ndarray, ids: np.ndarray, vectors_of: Callable[[np
     return scores
 
 
-def build_vector_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings, *, seed: int = 0) -> ShardedIndex:
+def build_vector_index(
+    vectors: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.integer[Any]], settings: IndexSettings, *, seed: int = 0
+) -> ShardedIndex:
     """Plan by size, train on a random sample of `plan.train_size` rows, then add everything in shards."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
@@ -295,7 +306,12 @@ def build_vector_index(vectors: np.ndarray, ids: np.ndarray, settings: IndexSett
 
 
 def sync_vector_index(
-    directory: Path | str, vectors: np.ndarray, ids: np.ndarray, settings: IndexSettings, *, seed: int = 0
+    directory: Path | str,
+    vectors: npt.NDArray[np.floating[Any]],
+    ids: npt.NDArray[np.integer[Any]],
+    settings: IndexSettings,
+    *,
+    seed: int = 0,
 ) -> tuple[ShardedIndex, str]:
     """Bring the index at `directory` up to (vectors, ids): add the new ids to the saved index when its plan
     still holds for the new size; rebuild when none is saved, the plan changed or ids went away. Saves it

@@ -31,7 +31,9 @@ def connect(settings: Settings) -> LabelStudio:
     """
     url = settings.label_studio.url
     require_healthy(SERVICE, url, timeout=HEALTH_TIMEOUT_S)
-    client = LabelStudio(base_url=url, api_key=settings.label_studio.token.get_secret_value(), timeout=API_TIMEOUT_S)
+    client = LabelStudio(  # type: ignore[no-untyped-call]  # the SDK's __init__ is unannotated (*args, **kwargs)
+        base_url=url, api_key=settings.label_studio.token.get_secret_value(), timeout=API_TIMEOUT_S
+    )
     try:
         client.users.whoami()
     except ApiError as exc:

@@ -179,12 +179,13 @@ def apply(session: Session, observations: Sequence[Observation], *, classes: Seq
             result.problems.append(problem)
             result.outcomes.append(f"rejected: {problem}")
             continue
+        assert obs.sample_id is not None  # a missing sample id is a problem above
         invalid = _problem(obs, mode, classes)
         if invalid is not None:
             result.problems.append(f"{_where(obs)}: {invalid}")
         state = SKIPPED if obs.cancelled else (REJECTED if invalid else SUBMITTED)
         if state == SUBMITTED:
-            result.touched.add(obs.sample_id)  # type: ignore[arg-type]
+            result.touched.add(obs.sample_id)
         if row is None:
             row = Annotation(ls_annotation_id=obs.annotation_id)
             rows[obs.annotation_id] = row
@@ -198,7 +199,7 @@ def apply(session: Session, observations: Sequence[Observation], *, classes: Seq
         row.ls_task_id, row.ls_project_id, row.sample_id = obs.task_id, obs.project_id, obs.sample_id
         row.ls_user_id, row.annotator, row.choices = obs.user_id, obs.annotator[:256], json.dumps(list(obs.choices))
         row.state, row.problem, row.ls_updated_at, row.seen_at = state, invalid, obs.updated_at, now()
-        changed.add(obs.sample_id)  # type: ignore[arg-type]
+        changed.add(obs.sample_id)
         result.outcomes.append(APPLIED)
     session.flush()
     result.changes = _derive_labels(session, changed, classes=classes, mode=mode)
@@ -218,6 +219,7 @@ def _votes(rows: Iterable[Annotation]) -> dict[int, dict[str, Annotation]]:
     """sample id -> user -> their latest submitted annotation (one vote per person)."""
     out: dict[int, dict[str, Annotation]] = defaultdict(dict)
     for row in rows:
+        assert row.sample_id is not None  # the rows are selected by sample id
         mine = out[row.sample_id]
         who = str(row.ls_user_id) if row.ls_user_id is not None else row.annotator
         best = mine.get(who)

@@ -4,11 +4,12 @@ webhook that tells flywheel about each annotation."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from label_studio_sdk import LabelStudio
+from label_studio_sdk import AllRolesProjectList, LabelStudio, LseProjectCreate, LseProjectResponse
 from label_studio_sdk.core.api_error import ApiError
+from label_studio_sdk.projects.client_ext import ProjectExt
 
 from flywheel.catalog import Catalog
 from flywheel.config import Settings
@@ -36,6 +37,12 @@ def _project_fields(settings: Settings, classes: Sequence[str]) -> dict[str, Any
     }
 
 
+def _id(project: AllRolesProjectList | LseProjectResponse | LseProjectCreate) -> int:
+    """A project's id: Label Studio always sends one, though its SDK types every field optional."""
+    assert project.id is not None
+    return int(project.id)
+
+
 def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, classes: Sequence[str]) -> int:
     """The id of this project's Label Studio project, created or updated to match `classes` and the settings.
 
@@ -51,7 +58,7 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
             f"{TITLE_MAX}: set label_studio.project_title (FLYWHEEL_LABEL_STUDIO__PROJECT_TITLE) or a "
             "shorter project name"
         )
-    project = None
+    project: ProjectExt | LseProjectCreate | None = None
     stored = catalog.get_meta(META_PROJECT_ID)
     if stored is not None:
         try:
@@ -68,9 +75,11 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
                 ) from None
             log.warning("Label Studio project %s is gone; looking for %r instead", stored, title)
     if project is None:
-        matches = sorted((p for p in client.projects.list(title=title) if p.title == title), key=lambda p: p.id)
+        # annotated: the SDK's list() override drops the item type
+        listed: Iterable[AllRolesProjectList] = client.projects.list(title=title)
+        matches = sorted((p for p in listed if p.title == title), key=_id)
         if matches:
-            project = client.projects.get(matches[0].id)
+            project = client.projects.get(_id(matches[0]))
             if len(matches) > 1:
                 log.warning("%d Label Studio projects are titled %r; using id %s", len(matches), title, project.id)
     if project is None:
@@ -86,9 +95,9 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
         wanted = _project_fields(settings, merged)
         changed = {k: v for k, v in wanted.items() if getattr(project, k, None) != v}
         if changed:
-            client.projects.update(project.id, **changed)
+            client.projects.update(_id(project), **changed)
             log.info("updated %s of Label Studio project %s", ", ".join(sorted(changed)), project.id)
-    project_id = int(project.id)
+    project_id = _id(project)
     if stored != str(project_id):
         catalog.set_meta(META_PROJECT_ID, str(project_id))
     if settings.webhook.secret.get_secret_value():

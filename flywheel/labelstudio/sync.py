@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from label_studio_sdk import LabelStudio
+from label_studio_sdk import LabelStudio, RoleBasedTask
+from label_studio_sdk.core.pagination import SyncPager
 from sqlalchemy.orm import Session
 
 from flywheel import faults
@@ -48,7 +49,8 @@ def users_by_id(client: LabelStudio) -> dict[int, str]:
 def export_annotated(client: LabelStudio, project_id: int) -> list[dict[str, Any]]:
     """Every task of the project with at least one annotation (skips included), as exported JSON dicts."""
     chunks = client.projects.exports.download_sync(project_id, export_type="JSON", download_all_tasks=False)
-    return json.loads(b"".join(chunks))
+    tasks: list[dict[str, Any]] = json.loads(b"".join(chunks))
+    return tasks
 
 
 def _pages(client: LabelStudio, project_id: int, page_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -58,7 +60,9 @@ def _pages(client: LabelStudio, project_id: int, page_size: int) -> Iterator[lis
     while True:
         query = json.loads(filter_query([number_filter("id", "greater", last)]))
         query["ordering"] = ["tasks:id"]
-        pager = client.tasks.list(project=project_id, fields="all", page_size=page_size, query=json.dumps(query))
+        pager: SyncPager[RoleBasedTask, Any] = client.tasks.list(  # the SDK's list() drops the item type
+            project=project_id, fields="all", page_size=page_size, query=json.dumps(query)
+        )
         page = [task.dict() for task in next(iter(pager.iter_pages())).items or []]
         if not page:
             return

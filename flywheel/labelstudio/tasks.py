@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from label_studio_sdk import LabelStudio
+from label_studio_sdk import ImportApiRequest, LabelStudio, PredictionRequest
 from sqlalchemy import func, select
 
 from flywheel import faults
@@ -112,8 +112,9 @@ def push_tasks(
     ensure_storages_for(client, project_id, (todo[sid].path for sid in to_import), settings)
     for start in range(0, len(to_import), IMPORT_CHUNK):
         chunk = to_import[start : start + IMPORT_CHUNK]
+        request = cast(list[ImportApiRequest], [payloads[sid] for sid in chunk])  # the SDK sends dicts as they are
         response = client.projects.import_tasks(
-            project_id, request=[payloads[sid] for sid in chunk], return_task_ids=True, commit_to_project=True
+            project_id, request=request, return_task_ids=True, commit_to_project=True
         )
         task_ids = [int(t) for t in (getattr(response, "task_ids", None) or [])]
         if len(task_ids) != len(chunk):
@@ -222,7 +223,7 @@ def refresh_predictions(
     faults.point("refresh:after_delete")
     batch = list(requests.values())
     for start in range(0, len(batch), IMPORT_CHUNK):
-        chunk = batch[start : start + IMPORT_CHUNK]
+        chunk = cast(list[PredictionRequest], batch[start : start + IMPORT_CHUNK])  # the SDK sends dicts as they are
         created = getattr(client.projects.import_predictions(project_id, request=chunk), "created", None)
         if created != len(chunk):
             raise FlywheelError(

@@ -18,8 +18,10 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from flywheel.errors import DataError, FlywheelError
@@ -35,14 +37,22 @@ StepCallback = Callable[[str, int, int], None]
 class Split:
     """Dataset rows of one seed's training pool and test set, and the initial labelled pool positions."""
 
-    train: np.ndarray  # (n_train,) int64 dataset rows
-    test: np.ndarray  # (n_test,) int64 dataset rows
-    initial: np.ndarray  # (n_initial,) int64 positions into `train`
+    train: npt.NDArray[np.int64]  # (n_train,) dataset rows
+    test: npt.NDArray[np.int64]  # (n_test,) dataset rows
+    initial: npt.NDArray[np.int64]  # (n_initial,) positions into `train`
+
+
+class SeedCurve(TypedDict):
+    """One strategy on one seed (`run_curve`): test accuracies per budget, and each selection's description."""
+
+    accuracy: list[float]
+    balanced_accuracy: list[float]
+    descriptions: list[str]
 
 
 def stratified_split(
-    targets: np.ndarray, *, test_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    targets: npt.NDArray[np.integer[Any]], *, test_fraction: float, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Per class, round(test_fraction * n_c) rows go to test, but a class always keeps one training row.
 
     targets: (N,) int. Returns (train rows, test rows), each sorted.
@@ -56,7 +66,9 @@ def stratified_split(
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
 
 
-def initial_positions(train_targets: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+def initial_positions(
+    train_targets: npt.NDArray[np.integer[Any]], per_class: int, rng: np.random.Generator
+) -> npt.NDArray[np.int64]:
     """Up to `per_class` random positions of each class (a class with fewer rows gives all it has)."""
     picks = [
         rng.choice(
@@ -68,7 +80,7 @@ def initial_positions(train_targets: np.ndarray, per_class: int, rng: np.random.
 
 
 def make_split(
-    targets: np.ndarray, seed: int, *, initial_per_class: int, test_fraction: float = TEST_FRACTION
+    targets: npt.NDArray[np.integer[Any]], seed: int, *, initial_per_class: int, test_fraction: float = TEST_FRACTION
 ) -> Split:
     rng = np.random.default_rng([seed, 0])
     train, test = stratified_split(targets, test_fraction=test_fraction, rng=rng)
@@ -84,7 +96,7 @@ def budget_schedule(n_initial: int, *, batch_size: int, max_budget: int, n_train
     return budgets
 
 
-def balanced_accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+def balanced_accuracy(probs: npt.NDArray[np.floating[Any]], targets: npt.NDArray[np.integer[Any]]) -> float:
     """Mean per-class recall over the classes present in `targets` (sklearn's balanced accuracy)."""
     predicted = probs.argmax(axis=1)
     return float(np.mean([(predicted[targets == c] == c).mean() for c in np.unique(targets)]))
@@ -107,8 +119,8 @@ def resolve_strategies(strategies: Sequence[str] | Mapping[str, Strategy]) -> di
 
 
 def _check_inputs(
-    features: np.ndarray,
-    targets: np.ndarray,
+    features: npt.NDArray[np.floating[Any]],
+    targets: npt.NDArray[np.integer[Any]],
     classes: Sequence[str],
     initial_per_class: int,
     budget_per_class: int,
@@ -147,17 +159,17 @@ def _strategy_rng(seed: int, name: str) -> np.random.Generator:
 def run_curve(
     strategy: Strategy,
     name: str,
-    features: np.ndarray,
-    targets: np.ndarray,
+    features: npt.NDArray[np.floating[Any]],
+    targets: npt.NDArray[np.integer[Any]],
     split: Split,
     budgets: Sequence[int],
     *,
     n_classes: int,
     seed: int,
     l2: float,
-    train_features: np.ndarray | None = None,
+    train_features: npt.NDArray[np.floating[Any]] | None = None,
     on_step: StepCallback | None = None,
-) -> dict[str, list]:
+) -> SeedCurve:
     """One strategy, one seed: accuracy and balanced accuracy on the test split at each budget.
 
     `train_features` (= features[split.train]) may be passed so every strategy of a seed shares one array.
@@ -168,7 +180,7 @@ def run_curve(
     is_labelled = np.zeros(len(split.train), dtype=bool)
     is_labelled[labelled] = True
     rng = _strategy_rng(seed, name)
-    out: dict[str, list] = {"accuracy": [], "balanced_accuracy": [], "descriptions": []}
+    out: SeedCurve = {"accuracy": [], "balanced_accuracy": [], "descriptions": []}
     for step, budget in enumerate(budgets):
         if len(labelled) != budget:  # pragma: no cover - guarded by the selection checks below
             raise FlywheelError(f"{name}: {len(labelled)} labels at a budget of {budget}")
@@ -202,8 +214,8 @@ def run_curve(
 
 
 def simulate(
-    features: np.ndarray,
-    targets: np.ndarray,
+    features: npt.NDArray[np.floating[Any]],
+    targets: npt.NDArray[np.integer[Any]],
     classes: Sequence[str],
     *,
     strategies: Sequence[str] | Mapping[str, Strategy],
@@ -215,7 +227,7 @@ def simulate(
     dataset: str = "custom",
     test_fraction: float = TEST_FRACTION,
     on_step: StepCallback | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Learning curves of each strategy, mean and std over seeds, as the `flywheel simulate` report.
 
     features: (N, D) float32 embeddings; targets: (N,) int class index into `classes`.
@@ -242,7 +254,9 @@ def simulate(
     budgets = budget_schedule(
         len(first.initial), batch_size=batch_size, max_budget=n_classes * budget_per_class, n_train=len(first.train)
     )
-    full, curves, seconds = [], {name: [] for name in resolved}, dict.fromkeys(resolved, 0.0)
+    full: list[float] = []
+    curves: dict[str, list[SeedCurve]] = {name: [] for name in resolved}
+    seconds = dict.fromkeys(resolved, 0.0)
     with single_threaded_torch():
         for seed in seed_list:
             split = splits[seed]
@@ -285,8 +299,8 @@ def simulate(
 
 
 def summarize(
-    runs: Sequence[Mapping[str, list]], budgets: Sequence[int], full_accuracy: float, seconds: float = 0.0
-) -> dict:
+    runs: Sequence[SeedCurve], budgets: Sequence[int], full_accuracy: float, seconds: float = 0.0
+) -> dict[str, Any]:
     """Mean/std over seeds of per-seed curves, AULC (mean over budget points) and labels to 95% of full."""
     acc = np.array([r["accuracy"] for r in runs], dtype=np.float64)
     bal = np.array([r["balanced_accuracy"] for r in runs], dtype=np.float64)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.backbones import build_body, get_spec
 from flywheel.config import Settings
@@ -32,9 +34,9 @@ class Dataset:
 
     name: str
     paths: list[str]
-    targets: np.ndarray
+    targets: npt.NDArray[np.int64]
     classes: list[str]
-    features: np.ndarray | None = None
+    features: npt.NDArray[np.float32] | None = None
 
 
 def imbalanced_sizes(
@@ -45,7 +47,13 @@ def imbalanced_sizes(
     return [int(round(largest * ratio**i)) for i in range(n_classes)]
 
 
-def _write_pngs(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str]) -> Path:
+def _write_pngs(
+    root: Path,
+    images: npt.NDArray[np.uint8],
+    labels: npt.NDArray[np.integer[Any]],
+    classes: list[str],
+    names: list[str],
+) -> Path:
     """images: (N, H, W) uint8 -> root/<class>/<name>.png; idempotent (a `.complete` marker ends a tree)."""
     if (root / ".complete").exists():
         return root
@@ -99,7 +107,7 @@ def load_dataset(data: str, settings: Settings, *, pool_size: int = 5000) -> Dat
             raise DataError(f"--data {data}: not a folder and not one of the built-in sources: {', '.join(BUILTIN)}")
         name = root.resolve().name
     records, classes = read_image_folder(root)
-    index = {c: i for i, c in enumerate(classes)}
+    index: dict[str | None, int] = {c: i for i, c in enumerate(classes)}  # looked up by Record.label; all are set here
     return Dataset(
         name=name,
         paths=[r.path for r in records],

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,7 +20,7 @@ def experiment_name(dataset: str) -> str:
     return f"flywheel-simulate-{dataset}"
 
 
-def plot_curves(report: Mapping) -> Figure:
+def plot_curves(report: Mapping[str, Any]) -> Figure:
     """Accuracy vs labels, mean +- std band per strategy, and the full-label accuracy as a dashed line."""
     figure = Figure(figsize=(7, 4.5), dpi=110)  # no pyplot: no global state, works headless (Agg canvas)
     ax = figure.add_subplot()
@@ -46,12 +47,12 @@ def save_plot(figure: Figure, path: Path) -> None:
     figure.savefig(path)
 
 
-def write_report(report: Mapping, path: Path) -> None:
+def write_report(report: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def log_runs(client: MlflowClient, report: Mapping, figure: Figure, *, backbone: str) -> dict[str, str]:
+def log_runs(client: MlflowClient, report: Mapping[str, Any], figure: Figure, *, backbone: str) -> dict[str, str]:
     """One run per strategy in experiment flywheel-simulate-<dataset>; returns {strategy: run_id}.
 
     Metrics per budget step (step = number of labels), the summary numbers, and the plot as an artifact.

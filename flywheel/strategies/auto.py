@@ -21,8 +21,10 @@ Fashion-MNIST, imbalanced Fashion-MNIST); on seeds 3-8, AULC 83.4 / 73.6 / 68.9 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.strategies.balanced import balanced_picks
 from flywheel.strategies.base import PoolView, Selection, check_request
@@ -36,7 +38,7 @@ IMBALANCE_RATIO = 3.0  # most / fewest labels per class at or above which class 
 BALANCED_SHARE = 0.5  # share of the batch dealt to the fewest-labelled classes when the counts are uneven
 
 
-def _rest(pool: PoolView, taken: np.ndarray) -> PoolView:
+def _rest(pool: PoolView, taken: npt.NDArray[np.integer[Any]]) -> PoolView:
     """The same pool with the candidates at indices `taken` removed."""
     keep = np.ones(len(pool.candidates), dtype=bool)
     keep[taken] = False
@@ -58,16 +60,16 @@ def auto(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     if pool.probs is None:
         why = f"no model yet ({n_labels} labels)"
         return _cold(geometry, n, rng, why)
+    assert n_classes is not None  # probs are given, so the class count is known
     per_class = n_labels / n_classes
     budget = f"{n_labels} labels for {n_classes} classes ({per_class:.1f}/class"
     if per_class < LOW_BUDGET_PER_CLASS:
         return _cold(geometry, n, rng, f"{budget} < {LOW_BUDGET_PER_CLASS:g})")
 
     counts = pool.labelled_counts()
-    uneven = counts is not None and counts.max() >= IMBALANCE_RATIO * max(counts.min(), 1)
     parts_pos, parts_score, notes = [], [], []
     rest = geometry
-    if uneven:
+    if counts is not None and counts.max() >= IMBALANCE_RATIO * max(counts.min(), 1):  # uneven label counts
         k = min(n, math.ceil(BALANCED_SHARE * n))
         chosen, scores, quota, _ = balanced_picks(pool, k, rng, scorer="margin", name="auto", level=True)
         parts_pos.append(pool.candidates[chosen])

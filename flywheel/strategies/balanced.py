@@ -8,14 +8,19 @@ with the fewest labels, and inside each class the most uncertain candidates are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.strategies.base import PoolView, Selection, check_request, ranked, require_probs
 from flywheel.strategies.dedup import distinct_top
 from flywheel.strategies.uncertainty import SCORERS
 
 
-def class_quotas(available: np.ndarray, order: np.ndarray, n: int) -> np.ndarray:
+def class_quotas(
+    available: npt.NDArray[np.integer[Any]], order: npt.NDArray[np.integer[Any]], n: int
+) -> npt.NDArray[np.int64]:
     """Deal n picks one at a time over classes in `order` (round-robin), skipping a class once it has no
     candidates left. available: (C,) candidates per class. Returns (C,) picks per class, summing to n."""
     quota = np.zeros(len(available), dtype=np.int64)
@@ -32,7 +37,12 @@ def class_quotas(available: np.ndarray, order: np.ndarray, n: int) -> np.ndarray
     return quota
 
 
-def levelling_quotas(labelled: np.ndarray, available: np.ndarray, n: int, tie: np.ndarray) -> np.ndarray:
+def levelling_quotas(
+    labelled: npt.NDArray[np.integer[Any]],
+    available: npt.NDArray[np.integer[Any]],
+    n: int,
+    tie: npt.NDArray[np.floating[Any]],
+) -> npt.NDArray[np.int64]:
     """Deal n picks one at a time, each to the class with the fewest labels counting the picks dealt so far
     (ties by `tie`), skipping a class once it has no candidates left: the counts move towards level instead
     of each class getting the same share. labelled, available, tie: (C,). Returns (C,) picks per class."""
@@ -51,7 +61,7 @@ def balanced_picks(
     scorer: str = "margin",
     name: str = "balanced_margin",
     level: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.floating[Any]], npt.NDArray[np.int64], int]:
     """(indices into candidates in round-robin order, scores, picks per class, near-duplicates skipped).
     level: quotas from `levelling_quotas` (the fewest-labelled classes get more) instead of equal shares."""
     probs = require_probs(pool, name)
@@ -66,7 +76,7 @@ def balanced_picks(
     order = np.lexsort((tie, labelled))  # fewest labels first, ties at random
     available = np.bincount(predicted, minlength=n_classes)
     quota = levelling_quotas(labelled, available, n, tie) if level else class_quotas(available, order, n)
-    per_class: list[np.ndarray] = []
+    per_class: list[npt.NDArray[np.integer[Any]]] = []
     dropped = 0
     for c in order:
         members = np.flatnonzero(predicted == c)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.errors import FlywheelError, PoolExhaustedError
 
@@ -25,11 +27,11 @@ class PoolView:
     labelled_targets: (L,) int class index of each entry of `labelled`, or None when unknown.
     """
 
-    candidates: np.ndarray
-    labelled: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    probs: np.ndarray | None = None
-    embeddings: np.ndarray | None = None
-    labelled_targets: np.ndarray | None = None
+    candidates: npt.NDArray[np.integer[Any]]
+    labelled: npt.NDArray[np.integer[Any]] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    probs: npt.NDArray[np.floating[Any]] | None = None
+    embeddings: npt.NDArray[np.floating[Any]] | None = None
+    labelled_targets: npt.NDArray[np.integer[Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.ndim != 2:
@@ -59,7 +61,7 @@ class PoolView:
             return int(self.labelled_targets.max()) + 1
         return None
 
-    def labelled_counts(self) -> np.ndarray | None:
+    def labelled_counts(self) -> npt.NDArray[np.int64] | None:
         """(C,) labels per class from labelled_targets, or None when the targets (or C) are unknown."""
         n_classes = self.n_classes
         if self.labelled_targets is None or n_classes is None:
@@ -71,8 +73,8 @@ class PoolView:
 class Selection:
     """positions: most informative first; scores: the strategy's score for each (higher = more wanted)."""
 
-    positions: np.ndarray
-    scores: np.ndarray
+    positions: npt.NDArray[np.integer[Any]]
+    scores: npt.NDArray[np.floating[Any]]
     strategy: str
     description: str
 
@@ -90,21 +92,23 @@ def check_request(pool: PoolView, n: int) -> None:
 
 def require_probs(
     pool: PoolView, strategy: str, instead: str = "'random', or 'typiclust' with embeddings"
-) -> np.ndarray:
+) -> npt.NDArray[np.floating[Any]]:
     """pool.probs, or a FlywheelError naming the missing input and what to use instead."""
     if pool.probs is None:
         raise FlywheelError(f"{strategy} needs model probabilities (PoolView.probs); for the cold start use {instead}")
     return pool.probs
 
 
-def require_embeddings(pool: PoolView, strategy: str, instead: str = "'margin' or 'random'") -> np.ndarray:
+def require_embeddings(
+    pool: PoolView, strategy: str, instead: str = "'margin' or 'random'"
+) -> npt.NDArray[np.floating[Any]]:
     """pool.embeddings, or a FlywheelError naming the missing input and what to use instead."""
     if pool.embeddings is None:
         raise FlywheelError(f"{strategy} needs embeddings (PoolView.embeddings); without them use {instead}")
     return pool.embeddings
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """A float32 copy with L2-normalised rows (zero rows stay zero): cosine geometry for every strategy."""
     out = np.array(x, dtype=np.float32, copy=True)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -117,13 +121,16 @@ def seed_from(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2**31 - 1))
 
 
-def top_k(pool: PoolView, scores: np.ndarray, n: int, *, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def top_k(
+    pool: PoolView, scores: npt.NDArray[np.floating[Any]], n: int, *, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.floating[Any]]]:
     """Candidates with the n highest scores; ties broken at random (seeded), so equal scores are fair."""
     order = ranked(scores, rng=rng)[:n]
     return pool.candidates[order].astype(np.int64), scores[order]
 
 
-def ranked(scores: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
+def ranked(scores: npt.NDArray[np.floating[Any]], *, rng: np.random.Generator) -> npt.NDArray[np.intp]:
     """Indices of `scores`, highest first, ties broken at random (seeded)."""
     tiebreak = rng.random(len(scores))
-    return np.lexsort((tiebreak, -scores))
+    order: npt.NDArray[np.intp] = np.lexsort((tiebreak, -scores))  # numpy types lexsort's result as Any
+    return order

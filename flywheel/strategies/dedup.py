@@ -8,9 +8,11 @@ come from a small similarity matrix, or from a FAISS range search when the short
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.strategies.base import PoolView, unit_rows
 
@@ -27,7 +29,7 @@ _MATRIX_LIMIT = 2048
 class Distinct:
     """order: indices into the ranking kept (n of them); dropped: how many better-ranked were duplicates."""
 
-    order: np.ndarray
+    order: npt.NDArray[np.integer[Any]]
     dropped: int
 
     def note(self) -> str:
@@ -37,7 +39,7 @@ class Distinct:
         return f"; skipped {self.dropped} near-duplicate(s) (cosine > {DUPLICATE_COSINE}) of better-ranked picks"
 
 
-def _neighbours(x: np.ndarray, threshold: float) -> list[np.ndarray]:
+def _neighbours(x: npt.NDArray[np.float32], threshold: float) -> list[npt.NDArray[np.integer[Any]]]:
     """For each unit row, the other rows whose cosine similarity exceeds threshold."""
     if len(x) <= _MATRIX_LIMIT:
         close = x @ x.T > threshold
@@ -50,7 +52,9 @@ def _neighbours(x: np.ndarray, threshold: float) -> list[np.ndarray]:
     return [ids[lims[i] : lims[i + 1]][ids[lims[i] : lims[i + 1]] != i] for i in range(len(x))]
 
 
-def distinct_top(pool: PoolView, ranking: np.ndarray, n: int, *, threshold: float = DUPLICATE_COSINE) -> Distinct:
+def distinct_top(
+    pool: PoolView, ranking: npt.NDArray[np.integer[Any]], n: int, *, threshold: float = DUPLICATE_COSINE
+) -> Distinct:
     """The first n of `ranking` (indices into pool.candidates, best first) with near-duplicates skipped.
 
     Without embeddings nothing can be compared, and the first n are returned as they are. If the whole

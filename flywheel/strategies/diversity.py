@@ -7,8 +7,11 @@ class (Hacohen et al. 2022, Yehuda et al. 2022).
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
+import numpy.typing as npt
 from scipy import sparse
 
 from flywheel.strategies.base import (
@@ -24,14 +27,23 @@ from flywheel.strategies.base import (
 _CHUNK = 65536  # rows per block when streaming distances over a large pool (65536 x 512 float32 = 128 MB)
 
 
-def _sq_dists(x: np.ndarray, x_sq: np.ndarray, c: np.ndarray) -> np.ndarray:
+def _sq_dists(
+    x: npt.NDArray[np.float32], x_sq: npt.NDArray[np.float32], c: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
     """Squared Euclidean distances (N, K) between rows of x (with |x|^2 given) and rows of c."""
-    return np.maximum(x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(axis=1)[None, :], 0.0)
+    d2: npt.NDArray[np.float32] = np.maximum(x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(axis=1)[None, :], 0.0)
+    return d2
 
 
 def kmeans(
-    x: np.ndarray, k: int, *, rng: np.random.Generator, restarts: int = 3, niter: int = 20, per_centroid: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
+    x: npt.NDArray[np.floating[Any]],
+    k: int,
+    *,
+    rng: np.random.Generator,
+    restarts: int = 3,
+    niter: int = 20,
+    per_centroid: int = 256,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """k-means, best of `restarts` (k-means++ seeding, then Lloyd): x (N, D) -> (centroids (k, D) float32,
     assignment (N,) int64). k is capped at N. Trained on at most `per_centroid` * k rows drawn with rng;
     every row is assigned. Plain numpy: the matrix products go to BLAS, faster than FAISS's k-means here.
@@ -48,7 +60,9 @@ def kmeans(
     return centroids, assignment.astype(np.int64)
 
 
-def _lloyd(train: np.ndarray, k: int, rng: np.random.Generator, niter: int) -> tuple[np.ndarray, float]:
+def _lloyd(
+    train: npt.NDArray[np.float32], k: int, rng: np.random.Generator, niter: int
+) -> tuple[npt.NDArray[np.float32], float]:
     """One k-means run: (centroids, sum of squared distances to them)."""
     train_sq = (train * train).sum(axis=1)
     centroids = np.empty((k, train.shape[1]), dtype=np.float32)
@@ -80,7 +94,9 @@ def _lloyd(train: np.ndarray, k: int, rng: np.random.Generator, niter: int) -> t
     return centroids, inertia
 
 
-def _rows(embeddings: np.ndarray, positions: np.ndarray, start: int, stop: int) -> np.ndarray:
+def _rows(
+    embeddings: npt.NDArray[np.floating[Any]], positions: npt.NDArray[np.integer[Any]], start: int, stop: int
+) -> npt.NDArray[np.float32]:
     """embeddings[positions[start:stop]] as float32, without a copy when the positions are a plain range."""
     block = positions[start:stop]
     if len(block) and block[-1] - block[0] == len(block) - 1 and (np.diff(block) == 1).all():
@@ -89,7 +105,11 @@ def _rows(embeddings: np.ndarray, positions: np.ndarray, start: int, stop: int) 
 
 
 def _update_nearest(
-    embeddings: np.ndarray, positions: np.ndarray, inv_norms: np.ndarray, centers: np.ndarray, best: np.ndarray
+    embeddings: npt.NDArray[np.floating[Any]],
+    positions: npt.NDArray[np.integer[Any]],
+    inv_norms: npt.NDArray[np.float32],
+    centers: npt.NDArray[np.float32],
+    best: npt.NDArray[np.float32],
 ) -> None:
     """best[i] = max(best[i], cosine(row i, any of centers)); centers are unit rows. Streams in blocks."""
     for start in range(0, len(positions), _CHUNK):
@@ -98,17 +118,23 @@ def _update_nearest(
         np.maximum(best[start:stop], sims.max(axis=1) * inv_norms[start:stop], out=best[start:stop])
 
 
-def _chord(similarity: np.ndarray | float) -> np.ndarray:
+def _chord(similarity: npt.NDArray[np.floating[Any]] | float) -> npt.NDArray[np.float64]:
     """Euclidean distance between unit vectors from their cosine similarity."""
-    return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.asarray(similarity, dtype=np.float64)))
+    chord: npt.NDArray[np.float64] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.asarray(similarity, dtype=np.float64)))
+    return chord
 
 
 # ------------------------------------------------------------------------------------------------ k-center
 
 
 def kcenter_greedy(
-    embeddings: np.ndarray, candidates: np.ndarray, labelled: np.ndarray, n: int, *, shortlist: int = 8192
-) -> tuple[np.ndarray, np.ndarray]:
+    embeddings: npt.NDArray[np.floating[Any]],
+    candidates: npt.NDArray[np.integer[Any]],
+    labelled: npt.NDArray[np.integer[Any]],
+    n: int,
+    *,
+    shortlist: int = 8192,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Greedy k-center (core-set) in cosine geometry: (indices into candidates, max-min distance at pick).
 
     Each pick is the candidate farthest from its nearest centre (labelled points and earlier picks).
@@ -192,7 +218,7 @@ TYPICLUST_MIN_CLUSTER = 5  # once all clusters hold a label, ones smaller than t
 # else is left
 
 
-def typicality(x: np.ndarray, k: int = TYPICLUST_NEIGHBOURS) -> np.ndarray:
+def typicality(x: npt.NDArray[np.floating[Any]], k: int = TYPICLUST_NEIGHBOURS) -> npt.NDArray[np.floating[Any]]:
     """1 / mean Euclidean distance to the k nearest other rows of x (N, D); a lone row gets 1."""
     if len(x) < 2:
         return np.ones(len(x))
@@ -200,10 +226,13 @@ def typicality(x: np.ndarray, k: int = TYPICLUST_NEIGHBOURS) -> np.ndarray:
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(np.ascontiguousarray(x, dtype=np.float32))
     squared, _ = index.search(np.ascontiguousarray(x, dtype=np.float32), k + 1)  # first hit is the row itself
-    return 1.0 / (np.sqrt(np.maximum(squared[:, 1:], 0.0)).mean(axis=1) + 1e-8)
+    mean_distance: npt.NDArray[np.float32] = np.sqrt(np.maximum(squared[:, 1:], 0.0)).mean(axis=1)
+    return 1.0 / (mean_distance + 1e-8)
 
 
-def typiclust_picks(pool: PoolView, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+def typiclust_picks(
+    pool: PoolView, n: int, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], int]:
     """(indices into candidates, typicality of each, number of clusters). See `typiclust`."""
     embeddings = require_embeddings(pool, "typiclust", instead="'random'")
     positions = np.union1d(pool.candidates, pool.labelled).astype(np.int64)
@@ -215,7 +244,7 @@ def typiclust_picks(pool: PoolView, n: int, rng: np.random.Generator) -> tuple[n
     covered = np.bincount(assignment[is_labelled], minlength=k)
     candidate_at = {int(p): i for i, p in enumerate(pool.candidates)}
     members = [np.flatnonzero(assignment == c) for c in range(k)]
-    typical: dict[int, np.ndarray] = {}
+    typical: dict[int, npt.NDArray[np.floating[Any]]] = {}
     available = np.array([(~is_labelled[mem]).sum() for mem in members])
     tiebreak = rng.random(k)
     picks, scores = [], []
@@ -266,7 +295,7 @@ PROBCOVER_DEFAULT_CLUSTERS = 10  # k-means clusters for the purity test when the
 _PURITY_SAMPLE = 2000  # points whose nearest other-cluster distance sets the radius
 
 
-def probcover_radius(x: np.ndarray, n_clusters: int, rng: np.random.Generator) -> float:
+def probcover_radius(x: npt.NDArray[np.float32], n_clusters: int, rng: np.random.Generator) -> float:
     """Largest ball radius delta at which >= PROBCOVER_PURITY of balls hold points of one k-means cluster only.
 
     A ball around point i is pure while delta < r_i, its distance to the nearest point of another cluster,

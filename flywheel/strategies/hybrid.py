@@ -6,7 +6,10 @@ model already knows. Both strategies here take the uncertain part of the pool an
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.strategies.base import (
     PoolView,
@@ -27,7 +30,7 @@ HYBRID_SHORTLIST = 10  # the shortlist holds this many times n of the most uncer
 
 def hybrid_picks(
     pool: PoolView, n: int, rng: np.random.Generator, *, shortlist: int = HYBRID_SHORTLIST
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.floating[Any]], int]:
     """(indices into candidates, margin score of each, shortlist size). See `hybrid`."""
     probs = require_probs(pool, "hybrid")
     embeddings = require_embeddings(pool, "hybrid", instead="'margin' or 'falcun' (probabilities only)")
@@ -74,19 +77,20 @@ def falcun_picks(
     *,
     gamma: float = FALCUN_GAMMA,
     shortlist: int = FALCUN_SHORTLIST,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], int]:
     """(indices into candidates, relevance (u + d) at pick time, candidates considered). See `falcun`."""
     probs = require_probs(pool, "falcun")
     p = probs[pool.candidates].astype(np.float64)
     unc = margin_scores(p)
-    considered = np.arange(len(p))
+    considered: npt.NDArray[np.intp] = np.arange(len(p))
     if len(p) > max(shortlist, n):
         considered = ranked(unc, rng=rng)[: max(shortlist, n)]
     p, u = p[considered], unc[considered]
     nearest = np.full(len(p), np.inf)  # L1 distance in probability space to the nearest pick
-    dist = np.zeros(len(p))
+    dist: npt.NDArray[np.float64] = np.zeros(len(p))
     taken = np.zeros(len(p), dtype=bool)
-    picks, scores = [], []
+    picks: list[int] = []
+    scores: list[float] = []
     for _ in range(n):
         if picks:
             nearest = np.minimum(nearest, np.abs(p - p[picks[-1]]).sum(axis=1))

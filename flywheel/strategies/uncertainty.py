@@ -6,18 +6,22 @@ within the batch skipped when embeddings are present (uncertain images come in l
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from flywheel.strategies.base import PoolView, Selection, check_request, ranked, require_probs
 from flywheel.strategies.dedup import distinct_top
 
 
-def least_confidence_scores(probs: np.ndarray) -> np.ndarray:
+def least_confidence_scores(probs: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
     """1 - max_c p(c) per row. probs: (N, C), rows sum to 1."""
-    return 1.0 - probs.max(axis=1)
+    top: npt.NDArray[np.floating[Any]] = probs.max(axis=1)
+    return 1.0 - top
 
 
-def margin_scores(probs: np.ndarray) -> np.ndarray:
+def margin_scores(probs: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
     """1 - (p(top class) - p(runner-up)) per row: 1 at a tie, 0 when certain. probs: (N, C), C >= 2."""
     if probs.shape[1] < 2:
         return np.zeros(len(probs))
@@ -25,10 +29,11 @@ def margin_scores(probs: np.ndarray) -> np.ndarray:
     return 1.0 - (top2[:, 0] - top2[:, 1])
 
 
-def entropy_scores(probs: np.ndarray) -> np.ndarray:
+def entropy_scores(probs: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
     """Shannon entropy per row (nats). probs: (N, C), rows sum to 1."""
     clipped = np.clip(probs, 1e-12, 1.0)
-    return -(probs * np.log(clipped)).sum(axis=1)
+    plogp: npt.NDArray[np.floating[Any]] = (probs * np.log(clipped)).sum(axis=1)
+    return -plogp
 
 
 SCORERS = {"least_confidence": least_confidence_scores, "margin": margin_scores, "entropy": entropy_scores}

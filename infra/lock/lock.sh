@@ -25,9 +25,11 @@ compile() {
 	local lock="$1"
 	shift
 	cp "$LOCKS/$lock" "$before/$lock" 2>/dev/null || : >"$before/$lock"
-	[ "$out" = "$LOCKS" ] || cp "$before/$lock" "$out/$lock"
+	cp "$before/$lock" "$before/new-$lock" # the old pins are uv's preferences
 	"$UV" pip compile --quiet --universal --python-version 3.11 --generate-hashes \
-		--custom-compile-command "make lock" "${upgrade[@]}" -o "$out/$lock" "$@"
+		--custom-compile-command "make lock" "${upgrade[@]}" -o "$before/new-$lock" "$@"
+	# rewritten only when it changed: its date decides what `make setup` reinstalls
+	cmp -s "$before/new-$lock" "$out/$lock" 2>/dev/null || cp "$before/new-$lock" "$out/$lock"
 	local changes
 	changes="$({ diff <(pins "$before/$lock") <(pins "$out/$lock") || :; } | { grep -E '^[<>]' || :; } |
 		awk '{ split($2, p, "=="); if ($1 == "<") old[p[1]] = p[2]; else new[p[1]] = p[2] }

@@ -62,7 +62,7 @@ def test_small_demo_accuracy_rises_and_everything_is_traceable(tmp_path: Path, s
     settings = settings_for(workspace, project=env["FLYWHEEL_PROJECT"])
     mlflow_client = tracking.connect(settings)
     versions = mlflow_client.search_model_versions(f"name='{settings.registered_model_name}'")
-    kinds = sorted(v.tags.get("kind") for v in versions)
+    kinds = sorted(str(v.tags.get("kind")) for v in versions)
     assert kinds == ["finetune", "head", "head", "head"]  # every head and the fine-tune are versions
     assert summary["champion"] in {v.version for v in versions}
 

@@ -14,5 +14,6 @@ def labelled_catalog(settings: Settings, *, pool_size: int = 200, test_size: int
     truth = catalog.truth_of(int(s.id) for s in catalog.samples())
     with catalog.transaction() as session:
         for sample_id, label in truth.items():
+            assert label is not None  # Fashion-MNIST samples all have their truth
             catalog.upsert_label(session, sample_id=sample_id, label=label, annotator="test", ls_annotation_id=None)
     return catalog

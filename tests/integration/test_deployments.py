@@ -11,25 +11,33 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import pytest
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     TaskRunFilter,
     TaskRunFilterFlowRunId,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import Artifact, FlowRun, State, StateType, TaskRun
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.deployments import run_deployment
-from prefect.events import emit_event
+from prefect.events import EventTrigger, emit_event
 from prefect.exceptions import ObjectNotFound
+from pydantic_core import to_jsonable_python
 
 from flows import deploy, served, worker
-from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, project_resource_id
+from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, project_resource_id, project_slot, synchronously
+from flywheel import features, loop, tracking
 from flywheel.catalog import TEST, Catalog
 from flywheel.config import Settings, load_settings
 from flywheel.data import import_source, materialize_fashion_mnist
@@ -100,23 +108,48 @@ def served_project(tmp_path_factory: pytest.TempPathFactory, services: Settings)
             client.delete_work_pool(settings.prefect.work_pool)
 
 
+class _Restarting(BaseHTTPRequestHandler):
+    """A server that answers every request 503, as one that is starting up does: worth retrying."""
+
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
 @pytest.fixture(scope="module")
-def background_runs(served_project: Settings) -> dict:
+def background_runs(served_project: Settings) -> Iterator[dict[str, Any]]:
     """Runs started as soon as the worker is up, so their process start-up (~15 s each on 2 busy cores)
-    overlaps the fine-tune test: one whose Label Studio port refuses connections, one with a bad override,
-    and the sync an annotation event (as the webhook receiver sends them) starts."""
+    overlaps the fine-tune test: one whose Label Studio answers 503 (retried), one whose port refuses
+    connections (not retried), one with a bad override, and the sync an annotation event (as the webhook
+    receiver sends them) starts."""
     with socket.socket() as sock:  # a port nothing listens on: connections are refused
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
+    restarting = ThreadingHTTPServer(("127.0.0.1", 0), _Restarting)
+    threading.Thread(target=restarting.serve_forever, daemon=True).start()
     name = deploy.full_name("simulate", served_project)
-    refused = run_deployment(name, parameters={"overrides": {"label_studio": {"port": closed_port}}}, timeout=0)
-    invalid = run_deployment(name, parameters={"overrides": {"k_per_round": 0}}, timeout=0)
+
+    def start(overrides: dict[str, Any]) -> UUID:
+        return synchronously(run_deployment(name, parameters={"overrides": overrides}, timeout=0)).id
+
+    runs = {
+        "refused": start({"label_studio": {"port": closed_port}}),
+        "closed_port": closed_port,
+        "restarting": start({"label_studio": {"port": restarting.server_address[1]}}),
+        "invalid": start({"k_per_round": 0}),
+    }
     emit_event(
         "flywheel.annotation.created",
         resource={"prefect.resource.id": project_resource_id(served_project.project)},
         payload={"action": "created", "annotation_id": 1},
     )
-    return {"refused": refused.id, "closed_port": closed_port, "invalid": invalid.id}
+    yield runs
+    with get_client(sync_client=True) as client:  # its run must be over before the server goes
+        served.wait_final(client, runs["restarting"], timeout=RUN_TIMEOUT)
+    restarting.shutdown()
 
 
 def _emit_threshold(settings: Settings, n_labels: int) -> None:
@@ -127,7 +160,13 @@ def _emit_threshold(settings: Settings, n_labels: int) -> None:
     )
 
 
-def _wait(predicate, timeout: float, what: str):
+def _final(run: FlowRun) -> State[Any]:
+    """A finished run's state (wait_final returns only runs that have one)."""
+    assert run.state is not None
+    return run.state
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while (value := predicate()) in (None, [], False):
         if time.monotonic() > deadline:
@@ -136,17 +175,29 @@ def _wait(predicate, timeout: float, what: str):
     return value
 
 
-def _task_runs(client, flow_run_id):
+def _task_runs(client: SyncPrefectClient, flow_run_id: UUID) -> list[TaskRun]:
     return client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
 
 
-def _artifacts(client, flow_run_id) -> dict:
+def _artifacts(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, Artifact]:
     by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
     found = client.read_artifacts(artifact_filter=by_run)
-    return {a.key: a for a in found}
+    return {a.key: a for a in found if a.key}
 
 
-def test_deployments_exist_with_their_schedules_triggers_and_limits(served_project: Settings, background_runs):
+def _markdown(artifact: Artifact) -> str:
+    assert isinstance(artifact.data, str), artifact
+    return artifact.data
+
+
+def _run_id(state: State[Any]) -> UUID:
+    assert state.state_details.flow_run_id is not None
+    return state.state_details.flow_run_id
+
+
+def test_deployments_exist_with_their_schedules_triggers_and_limits(
+    served_project: Settings, background_runs: dict[str, Any]
+):
     settings = served_project
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool(settings.prefect.work_pool)
@@ -160,24 +211,26 @@ def test_deployments_exist_with_their_schedules_triggers_and_limits(served_proje
         project_limit = client.read_global_concurrency_limit_by_name(f"flywheel-{settings.project}")
 
     round_, sync = found["round"], found["sync"]
-    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in round_.schedules] == [
-        ("17 3 * * 1", "Europe/Paris", True)
-    ]
-    assert [s.schedule.interval for s in sync.schedules] == [timedelta(seconds=600)]
+    [round_schedule] = round_.schedules
+    assert isinstance(round_schedule.schedule, CronSchedule) and round_schedule.active
+    assert (round_schedule.schedule.cron, round_schedule.schedule.timezone) == ("17 3 * * 1", "Europe/Paris")
+    [sync_schedule] = [s.schedule for s in sync.schedules]
+    assert isinstance(sync_schedule, IntervalSchedule) and sync_schedule.interval == timedelta(seconds=600)
     assert sync.parameters == {"finetune_when_due": False}  # the trigger below runs the fine-tune, not sync
     assert {kind for kind, d in found.items() if d.schedules} == {"round", "sync"}
     assert {kind for kind, a in automations.items() if a} == {"sync", "finetune"}
+    on_project = {"prefect.resource.id": project_resource_id(settings.project)}
     [sync_trigger] = [a.trigger for a in automations["sync"]]
-    assert sync_trigger.expect == set(ANNOTATION_EVENTS)
-    assert sync_trigger.match.model_dump() == {"prefect.resource.id": project_resource_id(settings.project)}
+    assert isinstance(sync_trigger, EventTrigger) and sync_trigger.expect == set(ANNOTATION_EVENTS)
+    assert to_jsonable_python(sync_trigger.match) == on_project
     [finetune_trigger] = [a.trigger for a in automations["finetune"]]
-    assert finetune_trigger.expect == {THRESHOLD_REACHED} and finetune_trigger.threshold == 1
-    assert finetune_trigger.match.model_dump() == {"prefect.resource.id": project_resource_id(settings.project)}
+    assert isinstance(finetune_trigger, EventTrigger) and finetune_trigger.expect == {THRESHOLD_REACHED}
+    assert finetune_trigger.threshold == 1 and to_jsonable_python(finetune_trigger.match) == on_project
 
     limits = {
         kind: (d.global_concurrency_limit.limit, d.concurrency_options.collision_strategy.value)
         for kind, d in found.items()
-        if d.global_concurrency_limit
+        if d.global_concurrency_limit and d.concurrency_options
     }
     assert limits == {
         "round": (1, "ENQUEUE"),
@@ -214,50 +267,82 @@ def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap
         done = served.wait_final(client, first[0].id, timeout=RUN_TIMEOUT)
         runs = served.deployment_runs(client, settings, "finetune")
         second_states = [s.type for s in client.read_flow_run_states(second.id)]
-        report = _artifacts(client, done.id)[f"{settings.project}-finetune-report"].data
+        report = _markdown(_artifacts(client, done.id)[f"{settings.project}-finetune-report"])
 
-    assert done.state.type == StateType.COMPLETED, done.state.message
-    assert second.created < done.end_time  # the second event's run came while the first one ran ...
-    assert second.state.type == StateType.CANCELLED and StateType.RUNNING not in second_states  # ... and never ran
-    assert len(runs) == 2 and sum(r.state.type == StateType.COMPLETED for r in runs) == 1
-    assert all(r.created >= began for r in runs)
+    assert _final(done).type == StateType.COMPLETED, _final(done).message
+    assert second.created and done.end_time and second.created < done.end_time  # it came while the first ran ...
+    assert _final(second).type == StateType.CANCELLED and StateType.RUNNING not in second_states  # ... never ran
+    assert len(runs) == 2 and sum(r.state_type == StateType.COMPLETED for r in runs) == 1
+    assert all(r.created and r.created >= began for r in runs)
     assert "depth: **head**" in report and "learning rates" in report and "[MLflow run](http" in report
     assert "promoted" in report  # promoted or not, and why
     # a promotion refreshes the open tasks' predictions in the same run (this project has no open task)
     assert "**not promoted**" in report or "open Label Studio tasks now pre-annotated by it: 0 changed" in report
 
 
-def test_a_failing_network_task_is_retried_with_backoff(served_project: Settings, background_runs: dict):
-    closed_port = background_runs["closed_port"]
+def test_bootstrap_deployment_reads_a_promoted_finetune_from_the_configured_mlflow(served_project: Settings):
+    """The worker's fresh process loads the champion's fine-tuned body before anything there connected to MLflow:
+    it must still read the configured server (MLflow's own default is a SQLite file in the working directory)."""
+    settings, catalog = served_project, Catalog(served_project.catalog_url)
+    client = tracking.connect(settings)
+    with project_slot(settings):  # the worker's runs take turns with this one
+        finetuned = loop.run_finetune(settings, catalog, client, progress=False)
+        loop.promote(settings, catalog, client, finetuned.model_version, progress=False)
+    assert tracking.champion_version(client, settings) == finetuned.model_version
+    assert features.body_version(settings, catalog) == finetuned.model_version  # the pool reads its body now
+    stray = worker.REPO / "mlflow.db"
+    stray_before = stray.stat().st_mtime if stray.exists() else None
+    with get_client(sync_client=True) as prefect:
+        started = synchronously(run_deployment(deploy.full_name("bootstrap", settings), timeout=0))
+        run = served.wait_final(prefect, started.id, timeout=RUN_TIMEOUT)
+    assert _final(run).type == StateType.COMPLETED, _final(run).message
+    assert (stray.stat().st_mtime if stray.exists() else None) == stray_before  # no local store was touched
+
+
+def _connect_states(client: SyncPrefectClient, flow_run_id: UUID) -> tuple[TaskRun, list[str]]:
+    [connect] = [t for t in _task_runs(client, flow_run_id) if t.task_key.startswith("connect_label_studio")]
+    return connect, [str(s.name) for s in client.read_task_run_states(connect.id)]
+
+
+def test_a_server_that_answers_503_is_retried_with_backoff(served_project: Settings, background_runs: dict[str, Any]):
     with get_client(sync_client=True) as client:
-        run = served.wait_final(client, background_runs["refused"], timeout=RUN_TIMEOUT)
-        [connect] = [t for t in _task_runs(client, run.id) if t.task_key.startswith("connect_label_studio")]
-        states = client.read_task_run_states(connect.id)
-    assert run.state.type == StateType.FAILED
-    assert f"127.0.0.1:{closed_port}" in (connect.state.message or "") + str(run.state.message)
-    names = [s.name for s in states]
+        run = served.wait_final(client, background_runs["restarting"], timeout=RUN_TIMEOUT)
+        connect, names = _connect_states(client, run.id)
+        retries = [s for s in client.read_task_run_states(connect.id) if s.name == "AwaitingRetry"]
+    assert _final(run).type == StateType.FAILED
+    assert "GET /health answered HTTP 503" in str(_final(run).message) + str(connect.state and connect.state.message)
     assert names.count("AwaitingRetry") == 2 and names.count("Retrying") == 2  # settings: task_retries=2
-    assert [s.type for s in states].count(StateType.RUNNING) == 3  # three attempts
-    assert connect.run_count == 3
-    retries = [s for s in states if s.name == "AwaitingRetry"]
-    waits = [(r.state_details.scheduled_time - r.timestamp).total_seconds() for r in retries]
+    assert connect.run_count == 3  # three attempts
+    waits = [r.state_details.scheduled_time.timestamp() - r.timestamp.timestamp() for r in retries
+             if r.state_details.scheduled_time]  # fmt: skip
     assert waits[1] > waits[0] > 0.3  # 0.5 s then 1 s, +-20% jitter
 
 
-def test_a_bad_parameter_fails_the_run_at_once_with_a_clear_message(served_project: Settings, background_runs: dict):
+def test_a_port_that_refuses_connections_fails_at_once(served_project: Settings, background_runs: dict[str, Any]):
+    with get_client(sync_client=True) as client:
+        run = served.wait_final(client, background_runs["refused"], timeout=RUN_TIMEOUT)
+        connect, names = _connect_states(client, run.id)
+    assert _final(run).type == StateType.FAILED
+    assert f"127.0.0.1:{background_runs['closed_port']}" in str(connect.state and connect.state.message)
+    assert connect.run_count == 1 and "AwaitingRetry" not in names  # a retry could only say the same
+
+
+def test_a_bad_parameter_fails_the_run_at_once_with_a_clear_message(
+    served_project: Settings, background_runs: dict[str, Any]
+):
     with pytest.raises(Exception, match="noise_rate"):  # out of bounds: the server refuses to create the run
         run_deployment(deploy.full_name("simulate", served_project), parameters={"noise_rate": 1.5}, timeout=0)
     with get_client(sync_client=True) as client:  # the override is checked when the run starts
         run = served.wait_final(client, background_runs["invalid"], timeout=RUN_TIMEOUT)
         task_runs = _task_runs(client, run.id)
-    assert run.state.type == StateType.FAILED
-    assert "Validation of flow parameters failed" in run.state.message
-    assert "k_per_round" in run.state.message and "greater than or equal to 1" in run.state.message
+    message = str(_final(run).message)
+    assert _final(run).type == StateType.FAILED and "Validation of flow parameters failed" in message
+    assert "k_per_round" in message and "greater than or equal to 1" in message
     assert task_runs == [] and run.total_run_time < timedelta(seconds=5)
 
 
 @pytest.fixture
-def in_process(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def in_process(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Flows run in this process with the test's settings (as a worker's run would get them) on the test server."""
     settings = settings.model_copy(update={"image_size": 32, "k_per_round": 12})
     for key, value in deploy.settings_env(settings).items():
@@ -270,28 +355,28 @@ def test_embedding_is_cached_by_input_hash_with_progress_and_the_round_report(in
     from flows.flywheel_flows import bootstrap_flow, round_flow
 
     settings = in_process
-    first = bootstrap_flow(pool_size=40, test_size=20, return_state=True)
-    again = bootstrap_flow(pool_size=40, test_size=20, return_state=True)
+    first = bootstrap_flow(source="fashion-mnist", pool_size=40, test_size=20, return_state=True)
+    again = bootstrap_flow(source="fashion-mnist", pool_size=40, test_size=20, return_state=True)
     round_ = round_flow(return_state=True)
     with get_client(sync_client=True) as client:
         embeds = {
-            name: [t.state.name for t in _task_runs(client, run.state_details.flow_run_id) if "embed_split" in t.name]
+            name: [t.state_name for t in _task_runs(client, _run_id(run)) if "embed_split" in t.name]
             for name, run in (("first", first), ("again", again))
         }
-        first_artifacts = _artifacts(client, first.state_details.flow_run_id)
-        round_artifacts = _artifacts(client, round_.state_details.flow_run_id)
+        first_artifacts = _artifacts(client, _run_id(first))
+        round_artifacts = _artifacts(client, _run_id(round_))
     assert embeds == {"first": ["Completed", "Completed"], "again": ["Cached", "Cached"]}
     assert list(settings.results_dir.iterdir())  # the cached results persist under the workspace
     progress = first_artifacts[f"{settings.project}-embedding-pool"]
     assert progress.type == "progress" and progress.data == 100.0
-    report = round_artifacts[f"{settings.project}-round-report"].data
+    report = _markdown(round_artifacts[f"{settings.project}-round-report"])
     assert "# Round 1" in report and "labels per class" in report and "## Accuracy so far" in report
     assert "## Selected (10 best of 12" in report
-    selection = json.loads(round_artifacts[f"{settings.project}-round-selection"].data)
+    selection = json.loads(_markdown(round_artifacts[f"{settings.project}-round-selection"]))
     assert len(selection) == 12 and {"sample_id", "score"} <= set(selection[0])
 
 
-def test_an_annotation_event_starts_a_sync_run(served_project: Settings, background_runs: dict):
+def test_an_annotation_event_starts_a_sync_run(served_project: Settings, background_runs: dict[str, Any]):
     with get_client(sync_client=True) as client:
         [started] = _wait(
             lambda: [r for r in served.deployment_runs(client, served_project, "sync") if not r.auto_scheduled],
@@ -299,8 +384,8 @@ def test_an_annotation_event_starts_a_sync_run(served_project: Settings, backgro
             "a sync run not from the interval schedule",
         )
         run = served.wait_final(client, started.id, timeout=RUN_TIMEOUT)
-        report = _artifacts(client, run.id)[f"{served_project.project}-sync-report"].data
-    assert run.state.type == StateType.COMPLETED, run.state.message
+        report = _markdown(_artifacts(client, run.id)[f"{served_project.project}-sync-report"])
+    assert _final(run).type == StateType.COMPLETED, _final(run).message
     assert run.parameters == {"finetune_when_due": False}
     assert "labels: **60**" in report and "fine-tune: **not due**" in report
 

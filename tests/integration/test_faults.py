@@ -88,18 +88,20 @@ class _Runs:
             [sys.executable, "-c", ZYGOTE], env=_worker_env(settings), cwd=REPO, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"),
         )  # fmt: skip
-        assert self.proc.stdout.readline().strip() == "ready", log.read_text()[-3000:]
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        assert self.stdout.readline().strip() == "ready", log.read_text()[-3000:]
 
     def killed_at(self, point: str, what: str = "round") -> None:
         """The run must die at `point` (exit 137), not fail earlier or finish."""
-        self.proc.stdin.write(f"{point} {what}\n")
-        self.proc.stdin.flush()
-        code = int(self.proc.stdout.readline())
+        self.stdin.write(f"{point} {what}\n")
+        self.stdin.flush()
+        code = int(self.stdout.readline())
         assert code == EXIT_CODE, f"{point}: exit {code}\n{self.log.read_text()[-3000:]}"
         assert self.log.read_text().rstrip().endswith(f"{ENV}={point}: exiting with {EXIT_CODE}")
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        self.stdin.close()
         self.proc.wait(timeout=30)
 
 
@@ -129,7 +131,9 @@ def _annotate(client, catalog: Catalog, project_id: int, task_ids) -> int:
     sample_of = labelstudio.task_sample_ids(client, project_id, task_ids=list(task_ids))
     truth = catalog.truth_of(sample_of.values())
     for task_id, sample_id in sample_of.items():
-        client.annotations.create(id=task_id, result=labelstudio.choice_result(truth[sample_id]), project=project_id)
+        answer = truth[sample_id]
+        assert answer is not None, f"sample {sample_id} has no truth to answer with"
+        client.annotations.create(id=task_id, result=labelstudio.choice_result(answer), project=project_id)
     return len(sample_of)
 
 

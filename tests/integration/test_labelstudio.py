@@ -41,7 +41,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(settings: Settings):  # type: ignore[no-untyped-def]
+def client(settings: Settings):
     return connect(settings)
 
 
@@ -53,7 +53,7 @@ def catalog(settings: Settings, tmp_path: Path) -> Catalog:
 
 
 @pytest.fixture
-def project_id(client, settings: Settings, catalog: Catalog) -> Iterator[int]:  # type: ignore[no-untyped-def]
+def project_id(client, settings: Settings, catalog: Catalog) -> Iterator[int]:
     project_id = ensure_project(client, settings, catalog, catalog.classes())
     yield project_id
     client.projects.delete(project_id)  # keep the shared test server small
@@ -71,12 +71,12 @@ def _to_push(catalog: Catalog, model: str = "cat") -> list[TaskToPush]:
     ]
 
 
-def _task_count(client, project_id: int) -> int:  # type: ignore[no-untyped-def]
+def _task_count(client, project_id: int) -> int:
     return len(list_tasks(client, project_id))
 
 
 # --- projects ----------------------------------------------------------------------------------------
-def test_ensure_project_is_found_again_by_id_and_by_title(client, settings, catalog, project_id, tmp_path):  # type: ignore[no-untyped-def]
+def test_ensure_project_is_found_again_by_id_and_by_title(client, settings, catalog, project_id, tmp_path):
     assert catalog.get_meta(META_PROJECT_ID) == str(project_id)
     project = client.projects.get(project_id)
     assert project.title == settings.labelstudio_project_title
@@ -89,7 +89,7 @@ def test_ensure_project_is_found_again_by_id_and_by_title(client, settings, cata
     assert len([p for p in titled if p.title == settings.labelstudio_project_title]) == 1
 
 
-def test_ensure_project_adds_new_classes_to_the_config(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_ensure_project_adds_new_classes_to_the_config(client, settings, catalog, project_id):
     assert ensure_project(client, settings, catalog, [*CLASSES, "fish & chips"]) == project_id
     assert config_classes(client.projects.get(project_id).label_config) == [*CLASSES, "fish & chips"]
     # a shorter list never drops a choice Label Studio may already hold annotations for
@@ -97,7 +97,7 @@ def test_ensure_project_adds_new_classes_to_the_config(client, settings, catalog
     assert config_classes(client.projects.get(project_id).label_config) == [*CLASSES, "fish & chips"]
 
 
-def test_project_title_too_long_for_label_studio_is_a_config_error(client, settings, tmp_path):  # type: ignore[no-untyped-def]
+def test_project_title_too_long_for_label_studio_is_a_config_error(client, settings, tmp_path):
     long = settings.model_copy(update={"project": "p" * 60})
     catalog = Catalog(f"sqlite:///{tmp_path / 'long.db'}")
     with pytest.raises(ConfigError, match="FLYWHEEL_LABEL_STUDIO__PROJECT_TITLE"):
@@ -107,7 +107,7 @@ def test_project_title_too_long_for_label_studio_is_a_config_error(client, setti
 
 
 # --- pushing -----------------------------------------------------------------------------------------
-def test_push_creates_tasks_with_predictions_once(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_push_creates_tasks_with_predictions_once(client, settings, catalog, project_id):
     round_id = catalog.start_round(strategy="entropy", n_labels=0)
     pushed = push_tasks(
         client, catalog, settings, project_id, _to_push(catalog), model_version="m-7", round_id=round_id
@@ -133,21 +133,21 @@ def test_push_creates_tasks_with_predictions_once(client, settings, catalog, pro
     assert _task_count(client, project_id) == len(samples)
 
 
-def test_cold_start_push_has_no_prediction(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_cold_start_push_has_no_prediction(client, settings, catalog, project_id):
     pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog)[:2], model_version=None, round_id=None)
     assert len(pushed) == 2
     tasks = list_tasks(client, project_id, fields="all")
     assert len(tasks) == 2 and all(not t.predictions for t in tasks)
 
 
-def test_push_of_an_unknown_predicted_class_sends_nothing(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_push_of_an_unknown_predicted_class_sends_nothing(client, settings, catalog, project_id):
     with pytest.raises(UnknownChoiceError, match="'zebra'"):
         push_tasks(client, catalog, settings, project_id, _to_push(catalog, "zebra"), model_version="m", round_id=None)
     assert _task_count(client, project_id) == 0
     assert catalog.sent_sample_ids() == set()
 
 
-def test_pushed_image_is_served(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_pushed_image_is_served(client, settings, catalog, project_id):
     sample = catalog.samples()[0]
     (task_id,) = push_tasks(
         client, catalog, settings, project_id, _to_push(catalog)[:1], model_version="m", round_id=None
@@ -164,7 +164,7 @@ def test_pushed_image_is_served(client, settings, catalog, project_id):  # type:
     assert httpx.get(settings.label_studio.url + image_url(str(stray), settings), headers=headers).status_code == 404
 
 
-def test_crash_between_import_and_record_is_reconciled(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_crash_between_import_and_record_is_reconciled(client, settings, catalog, project_id):
     samples = catalog.samples()
     orphan = samples[0]
     # the import reached Label Studio, the catalog write did not
@@ -183,7 +183,7 @@ def test_crash_between_import_and_record_is_reconciled(client, settings, catalog
     assert catalog.sent_sample_ids() == {s.id for s in samples}
 
 
-def test_crash_after_earlier_rounds_is_reconciled(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_crash_after_earlier_rounds_is_reconciled(client, settings, catalog, project_id):
     samples = catalog.samples()
     first = push_tasks(client, catalog, settings, project_id, _to_push(catalog)[:2], model_version="m", round_id=None)
     # round two crashed after importing two tasks (both above the ids the catalog recorded)
@@ -202,7 +202,7 @@ def test_crash_after_earlier_rounds_is_reconciled(client, settings, catalog, pro
     assert catalog.sent_sample_ids() == {s.id for s in samples}
 
 
-def test_local_storage_is_created_once_and_only_below_the_document_root(client, settings, project_id, tmp_path):  # type: ignore[no-untyped-def]
+def test_local_storage_is_created_once_and_only_below_the_document_root(client, settings, project_id, tmp_path):
     folder = tmp_path / "images"
     ensure_local_storage(client, project_id, folder, settings)
     ensure_local_storage(client, project_id, folder, settings)
@@ -216,7 +216,7 @@ def test_local_storage_is_created_once_and_only_below_the_document_root(client, 
 
 
 # --- annotating and syncing --------------------------------------------------------------------------
-def test_annotate_then_sync_stores_the_truth_once(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_annotate_then_sync_stores_the_truth_once(client, settings, catalog, project_id):
     push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
     samples = catalog.samples()
     assert annotate_open_tasks(client, catalog, project_id, rng=np.random.default_rng(0), limit=4) == 4
@@ -231,7 +231,7 @@ def test_annotate_then_sync_stores_the_truth_once(client, settings, catalog, pro
     assert (second.new, second.updated, second.unchanged, second.rejected) == (0, 0, len(samples), [])
 
 
-def test_noisy_annotator_changes_every_label_when_noise_is_one(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_noisy_annotator_changes_every_label_when_noise_is_one(client, settings, catalog, project_id):
     push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
     assert annotate_open_tasks(client, catalog, project_id, noise_rate=1.0, rng=np.random.default_rng(1)) == 6
     assert sync_annotations(client, catalog, project_id).new == 6
@@ -239,7 +239,7 @@ def test_noisy_annotator_changes_every_label_when_noise_is_one(client, settings,
     assert all(labels[s.id] != s.truth and labels[s.id] in CLASSES for s in catalog.samples())
 
 
-def test_task_without_truth_is_left_for_a_person(client, settings, catalog, project_id, tmp_path):  # type: ignore[no-untyped-def]
+def test_task_without_truth_is_left_for_a_person(client, settings, catalog, project_id, tmp_path):
     unknown = make_images(tmp_path / "unlabelled", 7)[-1]  # content unlike the six (no duplicate hash)
     catalog.add_samples(
         [NewSample(uri=unknown.uri, content_hash=unknown.content_hash)], source="t", split="pool", classes=[]
@@ -250,7 +250,7 @@ def test_task_without_truth_is_left_for_a_person(client, settings, catalog, proj
     assert [t.data["image"] for t in open_tasks] == [image_url(unknown.uri, settings)]
 
 
-def test_label_outside_the_classes_is_rejected_and_reported(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_label_outside_the_classes_is_rejected_and_reported(client, settings, catalog, project_id):
     ensure_project(client, settings, catalog, [*CLASSES, "zebra"])  # someone added a choice in the UI only
     pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
     bad_sample, bad_task = next(iter(pushed.items()))
@@ -266,7 +266,7 @@ def test_label_outside_the_classes_is_rejected_and_reported(client, settings, ca
     assert sync_annotations(client, catalog, project_id).rejected == report.rejected  # reported every time
 
 
-def test_skips_are_counted_and_corrections_update(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_skips_are_counted_and_corrections_update(client, settings, catalog, project_id):
     pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
     (skip_sample, skip_task), (fix_sample, fix_task) = list(pushed.items())[:2]
     client.annotations.create(id=skip_task, result=[], was_cancelled=True)
@@ -294,7 +294,7 @@ def test_skips_are_counted_and_corrections_update(client, settings, catalog, pro
     assert catalog.labels()[fix_sample] == third_class
 
 
-def test_sync_records_annotator_and_annotation_id(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_sync_records_annotator_and_annotation_id(client, settings, catalog, project_id):
     from sqlalchemy import select
 
     from flywheel.catalog import Label
@@ -320,7 +320,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_connect_to_a_closed_port_names_the_url_and_leaves_the_catalog(settings, catalog, tmp_path):  # type: ignore[no-untyped-def]
+def test_connect_to_a_closed_port_names_the_url_and_leaves_the_catalog(settings, catalog, tmp_path):
     before = (catalog.labels(), catalog.sent_sample_ids(), catalog.get_meta(META_PROJECT_ID), catalog.samples())
     down = _with_ls(settings, port=_closed_port())
     with pytest.raises(ServiceUnavailableError) as info:
@@ -331,7 +331,7 @@ def test_connect_to_a_closed_port_names_the_url_and_leaves_the_catalog(settings,
     assert after == before
 
 
-def test_connect_with_a_wrong_token_names_the_setting_not_the_token(settings):  # type: ignore[no-untyped-def]
+def test_connect_with_a_wrong_token_names_the_setting_not_the_token(settings):
     wrong = "not-the-token-" + settings.project
     bad = _with_ls(settings, token=SecretStr(wrong))
     with pytest.raises(ConfigError) as info:
@@ -341,7 +341,7 @@ def test_connect_with_a_wrong_token_names_the_setting_not_the_token(settings):  
     assert settings.label_studio.token.get_secret_value() not in str(info.value)
 
 
-def test_sync_of_an_empty_project_reports_nothing(client, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_sync_of_an_empty_project_reports_nothing(client, catalog, project_id):
     report = sync_annotations(client, catalog, project_id)
     assert (report.new, report.updated, report.unchanged, report.skipped, report.rejected) == (0, 0, 0, 0, [])
     assert json.dumps(catalog.labels()) == "{}"
@@ -352,7 +352,7 @@ class _FakeLabelStudio(http.server.BaseHTTPRequestHandler):
 
     statuses: dict[str, int] = {}
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:  # http.server calls it by this name
         status = next((code for prefix, code in self.statuses.items() if self.path.startswith(prefix)), 404)
         if status == 0:  # hang up without answering
             self.close_connection = True
@@ -388,7 +388,7 @@ def fake_server() -> Iterator[tuple[int, type[_FakeLabelStudio]]]:
         ({"/health": 200, "/api/current-user/whoami": 0}, "RemoteProtocolError"),
     ],
 )
-def test_connect_to_an_unhealthy_server_is_unavailable(settings, fake_server, statuses, expected):  # type: ignore[no-untyped-def]
+def test_connect_to_an_unhealthy_server_is_unavailable(settings, fake_server, statuses, expected):
     port, handler = fake_server
     handler.statuses.update(statuses)
     sick = _with_ls(settings, port=port)
@@ -397,7 +397,7 @@ def test_connect_to_an_unhealthy_server_is_unavailable(settings, fake_server, st
     assert info.value.url == sick.label_studio.url
 
 
-def test_a_deleted_project_is_recreated_only_when_nothing_was_sent(client, settings, catalog):  # type: ignore[no-untyped-def]
+def test_a_deleted_project_is_recreated_only_when_nothing_was_sent(client, settings, catalog):
     first = ensure_project(client, settings, catalog, CLASSES)
     client.projects.delete(first)
     second = ensure_project(client, settings, catalog, CLASSES)  # nothing sent: a fresh project is fine
@@ -415,14 +415,14 @@ def test_a_deleted_project_is_recreated_only_when_nothing_was_sent(client, setti
                 client.projects.delete(project.id)
 
 
-def test_storage_for_a_missing_folder_is_refused_with_the_folder(client, settings, project_id, tmp_path):  # type: ignore[no-untyped-def]
+def test_storage_for_a_missing_folder_is_refused_with_the_folder(client, settings, project_id, tmp_path):
     missing = tmp_path / "does-not-exist"
     with pytest.raises(ConfigError, match="does-not-exist"):
         ensure_local_storage(client, project_id, missing, settings)
     assert client.import_storage.local.list(project=project_id) == []
 
 
-def test_sync_rejects_foreign_ambiguous_and_duplicate_tasks(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_sync_rejects_foreign_ambiguous_and_duplicate_tasks(client, settings, catalog, project_id):
     pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m", round_id=None)
     sample_id, task_id = next(iter(pushed.items()))
     image = image_url(catalog.samples()[0].uri, settings)
@@ -456,13 +456,13 @@ def test_sync_rejects_foreign_ambiguous_and_duplicate_tasks(client, settings, ca
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"noise_rate": 1.5}, "noise_rate"), ({"limit": -1}, "limit")])
-def test_annotator_rejects_bad_arguments(catalog, kwargs, message):  # type: ignore[no-untyped-def]
+def test_annotator_rejects_bad_arguments(catalog, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        annotate_open_tasks(None, catalog, 1, rng=np.random.default_rng(0), **kwargs)  # type: ignore[arg-type]
+        annotate_open_tasks(None, catalog, 1, rng=np.random.default_rng(0), **kwargs)
 
 
 # --- refreshed predictions, label modes, remote images --------------------------------------------------
-def test_new_champion_refreshes_predictions_of_open_tasks_only(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_new_champion_refreshes_predictions_of_open_tasks_only(client, settings, catalog, project_id):
     pushed = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="3", round_id=None)
     (done_sample, done_task), *open_items = pushed.items()
     client.annotations.create(id=done_task, result=choice_result("dog"))
@@ -480,7 +480,7 @@ def test_new_champion_refreshes_predictions_of_open_tasks_only(client, settings,
     assert client.projects.get(project_id).model_version == "4"
 
 
-def test_multi_label_project_and_instructions(client, settings, catalog):  # type: ignore[no-untyped-def]
+def test_multi_label_project_and_instructions(client, settings, catalog):
     multi = _with_ls(settings, label_mode="multi", instructions="Tick every class you see", overlap=2)
     project_id = ensure_project(client, multi, catalog, CLASSES)
     try:
@@ -498,7 +498,7 @@ def test_multi_label_project_and_instructions(client, settings, catalog):  # typ
         client.projects.delete(project_id)
 
 
-def test_remote_images_are_sent_as_urls(client, settings, catalog, project_id):  # type: ignore[no-untyped-def]
+def test_remote_images_are_sent_as_urls(client, settings, catalog, project_id):
     storage = {"endpoint": "http://127.0.0.1:9000", "access_key": SecretStr("AK"), "secret_key": SecretStr("SK")}
     remote = settings.model_copy(update={"storage": settings.storage.model_copy(update=storage)})
     first, second = catalog.samples()[:2]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from labelstudio_support import with_section
 from pydantic import SecretStr
 from sqlalchemy import select
 
@@ -15,6 +14,7 @@ from bench.webhook_burst import count, deliveries, prepare, send, serving
 from flywheel.catalog import Annotation, LabelChange, WebhookEvent
 from flywheel.config import Settings
 from flywheel.webhook import create_app
+from tests.integration.labelstudio_support import with_section
 
 pytestmark = pytest.mark.integration
 

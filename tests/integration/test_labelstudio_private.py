@@ -13,17 +13,19 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
-from labelstudio_support import CLASSES, make_images, with_section
+from label_studio_sdk import ImportApiRequest
 from sqlalchemy import func, select
 
 from flywheel import services as svc
-from flywheel.catalog import Annotation, Catalog, LabelChange, NewSample
+from flywheel.catalog import Annotation, Base, Catalog, LabelChange, NewSample
 from flywheel.config import Settings
 from flywheel.errors import ServiceUnavailableError
 from flywheel.labelstudio import TaskToPush, choice_result, connect, ensure_project, push_tasks, sync_annotations
 from tests.conftest import TEST_PORTS, settings_for
+from tests.integration.labelstudio_support import CLASSES, make_images, with_section
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +39,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _count(catalog: Catalog, table: object) -> int:
+def _count(catalog: Catalog, table: type[Base]) -> int:
     with catalog.transaction() as session:
-        return session.scalar(select(func.count()).select_from(table)) or 0  # type: ignore[arg-type]
+        return session.scalar(select(func.count()).select_from(table)) or 0
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +71,12 @@ def test_sync_of_20000_annotations_loses_and_doubles_nothing(private: Settings, 
     project_id = ensure_project(client, settings, catalog, CLASSES)
     truth = {sample: CLASSES[(sample * 7) % 3] for sample in samples}
     for start in range(0, LOAD, 10_000):  # tasks arrive with their annotation: seeding 20k by API takes 30 min
-        client.projects.import_tasks(
-            project_id,
-            request=[
-                {
-                    "data": {"image": f"/data/{s}.png", "sample_id": s},
-                    "annotations": [{"result": choice_result(truth[s])}],
-                }
-                for s in samples[start : start + 10_000]
-            ],
-        )
+        tasks = [
+            {"data": {"image": f"/data/{s}.png", "sample_id": s}, "annotations": [{"result": choice_result(truth[s])}]}
+            for s in samples[start : start + 10_000]
+        ]
+        # the SDK types the request as its models, and sends these dicts as they are
+        client.projects.import_tasks(project_id, request=cast(list[ImportApiRequest], tasks))
     began = time.monotonic()
     report = sync_annotations(client, catalog, project_id, export_above=2000)
     print(f"\nsync of {LOAD} annotations ({report.mode}): {time.monotonic() - began:.1f} s")
@@ -100,7 +98,9 @@ def test_sync_interrupted_by_a_label_studio_restart_resumes_without_loss_or_doub
     pushed = push_tasks(client, catalog, settings, project_id, tasks, model_version="1", round_id=None)
     truth = {s.id: s.truth for s in samples}
     for sample, task in pushed.items():
-        client.annotations.create(id=task, result=choice_result(truth[sample]))
+        label = truth[sample]
+        assert label is not None  # make_images gives every image its truth
+        client.annotations.create(id=task, result=choice_result(label))
 
     def stop_after_first_page(page: int) -> None:
         if page == 1:

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from labelstudio_support import CLASSES, make_images, prefect_events, user_id, with_section
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
@@ -25,6 +24,7 @@ from flywheel.catalog import Catalog, WebhookEvent
 from flywheel.config import Settings
 from flywheel.labelstudio import (
     SECRET_HEADER,
+    SyncReport,
     TaskToPush,
     choice_result,
     connect,
@@ -35,6 +35,7 @@ from flywheel.labelstudio import (
 from flywheel.labelstudio.ledger import agreement, annotations_of, in_review, label_history
 from flywheel.labelstudio.sync import users_by_id
 from flywheel.webhook import create_app
+from tests.integration.labelstudio_support import CLASSES, make_images, prefect_events, user_id, with_section
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ class Hooked:
         url = f"http://127.0.0.1:{self.port}/webhook"
         return httpx.post(url, content=json.dumps(body), headers=headers, trust_env=False)
 
-    def sync(self):  # type: ignore[no-untyped-def]
+    def sync(self) -> SyncReport:
         return sync_annotations(self.client, self.catalog, self.project_id, mode=self.settings.label_studio.label_mode)
 
 
@@ -274,7 +275,7 @@ def test_unknown_label_is_rejected_and_reported_then_fixed(hooked: Hooked) -> No
     (event,) = wait_for(lambda: _events(hooked.catalog))
     assert "applied" in event.outcome and sample not in hooked.catalog.labels()
     ((row),) = annotations_of(hooked.catalog, sample)
-    assert row.state == "rejected" and "'zebra' is not a class" in row.problem
+    assert row.state == "rejected" and row.problem is not None and "'zebra' is not a class" in row.problem
     report = hooked.sync()
     assert len(report.rejected) == 1 and f"task {task} (sample {sample})" in report.rejected[0]
     assert "zebra" not in hooked.catalog.classes()

@@ -7,8 +7,9 @@ from torchvision.io import encode_png
 
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import load_settings
-from flywheel.data import FASHION_MNIST_CLASSES, import_source, materialize_fashion_mnist, read_manifest
+from flywheel.data import FASHION_MNIST_CLASSES, import_source, materialize_fashion_mnist
 from flywheel.errors import DataError
+from flywheel.manifest import read_manifest
 
 
 def _png(path, value):

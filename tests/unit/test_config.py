@@ -50,3 +50,61 @@ def test_secrets_do_not_print():
     settings = load_settings()
     assert "flywheel-local-token" not in repr(settings)
     assert "flywheel-local-token" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize("written", ["circle, square", '["circle", "square"]'])
+def test_list_settings_from_the_environment_take_commas_or_json(monkeypatch, written):
+    monkeypatch.setenv("FLYWHEEL_CLASSES", written)
+    monkeypatch.setenv("FLYWHEEL_ALLOWED_ROOTS", "http://127.0.0.1:9000/,/data/images")
+    monkeypatch.setenv("FLYWHEEL_FINETUNE__BACKBONES", "efficientnet_lite0,efficientnet_lite1")
+    settings = load_settings()
+    assert settings.classes == ["circle", "square"]
+    assert settings.allowed_roots == ["http://127.0.0.1:9000/", "/data/images"]
+    assert settings.finetune.backbones == ["efficientnet_lite0", "efficientnet_lite1"]
+
+
+def test_a_dict_setting_that_is_not_json_says_so_in_one_line(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_SECRET_BLOCKS", "label_studio.token=ls-token")
+    with pytest.raises(ConfigError, match=r"^invalid settings: FLYWHEEL_SECRET_BLOCKS must be JSON \(.*\), e\.g\. "):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [("FLYWHEEL_K_PER_ROUNDS", "FLYWHEEL_K_PER_ROUND"), ("FLYWHEEL_MLFLOW__PROT", "FLYWHEEL_MLFLOW__PORT")],
+)
+def test_a_misspelled_variable_is_refused_with_the_likely_name(monkeypatch, variable, suggestion):
+    monkeypatch.setenv(variable, "5")
+    with pytest.raises(ConfigError, match=rf"{variable} is set in the environment but names no setting; "
+                       rf"did you mean {suggestion}\?"):  # fmt: skip
+        load_settings()
+
+
+def test_variables_that_are_not_settings_are_left_alone(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_TEST_SOMETHING", "1")
+    monkeypatch.setenv("FLYWHEEL_FAULT_AT", "")
+    assert load_settings().k_per_round == 100
+
+
+def test_a_settings_file_that_does_not_exist_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match=r"FLYWHEEL_CONFIG=.*missing\.toml: no such file"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ('catalog_url = "postgresql+psycopg://flywheel:hunter2@db:5432/flywheel"', "catalog_url"),
+        ('[mlflow]\nbackend_store_uri = "postgresql://u:hunter2@db/mlflow"', "mlflow.backend_store_uri"),
+    ],
+)
+def test_a_password_inside_a_url_in_the_file_is_refused(tmp_path, monkeypatch, line, name):
+    config = tmp_path / "flywheel.toml"
+    config.write_text(line + "\n")
+    monkeypatch.setenv("FLYWHEEL_CONFIG", str(config))
+    with pytest.raises(ConfigError, match=rf"{name} holds a password in its URL and must not be in a file") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+    config.write_text(line.replace(":hunter2", "") + "\n")  # the same URL without the password is fine
+    load_settings()

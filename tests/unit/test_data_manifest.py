@@ -123,13 +123,13 @@ def test_image_folder_refuses_a_symlink_escaping_the_tree(tmp_path, base):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):  # http.server calls it by this name
         if self.path.startswith("/redirect"):
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data")
             self.end_headers()
             return
-        body = (Path(self.server.root) / self.path.lstrip("/")).read_bytes()  # type: ignore[attr-defined]
+        body = (Path(self.server.root) / self.path.lstrip("/")).read_bytes()
         self.send_response(200)
         self.end_headers()
         self.wfile.write(body)
@@ -141,7 +141,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def web(base):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.root = str(base)  # type: ignore[attr-defined]
+    server.root = str(base)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

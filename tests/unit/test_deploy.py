@@ -41,6 +41,12 @@ def test_settings_env_gives_the_same_settings_back_without_secrets(tmp_path, mon
     assert again.label_studio.token == SecretStr("flywheel-local-token")  # secrets: the worker's own environment
 
 
+def test_settings_env_carries_the_backbone_only_when_something_set_it(tmp_path):
+    assert "FLYWHEEL_BACKBONE" not in deploy.settings_env(load_settings(workspace=tmp_path))
+    chosen = deploy.settings_env(load_settings(workspace=tmp_path, backbone="efficientnet_lite1"))
+    assert chosen["FLYWHEEL_BACKBONE"] == "efficientnet_lite1"
+
+
 def test_build_deployments_per_project_with_schedule_triggers_and_limits(tmp_path):
     settings = load_settings(workspace=tmp_path, project="p2", prefect={"round_cron": "*/30 * * * *"})
     built = {d.name: d for d in deploy.build_deployments(settings, code_dir=Path("/opt/flywheel"))}

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,7 +136,7 @@ def test_store_recovers_from_a_crash_between_the_two_replaces(tmp_path):
     ids=["bit-flip", "truncated", "no-checksum", "fewer-vectors"],
 )
 def test_a_damaged_store_is_discarded_and_rebuilt(tmp_path, images, damage, caplog):
-    body, kw = MeanColour(), {"image_size": 4, "batch_size": 8, "device": CPU, "progress": False}
+    body, kw = MeanColour(), dict[str, Any](image_size=4, batch_size=8, device=CPU, progress=False)
     store = EmbeddingStore(tmp_path, "k")
     first = embed_samples(store, [0, 1, 2], images[:3], body, FAKE, **kw)
     damage(tmp_path / "k")
@@ -146,8 +147,8 @@ def test_a_damaged_store_is_discarded_and_rebuilt(tmp_path, images, damage, capl
     assert len(EmbeddingStore(tmp_path, "k")) == 3
 
 
-def test_embed_available_quarantines_unreadable_images_and_embeds_the_rest(tmp_path, images):
-    body, kw = MeanColour(), {"image_size": 4, "batch_size": 8, "device": CPU, "progress": False}
+def test_embed_available_quarantines_unreadable_images_and_embeds_the_rest(tmp_path: Path, images: list[str]) -> None:
+    body, kw = MeanColour(), dict[str, Any](image_size=4, batch_size=8, device=CPU, progress=False)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(Path(images[0]).read_bytes()[:-20])
     empty = tmp_path / "empty.png"
@@ -156,7 +157,7 @@ def test_embed_available_quarantines_unreadable_images_and_embeds_the_rest(tmp_p
     bad: dict[int, str] = {}
     paths = [images[0], str(truncated), images[1], str(empty), images[2]]
     vectors, kept = embed_available(
-        store, [0, 1, 2, 3, 4], paths, body, FAKE, on_bad=lambda i, exc: bad.setdefault(i, exc.reason), **kw
+        store, [0, 1, 2, 3, 4], paths, body, FAKE, on_bad=lambda i, exc: bad.update({i: exc.reason}), **kw
     )
     assert bad == {1: "truncated or corrupt", 3: "empty file"}
     assert kept == [0, 2, 4] and vectors.shape == (3, FAKE.embedding_dim)

@@ -82,7 +82,7 @@ def test_same_vectors_as_preprocess_one_image_at_a_time(images, workers, lite0):
     np.testing.assert_allclose(out, reference(images, body, spec, 32), rtol=1e-4, atol=1e-4)
 
 
-def test_shards_come_in_order_with_progress_per_batch(images):
+def test_shards_come_in_order_with_progress_per_batch(images: list[str]) -> None:
     seen: list[int] = []
     shards = list(
         embed_stream(images, Pool(), FAKE, image_size=8, device=CPU,

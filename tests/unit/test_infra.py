@@ -48,7 +48,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
         value = env.get(name)
         empty = value is None or (value == "" and op and op.startswith(":"))
         if op in (":-", "-"):
-            return arg if empty else value
+            return arg if empty else (value or "")
         if op in (":?", "?") and empty:
             raise MissingVariable(f"{name}: {arg}")
         return value or ""

@@ -78,12 +78,13 @@ def test_image_url_relative_path_is_a_data_error(tmp_path: Path) -> None:
 def test_multi_label_config_and_instructions() -> None:
     config = label_config(["cat", "dog"], mode="multi", instructions='Pick every animal you see, "even" small ones')
     root = ET.fromstring(config)
-    assert root.find("Choices").get("choice") == "multiple"  # type: ignore[union-attr]
-    assert root.find("Header").get("value") == 'Pick every animal you see, "even" small ones'  # type: ignore[union-attr]
+    choices, header = root.find("Choices"), root.find("Header")
+    assert choices is not None and choices.get("choice") == "multiple"
+    assert header is not None and header.get("value") == 'Pick every animal you see, "even" small ones'
     assert config_mode(config) == "multi" and config_mode(label_config(["a"])) == "single"
     assert ET.fromstring(label_config(["a"])).find("Header") is None
     with pytest.raises(ConfigError, match="label_mode"):
-        label_config(["a"], mode="many")  # type: ignore[arg-type]
+        label_config(["a"], mode="many")  # type: ignore[arg-type]  # the wrong value is the test
 
 
 def test_http_images_pass_through_and_unknown_schemes_are_refused(tmp_path: Path) -> None:
@@ -95,12 +96,13 @@ def test_http_images_pass_through_and_unknown_schemes_are_refused(tmp_path: Path
 
 
 # AWS's published example for presigned GET URLs (Signature Version 4, query parameters).
+AWS_EXAMPLE_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 AWS_EXAMPLE = {
     "endpoint": "https://s3.amazonaws.com",
     "addressing": "virtual",
     "region": "us-east-1",
     "access_key": "AKIAIOSFODNN7EXAMPLE",
-    "secret_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "secret_key": AWS_EXAMPLE_SECRET,
     "presign_expiry_s": 86400,
 }
 
@@ -118,7 +120,7 @@ def test_s3_presign_path_style_for_an_s3_compatible_server(tmp_path: Path) -> No
     settings = load_settings(workspace=tmp_path, storage=storage)
     url = presign_s3("s3://bucket/dir/a b.png", settings.storage, now=datetime(2030, 1, 1, tzinfo=UTC))
     assert url.startswith("http://127.0.0.1:9000/bucket/dir/a%20b.png?") and "X-Amz-Expires=86400" in url
-    assert AWS_EXAMPLE["secret_key"] not in url
+    assert AWS_EXAMPLE_SECRET not in url
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 
 from flywheel.catalog import Catalog, NewSample
 from flywheel.labelstudio import ledger
+from flywheel.labelstudio.interface import LabelMode
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -29,10 +30,10 @@ def obs(annotation: int, *choices: str, user: int = 1, second: int = 0, sample: 
     )  # fmt: skip
 
 
-def run(catalog: Catalog, *observations: ledger.Observation, mode: str = "single") -> list[str]:
+def run(catalog: Catalog, *observations: ledger.Observation, mode: LabelMode = "single") -> list[str]:
     return ledger.with_retries(
         catalog,
-        lambda s: ledger.apply(s, observations, classes=CLASSES, mode=mode),  # type: ignore[arg-type]
+        lambda s: ledger.apply(s, observations, classes=CLASSES, mode=mode),
     ).outcomes
 
 

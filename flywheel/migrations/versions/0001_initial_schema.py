@@ -11,6 +11,8 @@ Create Date: 2026-11-25 23:32:49.214841
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -22,7 +24,7 @@ branch_labels: str | None = None
 depends_on: str | None = None
 
 
-def _table(name: str, *elements: sa.Column | sa.Constraint, backfill: dict[str, str] | None = None) -> None:
+def _table(name: str, *elements: sa.Column[Any] | sa.Constraint, backfill: dict[str, str] | None = None) -> None:
     """Create the table; where an older catalog has it, add the columns it lacks (filled from `backfill`'s
     column when named there)."""
     if op.get_context().as_sql:  # `--sql`: the script for a new database, nothing to inspect
