@@ -28,11 +28,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from flywheel import migrations
-from flywheel.errors import DataError
+from flywheel.errors import DataError, ServiceUnavailableError
 
 POOL, TEST = "pool", "test"
 
@@ -296,7 +297,14 @@ class Catalog:
     def __init__(self, url: str):
         self.url = url
         self.engine: Engine = engine_for(url)
-        migrations.upgrade(self.engine)
+        try:
+            migrations.upgrade(self.engine)
+        except OperationalError as exc:  # no server, refused, wrong password, unwritable file: one line
+            where = self.engine.url.render_as_string(hide_password=True)
+            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise ServiceUnavailableError(
+                "the catalog database", where, detail, retryable=False, hint="check catalog_url (FLYWHEEL_CATALOG_URL)"
+            ) from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -36,7 +36,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except FlywheelError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False)
+            console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -135,8 +135,9 @@ def import_(
     if split not in (POOL, TEST):
         raise ConfigError(f"--split must be one of: {POOL}, {TEST}; got {split!r}")
     settings = _settings()
+    catalog = Catalog(settings.catalog_url)
     results = import_source(
-        Catalog(settings.catalog_url),
+        catalog,
         settings,
         source,
         split=split,
@@ -146,6 +147,14 @@ def import_(
     )
     for name, result in results.items():
         console.print(f"{name}: {result.added} added, {result.skipped} already known, {result.labelled} labelled")
+    classes = catalog.classes()
+    console.print(f"classes ({len(classes)}): {', '.join(classes)}", highlight=False)
+    if len(classes) < 2:
+        console.print(
+            "[yellow]warning:[/] a classifier needs at least 2 classes; rounds train no model until the project "
+            "has another (import images of one, or name the classes with FLYWHEEL_CLASSES)",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -163,7 +172,15 @@ def bootstrap(
     _use_prefect_server(settings, label_studio=True)
     from flows.flywheel_flows import bootstrap_flow
 
-    console.print(bootstrap_flow(source=source, pool_size=pool_size, test_size=test_size))
+    report = bootstrap_flow(source=source, pool_size=pool_size, test_size=test_size)
+    imported = ", ".join(f"{split}: {r['added']} added" for split, r in report["imported"].items()) or "nothing"
+    console.print(
+        f"imported {imported}; embedded {report['n_pool']} pool + {report['n_test']} test images "
+        f"({report['embedding_dim']}-d); index {report['index_path']}; Label Studio project {report['project_id']} "
+        f"({settings.label_studio.url}/projects/{report['project_id']})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("round")

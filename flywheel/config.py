@@ -357,8 +357,9 @@ class Settings(BaseSettings):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"classes must be unique, got {value}")
+        value = [name.strip() for name in value]
+        if len({name.casefold() for name in value}) != len(value) or "" in value:
+            raise ValueError(f"classes must be unique (ignoring case) and not empty, got {value}")
         return value
 
     @field_validator("secret_blocks")

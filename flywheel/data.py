@@ -105,6 +105,7 @@ def import_records(
 ) -> ImportResult:
     """Hash every file and read its header first (a file that cannot be opened at all aborts before the
     catalog is touched; a bad image is quarantined with its reason), then insert in one transaction."""
+    records, classes = tidy_labels(records, classes, [*catalog.classes(), *settings.classes], source=source)
     samples, quarantined = [], []
     for record in records:
         try:
@@ -126,6 +127,29 @@ def import_records(
         allowed_classes=settings.classes,
         quarantined=quarantined,
     )
+
+
+def tidy_labels(
+    records: Sequence[Record], classes: Sequence[str], known: Sequence[str], *, source: str
+) -> tuple[list[Record], list[str]]:
+    """Labels and class names trimmed of surrounding spaces (an empty label is no label); the classes in their
+    given order, then any label they lack.
+
+    Two names that differ only in case (`Circle`, `circle`), within the source or against the classes the
+    project already knows (`known`), are refused with where each came from: merging them would guess, and
+    keeping both would split one class in two without a word."""
+    tidy = [Record(r.path, (r.label or "").strip() or None) for r in records]
+    seen: dict[str, tuple[str, str]] = {name.casefold(): (name, "the project's classes") for name in known}
+    named = [(name.strip(), f"{source}: class list") for name in classes]
+    for name, where in named + [(r.label, r.path) for r in tidy if r.label is not None]:
+        first = seen.setdefault(name.casefold(), (name, where))
+        if first[0] != name:
+            raise DataError(
+                f"{source}: classes {first[0]!r} ({first[1]}) and {name!r} ({where}) differ only in case; "
+                "class names are case-sensitive: rename one so both say the same"
+            )
+    ordered = list(dict.fromkeys(name for name, _ in named))
+    return tidy, ordered + sorted({r.label for r in tidy if r.label is not None} - set(ordered))
 
 
 @locked

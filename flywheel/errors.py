@@ -41,10 +41,17 @@ class ServiceUnavailableError(FlywheelError):
     `retryable` is False when nothing listens at the address (connection refused, unknown host): a wrong
     port or a stopped server, which a retry a few seconds later would only report again."""
 
-    def __init__(self, service: str, url: str, detail: str = "", *, retryable: bool = True):
+    def __init__(
+        self,
+        service: str,
+        url: str,
+        detail: str = "",
+        *,
+        retryable: bool = True,
+        hint: str = "start it with `make services` or `flywheel services start`",
+    ):
         self.service, self.url, self.detail, self.retryable = service, url, detail, retryable
-        hint = " (start it with `make services` or `flywheel services start`)"
-        super().__init__(f"{service} is not reachable at {url}{': ' + detail if detail else ''}{hint}")
+        super().__init__(f"{service} is not reachable at {url}{': ' + detail if detail else ''} ({hint})")
 
 
 class WeightsUnavailableError(FlywheelError):

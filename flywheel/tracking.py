@@ -124,18 +124,21 @@ def log_classifier(
 
 
 def load_classifier(tracking_uri: str, model_name: str, version: str) -> Classifier:
-    """A registered version's classifier, read from the server at `tracking_uri`, on the CPU."""
+    """A registered version's classifier, read from the server at `tracking_uri`, on the CPU.
+
+    The version's files are located through a client of that server: `models:/` URIs would be resolved
+    against MLflow's process-wide registry URI, whatever is passed (mlflow 3.17)."""
     import mlflow.artifacts
     import mlflow.pytorch
 
-    uri = f"models:/{model_name}/{version}"
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     with unavailable_as(SERVICE, tracking_uri), tempfile.TemporaryDirectory(prefix="flywheel-model-") as folder:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=folder, tracking_uri=tracking_uri, registry_uri=tracking_uri
-        )
+        source = client.get_model_version_download_uri(model_name, version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=folder, tracking_uri=tracking_uri)
         classifier = mlflow.pytorch.load_model(local, map_location="cpu")
     if not isinstance(classifier, Classifier):
-        raise DataError(f"{uri} at {tracking_uri} is a {type(classifier).__name__}, not a flywheel classifier")
+        raise DataError(f"version {version} of {model_name} at {tracking_uri} is a {type(classifier).__name__}, "
+                        "not a flywheel classifier")  # fmt: skip
     return classifier
 
 

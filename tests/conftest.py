@@ -2,7 +2,7 @@
 
 The test servers live in their own workspace (`.flywheel-test/` at the repo root, or
 FLYWHEEL_TEST_WORKSPACE) on ports that do not clash with the demo's, so `make test` can run while the
-demo's servers are up.
+demo's servers are up (FLYWHEEL_TEST_PORT_OFFSET moves them all, for a second set beside the first).
 
 FLYWHEEL_TEST_DB=postgres runs the session on PostgreSQL (a local cluster on 127.0.0.1:15432, flywheel.postgres):
 each test's catalog is a database of its own, and the session has its own MLflow and Prefect servers whose stores
@@ -27,10 +27,11 @@ ON_POSTGRES = TEST_DB == "postgres"
 _BASE_WORKSPACE = Path(os.environ.get("FLYWHEEL_TEST_WORKSPACE", REPO / ".flywheel-test"))
 POSTGRES_WORKSPACE = _BASE_WORKSPACE / "postgres"  # the cluster's data, and the PostgreSQL pass's servers
 TEST_WORKSPACE = POSTGRES_WORKSPACE if ON_POSTGRES else _BASE_WORKSPACE
+_PORT_OFFSET = int(os.environ.get("FLYWHEEL_TEST_PORT_OFFSET", "0"))  # `make upgrade-check`: servers of its own
 TEST_PORTS = {
-    "label_studio": 18080,
-    "mlflow": 15001 if ON_POSTGRES else 15000,
-    "prefect": 14201 if ON_POSTGRES else 14200,
+    "label_studio": 18080 + _PORT_OFFSET,
+    "mlflow": (15001 if ON_POSTGRES else 15000) + _PORT_OFFSET,
+    "prefect": (14201 if ON_POSTGRES else 14200) + _PORT_OFFSET,
 }
 TEST_POSTGRES = PostgresSettings(port=15432)
 
@@ -50,6 +51,14 @@ def settings_for(workspace: Path, **overrides: object) -> Settings:
         postgres={"port": TEST_POSTGRES.port},
         **overrides,
     )
+
+
+def no_settings_file(workspace: Path) -> str:
+    """An empty settings file for FLYWHEEL_CONFIG: a child process then reads no flywheel.toml of the repository."""
+    path = workspace / "empty-flywheel.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    return str(path)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

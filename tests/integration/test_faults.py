@@ -38,7 +38,7 @@ from flywheel.catalog import POOL, Catalog, Task
 from flywheel.data import import_source
 from flywheel.errors import ServiceUnavailableError
 from flywheel.faults import ENV, EXIT_CODE
-from tests.conftest import REPO, TEST_PORTS, settings_for
+from tests.conftest import REPO, TEST_PORTS, no_settings_file, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def _small(settings, **extra):
 def _worker_env(settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(
-        FLYWHEEL_CONFIG=str(settings.workspace / "no-such.toml"),
+        FLYWHEEL_CONFIG=no_settings_file(settings.workspace),
         FLYWHEEL_WORKSPACE=str(settings.workspace),
         FLYWHEEL_PROJECT=settings.project,
         FLYWHEEL_IMAGE_SIZE=str(settings.image_size),

@@ -25,7 +25,7 @@ from flywheel.catalog import Catalog
 from flywheel.config import LOOPBACK, load_settings
 from flywheel.data import import_source
 from flywheel.errors import ConfigError
-from tests.conftest import REPO, TEST_PORTS, TEST_WORKSPACE
+from tests.conftest import REPO, TEST_PORTS, TEST_WORKSPACE, no_settings_file
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def test_a_round_through_the_cli_leaks_no_secret(settings):
             catalog.upsert_label(session, sample_id=sample.id, label=sample.truth, annotator="t", ls_annotation_id=None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "PREFECT_API"))}
     env.update(
-        FLYWHEEL_CONFIG=str(settings.workspace / "no-such.toml"),
+        FLYWHEEL_CONFIG=no_settings_file(settings.workspace),
         FLYWHEEL_WORKSPACE=str(settings.workspace),
         FLYWHEEL_PROJECT=settings.project,
         FLYWHEEL_IMAGE_SIZE="32",

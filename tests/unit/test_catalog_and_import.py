@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.io import encode_png
 
 from flywheel.catalog import POOL, TEST, Catalog
@@ -108,3 +109,29 @@ def test_fashion_mnist_subset_is_stratified_enough_and_imports_both_splits(env):
     assert all((root / ".complete").exists() for root in again)
     counts = np.unique(pool_truth, return_counts=True)[1]
     assert counts.min() >= 10  # a random 300 of a balanced set has every class well represented
+
+
+def test_labels_are_trimmed_and_names_differing_in_case_are_refused_with_where_each_came_from(tmp_path):
+    from flywheel.data import tidy_labels
+    from flywheel.manifest import Record
+
+    records = [Record("/a.png", "circle "), Record("/b.png", " square"), Record("/c.png", "  "), Record("/d.png", None)]
+    tidy, classes = tidy_labels(records, ["square", "circle"], [], source="shapes")
+    assert [r.label for r in tidy] == ["circle", "square", None, None]
+    assert classes == ["square", "circle"]  # the given order kept
+    with pytest.raises(DataError, match=r"shapes: classes 'circle' \(/a\.png\) and 'Circle' \(/e\.png\) differ only"):
+        tidy_labels([*records, Record("/e.png", "Circle")], [], [], source="shapes")
+    with pytest.raises(DataError, match=r"classes 'Square' \(the project's classes\) and 'square' \(/b\.png\)"):
+        tidy_labels(records, [], ["Square"], source="shapes")
+
+
+def test_an_image_folder_with_case_variants_of_a_class_is_refused_before_anything_is_stored(tmp_path):
+    root = tmp_path / "shapes"
+    for name in ("circle", "Circle", "square"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (len(name) * 20, 0, 0)).save(root / name / f"{name}.png")
+    settings = load_settings(workspace=tmp_path / "ws")
+    catalog = Catalog(settings.catalog_url)
+    with pytest.raises(DataError, match=r"classes 'Circle' \(.*class list\) and 'circle' \(.*\) differ only in case"):
+        import_source(catalog, settings, str(root))
+    assert catalog.count_samples() == 0 and catalog.classes() == []
