@@ -90,13 +90,14 @@ upgrade-check: $(TOOLS_STAMP)
 	@$(UV) pip install --quiet --python $(UPGRADE_DIR)/venv/bin/python --no-deps --no-build-isolation -e .
 	@$(call sync_venv,$(UPGRADE_DIR)/ls-venv,$(UPGRADE_DIR)/label-studio.txt)
 	@status=0; FLYWHEEL_TEST_WORKSPACE=$(CURDIR)/$(UPGRADE_DIR)/workspace FLYWHEEL_TEST_PORT_OFFSET=100 \
+		FLYWHEEL_TEST_LOCKS=$(UPGRADE_DIR) FLYWHEEL_TEST_LS_VENV=$(CURDIR)/$(UPGRADE_DIR)/ls-venv \
 		FLYWHEEL_LABEL_STUDIO__EXECUTABLE=$(CURDIR)/$(UPGRADE_DIR)/ls-venv/bin/label-studio \
 		$(UPGRADE_DIR)/venv/bin/python -m pytest -q $(FAST_TESTS) || status=$$?; \
 	FLYWHEEL_WORKSPACE=$(CURDIR)/$(UPGRADE_DIR)/workspace FLYWHEEL_LABEL_STUDIO__PORT=18180 \
 		FLYWHEEL_MLFLOW__PORT=15100 FLYWHEEL_PREFECT__PORT=14300 $(UPGRADE_DIR)/venv/bin/python -m flywheel.services stop; \
-	if [ $$status = 0 ]; then echo "upgrade-check: the newest allowed versions pass the fast tests: \
-		make lock UPGRADE=1 takes them"; else echo "upgrade-check: the newest allowed versions FAIL the fast tests \
-		(above); the committed locks are untouched" >&2; fi; exit $$status
+	if [ $$status = 0 ]; then echo "upgrade-check: the newest allowed versions pass (make lock UPGRADE=1 takes them)"; \
+	else echo "upgrade-check: the newest allowed versions FAIL the tests above; the committed locks are untouched" >&2; \
+	fi; exit $$status
 
 fashion-mnist:
 	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \

@@ -44,5 +44,5 @@ compile() {
 }
 
 compile tools.txt "$LOCKS/tools.in"
-compile project.txt pyproject.toml "$LOCKS/project.in" --extra dev
+compile project.txt pyproject.toml "$LOCKS/project.in" --all-extras
 compile label-studio.txt "$LOCKS/label-studio.in"

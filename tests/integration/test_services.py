@@ -14,6 +14,7 @@ import pytest
 from flywheel import services as svc
 from flywheel.config import Settings, load_settings
 from flywheel.errors import ConfigError, FlywheelError, ServiceUnavailableError
+from tests.conftest import TEST_PORTS
 
 pytestmark = pytest.mark.integration
 
@@ -60,11 +61,7 @@ def test_second_start_reuses_the_running_servers(services: Settings) -> None:
     began = time.monotonic()
     urls = svc.start(services)
     assert time.monotonic() - began < 15
-    assert urls == {
-        "label_studio": "http://127.0.0.1:18080",
-        "mlflow": "http://127.0.0.1:15000",
-        "prefect": "http://127.0.0.1:14200",
-    }
+    assert urls == {name: f"http://127.0.0.1:{port}" for name, port in TEST_PORTS.items()}
     assert _pids(services) == before
 
 
