@@ -114,8 +114,10 @@ postgresql:
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq postgresql; \
 	fi
 
+# The servers, and the deployments' worker when `make deploy` set this workspace up with one.
 services: setup
 	@$(SERVICES) start
+	@.venv/bin/python -m flows.worker restore
 
 # Stops the demo's servers and the test servers, only those started from these workspaces.
 stop:

@@ -39,7 +39,6 @@ from flywheel.loop import FinetuneReport, RoundReport, SyncOutcome
 
 THRESHOLD_REACHED = "flywheel.labels.threshold-reached"
 SHOWN_SELECTED = 10  # selected samples listed in the round report itself
-ANNOTATION_EVENTS = ("flywheel.annotation.created", "flywheel.annotation.updated", "flywheel.annotation.deleted")
 
 
 def project_resource_id(project: str) -> str:
@@ -258,7 +257,7 @@ def publish_sync_report(settings: Settings, outcome: SyncOutcome, next_step: str
     """What the sync pulled, the counts the fine-tune policy saw, and what happens next."""
     ft = settings.finetune
     markdown = (
-        f"# Sync\n\n- annotations: {outcome.report}\n- labels: **{outcome.n_labels}** "
+        f"# Sync\n\n- annotations: {outcome.report.summary()}\n- labels: **{outcome.n_labels}** "
         f"({outcome.labels_at_last_finetune} at the last fine-tune; policy: first at {ft.min_labels}, "
         f"then every {ft.every_new_labels} new)\n- fine-tune: **{next_step}**\n"
     )
@@ -281,4 +280,10 @@ def publish_finetune_report(settings: Settings, report: FinetuneReport) -> None:
     )
     if report.predictions_refreshed is not None:
         markdown += f"- open Label Studio tasks now pre-annotated by it: {report.predictions_refreshed} changed\n"
+    create_markdown_artifact(markdown, key=artifact_key(settings, "finetune-report"), description="fine-tune report")
+
+
+def publish_finetune_skipped(settings: Settings, reason: str) -> None:
+    """A fine-tune that did not run says why, where its report would be."""
+    markdown = f"# Fine-tune: not run\n\n- {reason}\n"
     create_markdown_artifact(markdown, key=artifact_key(settings, "finetune-report"), description="fine-tune report")

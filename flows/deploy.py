@@ -4,8 +4,9 @@
 |---------------------|--------------|-----------------------------------------------------|---------------------------|
 | bootstrap-<project> | bootstrap    | by hand                                             | -                         |
 | round-<project>     | round        | cron `prefect.round_cron` in `prefect.timezone`     | 1; later ones queue       |
-| sync-<project>      | sync         | every `prefect.sync_interval_s` s, and on each      | 1; later ones queue       |
-|                     |              | flywheel.annotation.created/updated/deleted event   |                           |
+| sync-<project>      | sync         | every `prefect.sync_interval_s` s, and on           | 1; later ones queue       |
+|                     |              | flywheel.labels.changed (the webhook receiver's,    |                           |
+|                     |              | at most one per `webhook.sync_every_s`)             |                           |
 | finetune-<project>  | finetune     | flywheel.labels.threshold-reached (emitted by sync) | 1; a second is cancelled  |
 | simulate-<project>  | annotate-sim | by hand: the simulated annotator answers open tasks | -                         |
 
@@ -46,7 +47,6 @@ from pydantic import BaseModel, SecretStr
 from pydantic_core import to_jsonable_python
 
 from flows.common import (
-    ANNOTATION_EVENTS,
     THRESHOLD_REACHED,
     ensure_project_limit,
     project_resource_id,
@@ -57,6 +57,8 @@ from flows.worker import REPO, prefect_api, start_worker
 from flows.worker import describe as describe_worker
 from flywheel.config import Settings, load_settings
 from flywheel.errors import ConfigError, exit_code_on_error
+from flywheel.services import deployed_marker
+from flywheel.webhook import LABELS_CHANGED
 
 KINDS = ("bootstrap", "round", "sync", "finetune", "simulate")
 FLOWS: dict[str, Flow] = {
@@ -125,9 +127,7 @@ def build_deployments(settings: Settings, *, code_dir: Path = REPO) -> list[Runn
             "interval": pf.sync_interval_s,
             "parameters": {"finetune_when_due": False},  # the finetune deployment's trigger runs it
             "triggers": [
-                DeploymentEventTrigger(
-                    name=f"sync {project} on annotations", expect=set(ANNOTATION_EVENTS), match=on_project
-                )
+                DeploymentEventTrigger(name=f"sync {project} on annotations", expect={LABELS_CHANGED}, match=on_project)
             ],
             "concurrency_limit": QUEUE,
         },
@@ -183,8 +183,13 @@ def apply(settings: Settings, *, code_dir: Path = REPO) -> list[str]:
 
 
 def up(settings: Settings, *, worker: bool = True, code_dir: Path = REPO) -> list[str]:
+    """The deployments, and (unless another machine runs it) this workspace's worker: marked, so `make services`
+    brings the worker back with the servers and `flywheel services status` reports it."""
     names = apply(settings, code_dir=code_dir)
     if worker:
+        marker = deployed_marker(settings)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("\n".join(names) + "\n")
         start_worker(settings)
     return names
 

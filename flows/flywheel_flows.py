@@ -10,7 +10,6 @@ a bad one fails the run before any work. flows/deploy.py turns these flows into 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, replace
 from typing import Annotated, Any
 
@@ -27,24 +26,20 @@ from flows.common import (
     emit_threshold_reached,
     project_slot,
     publish_finetune_report,
+    publish_finetune_skipped,
     publish_round_report,
     publish_sync_report,
     results_storage,
     settings_from,
     with_retries,
 )
-from flywheel import annotator, features, labelstudio, loop, tracking
+from flywheel import annotator, demo, features, labelstudio, loop, schedule, tracking
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
 from flywheel.data import import_source
 
 Count = Annotated[int, Field(ge=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
-
-
-def _finite(value: float) -> float | None:
-    """NaN (no model, no held-out labels) becomes None, so the summary is valid JSON."""
-    return None if math.isnan(value) else value
 
 
 # Network tasks: flows call them through with_retries(task, settings) (retries with backoff from settings).
@@ -119,11 +114,18 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
 
 
 @flow(name="finetune", log_prints=True)
-def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport:
+def finetune_flow(overrides: Overrides | None = None) -> loop.FinetuneReport | str:
+    """A deeper fine-tune with a guarded promotion; on labels that already had one, nothing but the reason why
+    (returned, and in the fine-tune report)."""
     settings = settings_from(overrides)
     mlflow_client = with_retries(connect_mlflow, settings)(settings)
     catalog = Catalog(settings.catalog_url)
     with project_slot(settings):
+        refusal = schedule.finetune_refusal(catalog, schedule.label_state(catalog.labels()))
+        if refusal:
+            publish_finetune_skipped(settings, refusal)
+            print(f"fine-tune not run: {refusal}")
+            return refusal
         report = task(cache_policy=NO_CACHE)(loop.run_finetune)(settings, catalog, mlflow_client)
         if report.promoted:  # open tasks show the new champion's predictions; retried alone, not the fine-tune
             ls_client = with_retries(connect_label_studio, settings)(settings)
@@ -148,7 +150,7 @@ def sync_flow(finetune_when_due: bool = True, overrides: Overrides | None = None
     client = with_retries(connect_label_studio, settings)(settings)
     with project_slot(settings):
         outcome = with_retries(pull_annotations, settings)(settings, client)
-    print(f"sync: {outcome.report}; {outcome.n_labels} labels; fine-tune due: {outcome.finetune_due}")
+    print(f"sync: {outcome.report.summary()}; {outcome.n_labels} labels; fine-tune due: {outcome.finetune_due}")
     finetuned = None
     if not outcome.finetune_due:
         next_step = "not due"
@@ -160,19 +162,32 @@ def sync_flow(finetune_when_due: bool = True, overrides: Overrides | None = None
     publish_sync_report(settings, outcome, next_step)
     if outcome.finetune_due and finetune_when_due:
         finetuned = finetune_flow(overrides=overrides)
-    return {"sync": asdict(outcome.report), "n_labels": outcome.n_labels, "finetune": finetuned}
+    return {
+        "sync": asdict(outcome.report),
+        "summary": outcome.report.summary(),
+        "n_labels": outcome.n_labels,
+        "finetune_step": next_step,
+        "finetune": finetuned,
+    }
 
 
 @flow(name="annotate-sim", log_prints=True)
-def annotate_sim_flow(noise_rate: Share = 0.0, limit: Count | None = None, overrides: Overrides | None = None) -> int:
+def annotate_sim_flow(
+    noise_rate: Share = 0.0,
+    limit: Count | None = None,
+    only_samples: list[int] | None = None,
+    overrides: Overrides | None = None,
+) -> int:
+    """The simulated annotator answers open tasks from ground truth (only those of `only_samples`, if given)."""
     settings = settings_from(overrides)
     client = with_retries(connect_label_studio, settings)(settings)
     catalog = Catalog(settings.catalog_url)
     project_id = labelstudio.ensure_project(client, settings, catalog, catalog.classes())
     rng = np.random.default_rng([settings.seed, catalog.count_labels()])
     done = with_retries(task(cache_policy=NO_CACHE)(annotator.annotate_open_tasks), settings)(
-        client, catalog, project_id, noise_rate=noise_rate, rng=rng, limit=limit
-    )
+        client, catalog, project_id, noise_rate=noise_rate, rng=rng, limit=limit,
+        only_samples=set(only_samples) if only_samples is not None else None,
+    )  # fmt: skip
     print(f"simulated annotator answered {done} tasks")
     return done
 
@@ -187,44 +202,26 @@ def demo_flow(
     overrides: Overrides | None = None,
 ) -> dict[str, Any]:
     """bootstrap, then `rounds` x (round -> simulated annotation -> sync, fine-tune when due), then a final
-    round that trains on every label without selecting more."""
+    round that trains on every label without selecting more. Run again on the same workspace, it shows the
+    demo that ran (`reused`), or finishes one a crash cut short; it never labels what it did not select."""
     settings = settings_from(overrides)
+    catalog = Catalog(settings.catalog_url)
+    parameters = {"rounds": rounds, "source": source, "pool_size": pool_size, "test_size": test_size,
+                  "noise_rate": noise_rate}  # fmt: skip
+    record = demo.start(catalog, parameters)
+    if record.finished:
+        print(f"this workspace's demo already ran ({len(record.rounds)} rounds): showing it; `make clean` for anew")
+        return {**record.summary(), "reused": True}
     bootstrap_flow(source=source, pool_size=pool_size, test_size=test_size, overrides=overrides)
-    history, finetunes = [], []
-    for _ in range(rounds):
-        report = round_flow(overrides=overrides)
-        history.append(report)
-        annotate_sim_flow(noise_rate=noise_rate, overrides=overrides)
+    while len(record.rounds) < rounds:
+        demo.add_round(record, round_flow(overrides=overrides))
+        annotate_sim_flow(noise_rate=noise_rate, only_samples=record.samples, overrides=overrides)
         synced = sync_flow(overrides=overrides)
-        if synced["finetune"] is not None:
-            finetunes.append(synced["finetune"])
-    history.append(round_flow(select=False, overrides=overrides))
-    champion = tracking.champion_version(with_retries(connect_mlflow, settings)(settings), settings)
-    return {
-        "rounds": [
-            {
-                "round": r.round_id,
-                "labels": r.n_labels,
-                "model_version": r.model_version,
-                "test_accuracy": _finite(r.test_accuracy),
-                "holdout_accuracy": _finite(r.holdout_accuracy),
-                "promoted": r.promoted,
-                "selected": len(r.selected),
-                "strategy": r.strategy,
-            }
-            for r in history
-        ],
-        "finetunes": [
-            {
-                "model_version": f.model_version,
-                "depth": f.depth,
-                "holdout_accuracy": _finite(f.holdout_accuracy),
-                "test_accuracy": _finite(f.test_accuracy),
-                "promoted": f.promoted,
-                "reason": f.promotion_reason,
-            }
-            for f in finetunes
-        ],
-        "champion": champion,
-        "labels": history[-1].n_labels,
-    }
+        if isinstance(synced["finetune"], loop.FinetuneReport):
+            demo.add_finetune(record, synced["finetune"])
+        demo.save(catalog, record)
+    demo.add_round(record, round_flow(select=False, overrides=overrides))
+    record.champion = tracking.champion_version(with_retries(connect_mlflow, settings)(settings), settings)
+    record.finished = True
+    demo.save(catalog, record)
+    return {**record.summary(), "reused": False}

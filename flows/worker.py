@@ -4,7 +4,7 @@ Like the servers (flywheel/services.py) it outlives the command that started it,
 `<workspace>/logs/worker-<pool>.log` and records its pid (= process group, so its flow runs stop with it)
 in `<workspace>/run/worker-<pool>.pid`. Light on imports, so `make stop` stays quick.
 
-    python -m flows.worker start|stop|status
+    python -m flows.worker start|stop|status|restore   # restore: start it if this workspace has deployments
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from flywheel.config import Settings, load_settings
 from flywheel.errors import FlywheelError, exit_code_on_error
 from flywheel.health import require_healthy
-from flywheel.services import kill_group, log_tail, running_pid, spawn_detached
+from flywheel.services import deployed_marker, kill_group, log_tail, spawn_detached, worker_files, worker_pid
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).parent / "prefect"
@@ -38,20 +38,10 @@ def prefect_api(settings: Settings) -> Iterator[None]:
         yield
 
 
-def _files(settings: Settings) -> tuple[Path, Path]:
-    pool = settings.prefect.work_pool
-    return settings.workspace / "run" / f"worker-{pool}.pid", settings.logs_dir / f"worker-{pool}.log"
-
-
 def worker_name(settings: Settings) -> str:
     """One name per (host, workspace, pool): a restarted worker takes its predecessor's place."""
     where = hashlib.sha256(f"{socket.gethostname()}:{settings.workspace}".encode()).hexdigest()[:8]
     return f"flywheel-{settings.prefect.work_pool}-{where}"
-
-
-def worker_pid(settings: Settings) -> int | None:
-    """The pid of this workspace's worker for the pool, if it runs."""
-    return running_pid(_files(settings)[0], "worker", "--pool", settings.prefect.work_pool)
 
 
 def start_worker(settings: Settings, *, timeout: float = 90) -> int:
@@ -61,7 +51,7 @@ def start_worker(settings: Settings, *, timeout: float = 90) -> int:
     pid = worker_pid(settings)
     if pid is not None:
         return pid
-    pid_file, log = _files(settings)
+    pid_file, log = worker_files(settings)
     pool = settings.prefect.work_pool
     argv = [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process", "--name", worker_name(settings)]
     env = {
@@ -88,23 +78,27 @@ def stop_worker(settings: Settings) -> bool:
     pid = worker_pid(settings)
     if pid is not None:
         kill_group(pid, grace=20)
-    _files(settings)[0].unlink(missing_ok=True)
+    worker_files(settings)[0].unlink(missing_ok=True)
     return pid is not None
 
 
 def describe(settings: Settings) -> str:
     pid = worker_pid(settings)
     state = f"pid {pid}" if pid else "not running"
-    return f"worker for pool {settings.prefect.work_pool}: {state} (log {_files(settings)[1]})"
+    return f"worker for pool {settings.prefect.work_pool}: {state} (log {worker_files(settings)[1]})"
 
 
 @exit_code_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("command", choices=("start", "stop", "status", "restore"))
     args = parser.parse_args(argv)
     settings = load_settings()
-    if args.command == "start":
+    if args.command == "restore":  # `make services`: the worker of a deployed workspace comes back with the servers
+        if not deployed_marker(settings).exists():
+            return 0
+        start_worker(settings)
+    elif args.command == "start":
         start_worker(settings)
     elif args.command == "stop":
         stopped = "stopped" if stop_worker(settings) else "none was running"

@@ -7,6 +7,7 @@ by the API token's user), so the rest of the flywheel cannot tell the two apart.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import numpy as np
 from label_studio_sdk import LabelStudio
@@ -34,11 +35,13 @@ def annotate_open_tasks(
     noise_rate: float = 0.0,
     rng: np.random.Generator,
     limit: int | None = None,
+    only_samples: Collection[int] | None = None,
 ) -> int:
     """Annotate up to `limit` open tasks (oldest first) with their sample's truth; returns how many.
 
     With probability `noise_rate` a label is replaced by another class drawn uniformly (a careless
-    annotator). Tasks whose sample has no truth are left for a person and logged with their count.
+    annotator). Tasks whose sample has no truth, or is not in `only_samples` when given (the demo answers
+    its own tasks only), are left for a person.
     """
     if not 0.0 <= noise_rate <= 1.0:
         raise ConfigError(f"noise_rate must be within [0, 1], got {noise_rate}")
@@ -47,6 +50,8 @@ def annotate_open_tasks(
     classes = catalog.classes()
     tasks = sorted(list_tasks(client, project_id, query=OPEN_TASKS), key=lambda t: int(t.id))
     sample_of = {int(t.id): task_sample_id(t.data) for t in tasks}
+    if only_samples is not None:
+        sample_of = {task: sample for task, sample in sample_of.items() if sample in only_samples}
     truth = catalog.truth_of(s for s in sample_of.values() if s is not None)
 
     annotated = left = 0

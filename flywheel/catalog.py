@@ -484,6 +484,13 @@ class Catalog:
         with self.transaction() as s:
             return set(s.scalars(select(Task.sample_id)))
 
+    def open_task_count(self) -> int:
+        """Tasks sent to Label Studio that nobody has answered yet (a deleted answer leaves a task open)."""
+        answered = select(Annotation.sample_id).where(Annotation.state != "deleted", Annotation.sample_id.is_not(None))
+        with self.transaction() as s:
+            query = select(func.count()).select_from(Task).where(Task.sample_id.not_in(answered))
+            return s.scalar(query) or 0
+
     def record_tasks(
         self,
         session: Session,

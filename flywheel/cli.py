@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 from flywheel.config import Settings, load_settings
 from flywheel.errors import FlywheelError
 from flywheel.health import require_healthy
+
+if TYPE_CHECKING:  # the loop imports torch: only the commands that run it load it
+    from flywheel.loop import FinetuneReport
 
 app = typer.Typer(
     help="Active-learning data flywheel: label less, learn more, trace every model.", no_args_is_help=True
@@ -70,11 +73,16 @@ def _pct(value: float | None) -> str:
 @services_app.command("start")
 @_friendly
 def services_start() -> None:
-    """Start (or reuse) the three servers; prints their URLs."""
+    """Start (or reuse) the three servers, and the deployments' worker when this workspace has deployments."""
     from flywheel import services
 
-    for name, url in services.start(_settings()).items():
+    settings = _settings()
+    for name, url in services.start(settings).items():
         console.print(f"{name:13s} {url}")
+    if services.deployed_marker(settings).exists():
+        from flows.worker import start_worker
+
+        console.print(f"worker        pid {start_worker(settings)}")
 
 
 @services_app.command("stop")
@@ -90,8 +98,12 @@ def services_stop() -> None:
 def services_status() -> None:
     from flywheel import services
 
-    for name, healthy in services.health(_settings()).items():
+    settings = _settings()
+    for name, healthy in services.health(settings).items():
         console.print(f"{name:13s} {'[green]healthy[/]' if healthy else '[red]down[/]'}")
+    worker = services.worker_state(settings)
+    if worker is not None:
+        console.print(worker, highlight=False)
 
 
 @db_app.command("upgrade")
@@ -212,7 +224,11 @@ def sync(finetune: Annotated[bool, typer.Option(help="run the fine-tune when the
     _use_prefect_server(settings, label_studio=True)
     from flows.flywheel_flows import sync_flow
 
-    console.print(sync_flow(finetune_when_due=finetune))
+    result = sync_flow(finetune_when_due=finetune)
+    console.print(f"sync: {result['summary']}; {result['n_labels']} labels", highlight=False, soft_wrap=True)
+    console.print(f"fine-tune: {result['finetune_step']}", highlight=False)
+    if result["finetune"] is not None:
+        _print_finetune(result["finetune"])
 
 
 @app.command("finetune")
@@ -223,10 +239,20 @@ def finetune_() -> None:
     _use_prefect_server(settings, mlflow=True)
     from flows.flywheel_flows import finetune_flow
 
-    report = finetune_flow()
+    _print_finetune(finetune_flow())
+
+
+def _print_finetune(report: FinetuneReport | str) -> None:
+    if isinstance(report, str):  # refused: these labels already had a fine-tune
+        console.print(f"fine-tune not run: {report}", highlight=False, soft_wrap=True)
+        return
     console.print(
-        f"version {report.model_version}: {report.backbone}, depth {report.depth}, promoted={report.promoted}"
-        + (f"\nbackbone: {report.backbone_choice}" if report.backbone_choice else "")
+        f"fine-tune: version {report.model_version} ({report.backbone}, depth {report.depth}), held-out "
+        f"{_pct(report.holdout_accuracy)}, test {_pct(report.test_accuracy)}: "
+        f"{'promoted' if report.promoted else 'not promoted'}, {report.promotion_reason}"
+        + (f"\nbackbone: {report.backbone_choice}" if report.backbone_choice else ""),
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -251,13 +277,22 @@ def promote(
 
 @app.command()
 @_friendly
-def webhook() -> None:
-    """Receive Label Studio's annotation webhooks (needs FLYWHEEL_WEBHOOK__SECRET); registers itself on the project."""
-    from flywheel.webhook import serve
+def webhook(
+    unregister: Annotated[
+        bool, typer.Option("--unregister", help="only remove the project's webhooks to this receiver's URL")
+    ] = False,
+) -> None:
+    """Receive Label Studio's annotation webhooks (needs FLYWHEEL_WEBHOOK__SECRET): registers its webhook on the
+    project while it runs and removes it when stopped."""
+    from flywheel import webhook as receiver
 
     settings = _settings()
-    console.print(f"starting the webhook receiver for {settings.webhook.endpoint}")
-    serve(settings)
+    if unregister:
+        removed = receiver.unregister(settings)
+        console.print(f"removed {removed} webhook(s) to {settings.webhook.endpoint}", highlight=False)
+        return
+    console.print(f"starting the webhook receiver for {settings.webhook.endpoint}", highlight=False)
+    receiver.serve(settings)
 
 
 @app.command("annotate-sim")
@@ -294,6 +329,12 @@ def demo(
     began = time.monotonic()
     summary = demo_flow(rounds=rounds, pool_size=pool_size, test_size=test_size, noise_rate=noise_rate)
     summary["seconds"] = round(time.monotonic() - began, 1)
+    if summary["reused"]:
+        console.print(
+            f"[yellow]this workspace's demo already ran[/] ({settings.workspace}): its results, from the catalog; "
+            "nothing was labelled or trained now (`make clean` for a fresh demo)",
+            highlight=False,
+        )
     table = Table(title="flywheel demo: Fashion-MNIST, simulated annotator")
     for column in ("round", "labels", "strategy", "selected", "model version", "test accuracy", "champion?"):
         table.add_column(column)
@@ -445,6 +486,11 @@ def status() -> None:
         )
     console.print(table)
     console.print(_champion_line(settings), highlight=False)
+    from flywheel import services
+
+    worker = services.worker_state(settings)
+    if worker is not None:
+        console.print(worker, highlight=False)
     from flywheel import forecast, insight, review
 
     latest = insight.latest_forecast(catalog)
@@ -508,10 +554,15 @@ def explain(sample_id: Annotated[int, typer.Argument(help="catalog sample id")])
         ("selected at", str(record.selected_at or "-")),
         ("Label Studio task", str(record.ls_task_id or "-")),
         ("annotators", ", ".join(record.annotators) or "-"),
-        *((f"  annotation {a['annotation_id']}", f"{a['annotator']}: {', '.join(a['choices'])} at {a['created_at']}"
+        *((f"  annotation {a['annotation_id']}", f"{a['annotator']}: {', '.join(a['choices']) or '-'} ({a['state']})"
+           + (f" at {a['created_at']}" if a["created_at"] else "")
            + (f", lead time {seconds(a['lead_time_s'])}" if a["lead_time_s"] is not None else ""))
           for a in record.annotations),
-        ("time to label", seconds(record.time_to_label_s) + " from sending the task to its first annotation"
+        *(("  tie", f"{label}: annotations {', '.join(map(str, ids))}") for label, ids in (record.tie or {}).items()),
+        ("label history", f"{len(record.history)} change(s)" if record.history else "-"),
+        *((f"  {h['at']:%Y-%m-%d %H:%M:%S}", f"{h['reason']}: {h['previous'] or '-'} -> {h['label'] or '-'}")
+          for h in record.history),
+        ("time to label", seconds(record.time_to_label_s) + " from sending the task to its first standing answer"
          if record.time_to_label_s is not None else "-"),
         ("lead time", seconds(record.lead_time_s) if record.lead_time_s is not None else "not recorded"),
     ]  # fmt: skip

@@ -65,6 +65,9 @@ class LabelStudioSettings(_Section):
     label_mode: Literal["single", "multi"] = Field("single", description="one class per image, or any number")
     instructions: str = Field("", description="shown to annotators above the image and as the project's instructions")
     overlap: int = Field(1, ge=1, le=20, description="annotators per task; above 1, labels are a majority vote")
+    max_open_tasks: int = Field(
+        0, ge=0, description="rounds stop pushing while this many tasks wait for an annotation; 0: 3 x k_per_round"
+    )
     export_above: int = Field(
         2000, ge=0, description="sync reads one export snapshot when the project has more tasks than this, else pages"
     )
@@ -99,6 +102,9 @@ class WebhookSettings(_Section):
     secret: SecretStr = SecretStr("")
     url: str = Field("", description="where Label Studio reaches the receiver; empty: http://<host>:<port>/webhook")
     emit_events: bool = Field(True, description="emit flywheel.annotation.* Prefect events for applied changes")
+    sync_every_s: float = Field(
+        30.0, ge=0, description="flywheel.labels.changed (which starts a sync) at most once per this many seconds"
+    )
 
     @property
     def endpoint(self) -> str:
@@ -158,6 +164,9 @@ class FinetuneSettings(_Section):
 
     min_labels: int = Field(300, ge=1, description="labelled samples before the first fine-tune")
     every_new_labels: int = Field(200, ge=1, description="new labels between two fine-tunes")
+    pending_timeout_s: float = Field(
+        6 * 3600, gt=0, description="a requested or running fine-tune counts this long (then it is taken as dead)"
+    )
     epochs: int = Field(8, ge=1)
     head_epochs: int = Field(1, ge=0, description="LP-FT: epochs with the body frozen first")
     batch_size: int = Field(64, ge=1)

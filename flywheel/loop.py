@@ -31,6 +31,7 @@ from flywheel import (
     provenance,
     quarantine,
     review,
+    schedule,
     tracking,
     transfer,
 )
@@ -44,11 +45,10 @@ from flywheel.finetune import predict_proba as finetune_predict_proba
 from flywheel.forecast import Forecast
 from flywheel.head import accuracy, predict_proba, train_head
 from flywheel.labelstudio.tasks import reconcile_tasks
-from flywheel.policy import choose_depth, should_finetune
+from flywheel.policy import choose_depth
 from flywheel.reports import confusion_figure, confusion_matrix, per_class_counts
 from flywheel.strategies import MODEL_FREE, PoolView, get_strategy
 
-LABELS_AT_LAST_FINETUNE = "labels_at_last_finetune"
 VALIDATION_FOLDS = 15  # share (of 100 folds) of the training labels kept for early stopping in fine-tunes
 
 
@@ -94,6 +94,7 @@ class SyncOutcome:
     finetune_due: bool
     labels_at_last_finetune: int = 0  # 0: none yet; with n_labels, the counts the policy decided on
     reviews: review.ReviewCounts | None = None  # label reviews (flywheel.review) after this sync
+    finetune_reason: str = ""  # why a fine-tune is or is not due (flywheel.schedule)
 
 
 @dataclass(frozen=True)
@@ -195,21 +196,33 @@ def run_round(
         n_holdout=len(split.holdout),
         labels_per_class=per_class_counts(list(labels.values()), classes),
     )
-    probs = None
+    probs = None  # the newest model's view of the pool: selection reads it
+    state, previous = schedule.label_state(labels), schedule.last_round_model(catalog)
+    new_labels = schedule.labels_at_last_round(catalog) != state
     trained_classes = np.unique(split.targets[split.train])
     if len(trained_classes) < 2:
         report.model_note = _no_model_yet(classes, [int(c) for c in trained_classes], len(split.train))
+    elif previous is not None and (previous.digest, previous.body) == (state.digest, version):
+        report.model_note = (
+            f"no new labels since version {previous.version} ({state.n_labels} labels, same body): "
+            "nothing trained or registered"
+        )
     else:
         with health.unavailable_as("MLflow", settings.mlflow.url):  # a server gone mid-round is named as such
             probs = _train_and_register(
                 settings, catalog, mlflow_client, body, version, pool, split, classes, report, progress
             )
+        assert report.model_version is not None  # _train_and_register registered it
+        schedule.record_round_model(catalog, state, version, report.model_version, now=schedule.utc_now())
         insight.after_training(settings, catalog, ls_client, mlflow_client, pool, split, labels, classes, report)
     if select:
+        with health.unavailable_as("MLflow", settings.mlflow.url):
+            champion = _champion_view(settings, mlflow_client, pool, version, classes, report, probs)
         with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
-            _select_and_push(settings, catalog, ls_client, pool, split, probs, classes, report)
+            _select_and_push(settings, catalog, ls_client, pool, split, probs, champion, classes, report, new_labels)
     report.quarantine = asdict(quarantine.write_report(settings, catalog))
     faults.point("round:before_finish")
+    schedule.record_round_labels(catalog, state)
     catalog.finish_round(
         round_id,
         strategy=report.strategy,
@@ -311,6 +324,53 @@ def _champion_holdout_accuracy(
     return evaluate(champion, [pool.paths[i] for i in split.holdout], split.targets[split.holdout])
 
 
+@dataclass(frozen=True)
+class ChampionView:
+    """The champion's predictions on the pool: what annotators see as pre-annotations."""
+
+    version: str
+    probs: npt.NDArray[np.float32]
+
+
+def _champion_view(
+    settings: Settings,
+    mlflow_client: MlflowClient,
+    pool: features.SplitFeatures,
+    body_version: str,
+    classes: list[str],
+    report: RoundReport,
+    probs: npt.NDArray[np.float32] | None,
+) -> ChampionView | None:
+    """The champion's predictions on the pool (this round's model when it was just promoted); None when there
+    is no champion, or its head cannot read these embeddings (another body, another class list)."""
+    if report.promoted and probs is not None and report.model_version is not None:
+        return ChampionView(report.model_version, probs)
+    version = tracking.champion_version(mlflow_client, settings)
+    if version is None or _body_version(tracking.model_version(mlflow_client, settings, version)) != body_version:
+        return None
+    classifier = _load(mlflow_client, settings, version)
+    if list(classifier.classes) != classes:
+        return None
+    return ChampionView(version, predict_proba(classifier.head, pool.vectors))
+
+
+def _room_for_tasks(settings: Settings, catalog: Catalog, report: RoundReport, new_labels: bool) -> int:
+    """How many tasks this round may still push: its batch, less what a crashed attempt of it sent, and no
+    more than keeps the tasks waiting for an annotation under label_studio.max_open_tasks; none while nothing
+    was labelled since the last round and its tasks still wait."""
+    cap = settings.label_studio.max_open_tasks or 3 * settings.k_per_round
+    waiting = catalog.open_task_count()
+    if waiting and not new_labels:
+        report.description = f"not pushed: no new labels since the last round, and {waiting} of its tasks still wait"
+        return 0
+    if waiting >= cap:
+        report.description = (
+            f"not pushed: {waiting} tasks wait for an annotation in Label Studio "
+            f"(label_studio.max_open_tasks: {cap}); new ones go out once they are answered"
+        )
+    return min(settings.k_per_round - catalog.round_task_count(report.round_id), cap - waiting)
+
+
 def _select_and_push(
     settings: Settings,
     catalog: Catalog,
@@ -318,86 +378,84 @@ def _select_and_push(
     pool: features.SplitFeatures,
     split: LabelledSplit,
     probs: npt.NDArray[np.float32] | None,
+    champion: ChampionView | None,
     classes: list[str],
     report: RoundReport,
+    new_labels: bool,
 ) -> None:
+    """Select by the newest model (else the champion, else without a model) and push with the champion's
+    predictions, so annotators never see a model that lost."""
     if ls_client is not None:  # tasks a crashed push left in Label Studio are recorded first: never sent twice
         project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
         reconcile_tasks(ls_client, catalog, project_id, round_id=report.round_id)
+        if report.promoted and champion is not None:  # a new champion: open tasks show its predictions
+            _refresh_open_tasks(ls_client, catalog, project_id, pool.ids, champion.probs, classes, champion.version)
+    scorer = report.model_version if probs is not None else None
+    if probs is None and champion is not None:
+        probs, scorer = champion.probs, champion.version
     sent = catalog.sent_sample_ids()
     candidates = np.array(
         [i for i, sid in enumerate(pool.ids) if split.targets[i] < 0 and int(sid) not in sent], dtype=np.int64
     )
-    # a resumed round selects only what its first attempt did not send
-    n = min(settings.k_per_round - catalog.round_task_count(report.round_id), len(candidates))
+    n = min(_room_for_tasks(settings, catalog, report, new_labels), len(candidates))
     if n <= 0:
-        report.description = "nothing left to select"
+        report.description = report.description or "nothing left to select"
         return
     name = settings.strategy if probs is not None or settings.strategy in MODEL_FREE else "random"
     labelled = np.flatnonzero(split.targets >= 0)
     view = PoolView(
-        candidates=candidates,
-        labelled=labelled,
-        labelled_targets=split.targets[labelled],
-        probs=probs,
+        candidates=candidates, labelled=labelled, labelled_targets=split.targets[labelled], probs=probs,
         embeddings=pool.vectors,
-    )
+    )  # fmt: skip
     selection = get_strategy(name)(view, n, rng=np.random.default_rng([settings.seed, report.round_id]))
     known = {int(pool.ids[i]) for i in labelled} | sent
     keep, report.near_duplicates = quarantine.drop_near_duplicates(settings, catalog, pool, selection.positions, known)
     faults.point("round:after_select")
     report.strategy = name
     report.description = selection.description + ("" if probs is not None else " (cold start: no model yet)")
-    tasks = []
-    for position, score in zip(selection.positions[keep], selection.scores[keep], strict=True):
-        predicted, confidence = (
-            ("", 0.0) if probs is None else (classes[int(probs[position].argmax())], float(probs[position].max()))
-        )
-        tasks.append(
-            labelstudio.TaskToPush(
-                sample_id=int(pool.ids[position]),
-                path=pool.paths[position],
-                predicted=predicted,
-                confidence=confidence,
-                score=float(score),
-            )
-        )
-        report.selected.append(
-            {
-                "sample_id": int(pool.ids[position]),
-                "score": float(score),
-                "predicted": predicted,
-                "confidence": confidence,
-            }
-        )
-    if ls_client is not None:
-        project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
-        if report.promoted and probs is not None and report.model_version is not None:  # new champion
-            _refresh_open_tasks(ls_client, catalog, project_id, pool.ids, probs, classes, report.model_version)
-        pushed = labelstudio.push_tasks(
-            ls_client,
-            catalog,
-            settings,
-            project_id,
-            tasks,
-            model_version=report.model_version if probs is not None else None,
-            round_id=report.round_id,
-        )
-        provenance.record_selection(
-            catalog,
-            round_id=report.round_id,
-            strategy=name,
-            params={
-                "description": report.description,
-                "k_per_round": settings.k_per_round,
-                "seed": settings.seed,
-                "rng": [settings.seed, report.round_id],
-                "candidates": len(candidates),
-                "labelled": len(labelled),
-            },
-            model_version=report.model_version if probs is not None else None,
-            picks=[(t.sample_id, t.score) for t in tasks if t.sample_id in pushed],
-        )
+    shown = champion or (ChampionView(scorer, probs) if scorer is not None and probs is not None else None)
+    tasks = [
+        _task(pool, int(position), float(score), shown, classes)
+        for position, score in zip(selection.positions[keep], selection.scores[keep], strict=True)
+    ]
+    report.selected = [
+        {"sample_id": t.sample_id, "score": t.score, "predicted": t.predicted, "confidence": t.confidence}
+        for t in tasks
+    ]
+    if ls_client is None:
+        return
+    pushed = labelstudio.push_tasks(
+        ls_client, catalog, settings, project_id, tasks, model_version=shown.version if shown else None,
+        round_id=report.round_id,
+    )  # fmt: skip
+    provenance.record_selection(
+        catalog,
+        round_id=report.round_id,
+        strategy=name,
+        params={
+            "description": report.description,
+            "k_per_round": settings.k_per_round,
+            "seed": settings.seed,
+            "rng": [settings.seed, report.round_id],
+            "candidates": len(candidates),
+            "labelled": len(labelled),
+        },
+        model_version=scorer,
+        picks=[(t.sample_id, t.score) for t in tasks if t.sample_id in pushed],
+    )
+
+
+def _task(
+    pool: features.SplitFeatures, position: int, score: float, shown: ChampionView | None, classes: list[str]
+) -> labelstudio.TaskToPush:
+    """One selected sample as a Label Studio task, pre-annotated by the model annotators are shown."""
+    predicted, confidence = "", 0.0
+    if shown is not None:
+        predicted, confidence = classes[int(shown.probs[position].argmax())], float(shown.probs[position].max())
+    return labelstudio.TaskToPush(
+        sample_id=int(pool.ids[position]), path=pool.paths[position], predicted=predicted, confidence=confidence,
+        score=score,
+    )  # fmt: skip
 
 
 @locking.locked
@@ -409,16 +467,17 @@ def run_sync(settings: Settings, catalog: Catalog, ls_client: LabelStudio) -> Sy
         ls_client, catalog, project_id, mode=ls.label_mode, export_above=ls.export_above
     )
     provenance.record_annotations(ls_client, catalog, project_id)
-    n_labels = catalog.count_labels()
-    at_last = int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0)
-    due = should_finetune(
-        n_labels,
-        at_last,
-        min_labels=settings.finetune.min_labels,
-        every_new_labels=settings.finetune.every_new_labels,
-    )
+    state, now = schedule.label_state(catalog.labels()), schedule.utc_now()
+    due = schedule.finetune_due(catalog, state, settings.finetune, now=now)
+    if due.due:  # recorded now, under the lock: a second sync or event on these labels is not due again
+        schedule.request_finetune(catalog, state, now=now)
     return SyncOutcome(
-        report=sync, n_labels=n_labels, finetune_due=due, labels_at_last_finetune=at_last, reviews=reviews
+        report=sync,
+        n_labels=state.n_labels,
+        finetune_due=due.due,
+        labels_at_last_finetune=due.counted_from,
+        reviews=reviews,
+        finetune_reason=due.reason,
     )
 
 
@@ -441,6 +500,8 @@ def run_finetune(
     classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
     if len(np.unique(split.targets[split.train])) < 2:
         raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels")
+    state = schedule.label_state(labels)
+    schedule.start_finetune(catalog, state, now=schedule.utc_now())  # refused when these labels had one
     # The guard's baseline: a head alone on the features the project uses now.
     baseline = _fit_head(settings, pool, split.train, split.targets, len(classes))
     baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
@@ -581,7 +642,7 @@ def run_finetune(
     if decision_promote.promoted:
         switch_body(settings, catalog, logged.version, new_body, progress=progress)
         features.record_backbone(catalog, configured=configured, in_use=settings.backbone)
-    catalog.set_meta(LABELS_AT_LAST_FINETUNE, str(len(labels)))
+    schedule.finish_finetune(catalog, state, logged.version, now=schedule.utc_now())
     return FinetuneReport(
         model_version=logged.version,
         run_url=logged.run_url,
@@ -621,7 +682,7 @@ def _pick_backbone(
     """Before the first fine-tune, score the candidates on the labelled images and log the table (into
     `tables`, `params`); the best one when picking is on and it beats the current backbone by the margin."""
     ft = settings.finetune
-    if int(catalog.get_meta(LABELS_AT_LAST_FINETUNE) or 0):
+    if int(catalog.get_meta(schedule.LABELS_AT_LAST_FINETUNE) or 0):
         return settings.backbone
     candidates = transfer.available_backbones(ft.backbones)
     if settings.backbone not in candidates:

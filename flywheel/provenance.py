@@ -20,11 +20,12 @@ from typing import Any, overload
 
 from label_studio_sdk import LabelStudio
 from mlflow import MlflowClient
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
-from flywheel.catalog import Catalog, Label, LabelReview, Provenance, Sample, Task
+from flywheel.catalog import Annotation, Catalog, Label, LabelChange, LabelReview, Provenance, Review, Sample, Task
 from flywheel.labelstudio.client import list_tasks
 from flywheel.labelstudio.interface import result_choices
+from flywheel.labelstudio.ledger import SKIPPED, SUBMITTED
 from flywheel.labelstudio.sync import users_by_id
 
 TRAINING_SET_ARTIFACT = "training_set.csv"
@@ -65,21 +66,27 @@ def record_selection(
 
 
 def record_annotations(client: LabelStudio, catalog: Catalog, project_id: int) -> int:
-    """Read annotator, time and lead time of labelled samples not read since their label last changed.
+    """Read annotator, time and lead time of every annotation (skips included) of the samples whose annotations
+    changed since they were last read: new ones, relabels, skips, ties and deletions alike.
 
     Returns how many samples were read. One Label Studio listing per READ_CHUNK tasks of the project.
     """
+    latest = (
+        select(Annotation.sample_id, func.max(Annotation.seen_at).label("seen"))
+        .group_by(Annotation.sample_id)
+        .subquery()
+    )
     with catalog.transaction() as s:
         stale = s.execute(
             select(Task.ls_task_id, Task.sample_id)
-            .join(Label, Label.sample_id == Task.sample_id)
+            .join(latest, latest.c.sample_id == Task.sample_id)
             .outerjoin(Provenance, Provenance.sample_id == Task.sample_id)
             .where(Task.ls_project_id == project_id)
             .where(
                 or_(
                     Provenance.id.is_(None),
                     Provenance.annotations_read_at.is_(None),
-                    Label.updated_at > Provenance.annotations_read_at,
+                    latest.c.seen > Provenance.annotations_read_at,
                 )
             )
         ).all()
@@ -87,44 +94,47 @@ def record_annotations(client: LabelStudio, catalog: Catalog, project_id: int) -
         return 0
     sample_of = {int(task_id): int(sample_id) for task_id, sample_id in stale}
     users = users_by_id(client)
-    facts: dict[int, list[dict[str, Any]]] = {}
+    facts: dict[int, list[dict[str, Any]]] = {sample: [] for sample in sample_of.values()}  # all deleted: none
     task_ids = sorted(sample_of)
     for start in range(0, len(task_ids), READ_CHUNK):
         chunk = task_ids[start : start + READ_CHUNK]
         query = json.dumps({"selectedItems": {"all": False, "included": chunk}})
         for task in list_tasks(client, project_id, query=query, fields="all"):
             task = task.dict()
-            facts[sample_of[int(task["id"])]] = [
-                {
-                    "annotation_id": int(a["id"]),
-                    "annotator": users.get(int(a["completed_by"]), str(a["completed_by"]))
-                    if a.get("completed_by") is not None
-                    else "unknown",
-                    "choices": result_choices(a.get("result")),
-                    "created_at": str(_utc(a.get("created_at"))),
-                    "lead_time_s": a.get("lead_time"),
-                }
-                for a in sorted(task.get("annotations") or [], key=lambda a: int(a["id"]))
-                if not a.get("was_cancelled")
-            ]
+            annotations = sorted(task.get("annotations") or [], key=lambda a: int(a["id"]))
+            facts[sample_of[int(task["id"])]] = [_annotation_fact(a, users) for a in annotations]
     now = _utc(datetime.now(UTC))
     with catalog.transaction() as s:
         known = {p.sample_id: p for p in s.scalars(select(Provenance).where(Provenance.sample_id.in_(list(facts))))}
         for sample_id, annotations in facts.items():
             row = known.get(sample_id) or Provenance(sample_id=sample_id)
-            times = [_utc(a["created_at"]) for a in annotations]
-            leads = [float(a["lead_time_s"]) for a in annotations if a["lead_time_s"] is not None]
+            answered = [a for a in annotations if not a["skipped"]]
+            leads = [float(a["lead_time_s"]) for a in answered if a["lead_time_s"] is not None]
             row.annotations = json.dumps(annotations)
-            row.first_annotated_at = min(times) if times else None
+            row.first_annotated_at = min((_utc(a["created_at"]) for a in answered), default=None)
             row.lead_time_s = sum(leads) if leads else None
             row.annotations_read_at = now
             s.add(row)
     return len(facts)
 
 
+def _annotation_fact(annotation: dict[str, Any], users: Mapping[int, str]) -> dict[str, Any]:
+    """What Label Studio says of one annotation: who, what, when, how long, and whether it was a skip."""
+    who = annotation.get("completed_by")
+    return {
+        "annotation_id": int(annotation["id"]),
+        "annotator": users.get(int(who), str(who)) if who is not None else "unknown",
+        "choices": result_choices(annotation.get("result")),
+        "created_at": str(_utc(annotation.get("created_at"))),
+        "lead_time_s": annotation.get("lead_time"),
+        "skipped": bool(annotation.get("was_cancelled")),
+    }
+
+
 @dataclass(frozen=True)
 class SampleProvenance:
-    """One sample's whole record: what it is, its label, why it was asked for, how it was answered, reviewed."""
+    """One sample's whole record: what it is, its label, why it was asked for, how it was answered (every
+    annotation, deleted and skipped ones included), how its label changed, a tie waiting, its review."""
 
     sample_id: int
     uri: str
@@ -142,11 +152,14 @@ class SampleProvenance:
     selected_at: datetime | None = None
     ls_task_id: int | None = None
     sent_at: datetime | None = None
+    # each: annotation_id, annotator, choices, state (submitted, skipped, rejected, deleted), created_at, lead_time_s
     annotations: list[dict[str, Any]] = field(default_factory=list)
-    annotators: list[str] = field(default_factory=list)
+    annotators: list[str] = field(default_factory=list)  # whose annotations count now (none deleted)
     first_annotated_at: datetime | None = None
-    time_to_label_s: float | None = None  # from sending the task to its first annotation
+    time_to_label_s: float | None = None  # from sending the task to its first answer that still stands
     lead_time_s: float | None = None  # the annotators' working time, as Label Studio recorded it
+    history: list[dict[str, Any]] = field(default_factory=list)  # each: at, reason, previous, label
+    tie: dict[str, list[int]] | None = None  # label -> annotation ids, while annotators tie
     review: dict[str, Any] | None = None
 
 
@@ -158,26 +171,75 @@ def provenance_of(catalog: Catalog, sample_ids: Iterable[int]) -> dict[int, Samp
         for start in range(0, len(ids), 5000):
             chunk = ids[start : start + 5000]
             rows = s.execute(
-                select(Sample, Label, Provenance, Task, LabelReview)
+                select(Sample, Label, Provenance, Task, LabelReview, Review)
                 .outerjoin(Label, Label.sample_id == Sample.id)
                 .outerjoin(Provenance, Provenance.sample_id == Sample.id)
                 .outerjoin(Task, Task.sample_id == Sample.id)
                 .outerjoin(LabelReview, LabelReview.sample_id == Sample.id)
+                .outerjoin(Review, Review.sample_id == Sample.id)
                 .where(Sample.id.in_(chunk))
             ).all()
-            for sample, label, prov, task, review in rows:
-                out[sample.id] = _record(sample, label, prov, task, review)
+            ledger = _by_sample(s.scalars(select(Annotation).where(Annotation.sample_id.in_(chunk))))
+            history = _by_sample(
+                s.scalars(select(LabelChange).where(LabelChange.sample_id.in_(chunk)).order_by(LabelChange.id))
+            )
+            for sample, label, prov, task, review, tie in rows:
+                answers = _answers(ledger.get(sample.id, []), prov)
+                out[sample.id] = _record(sample, label, prov, task, review, answers, history.get(sample.id, []), tie)
     return out
 
 
+def _by_sample(rows: Iterable[Annotation | LabelChange]) -> dict[int, list[Any]]:
+    grouped: dict[int, list[Any]] = {}
+    for row in rows:
+        if row.sample_id is not None:
+            grouped.setdefault(row.sample_id, []).append(row)
+    return grouped
+
+
+def _answers(ledger: Sequence[Annotation], prov: Provenance | None) -> list[dict[str, Any]]:
+    """Every annotation of a sample in its latest state (the catalog's ledger), with the time and working time
+    Label Studio gave for it; annotations read from Label Studio that the ledger has not seen are added."""
+    facts = {a["annotation_id"]: a for a in (json.loads(prov.annotations) if prov and prov.annotations else [])}
+    answers = [
+        {
+            "annotation_id": row.ls_annotation_id,
+            "annotator": row.annotator,
+            "choices": json.loads(row.choices),
+            "state": row.state,
+            "created_at": facts.get(row.ls_annotation_id, {}).get("created_at"),
+            "lead_time_s": facts.get(row.ls_annotation_id, {}).get("lead_time_s"),
+        }
+        for row in sorted(ledger, key=lambda r: r.ls_annotation_id)
+    ]
+    seen = {a["annotation_id"] for a in answers}
+    answers += [
+        {**fact, "state": SKIPPED if fact.get("skipped") else SUBMITTED}
+        for annotation_id, fact in sorted(facts.items())
+        if annotation_id not in seen
+    ]
+    for answer in answers:
+        answer.pop("skipped", None)
+    return answers
+
+
 def _record(
-    sample: Sample, label: Label | None, prov: Provenance | None, task: Task | None, review: LabelReview | None
+    sample: Sample,
+    label: Label | None,
+    prov: Provenance | None,
+    task: Task | None,
+    review: LabelReview | None,
+    answers: list[dict[str, Any]],
+    history: Sequence[LabelChange],
+    tie: Review | None,
 ) -> SampleProvenance:
-    annotations = json.loads(prov.annotations) if prov is not None and prov.annotations else []
-    annotators = list(dict.fromkeys(a["annotator"] for a in annotations))
+    standing = [a for a in answers if a["state"] == SUBMITTED]
+    annotators = list(dict.fromkeys(a["annotator"] for a in standing))
     if not annotators and label is not None:
         annotators = [label.annotator]
-    first = prov.first_annotated_at if prov is not None else None
+    times = [_utc(a["created_at"]) for a in standing if a["created_at"]]
+    first = min(times) if times else None
+    leads = [float(a["lead_time_s"]) for a in standing if a["lead_time_s"] is not None]
     sent = task.created_at if task is not None else None
     return SampleProvenance(
         sample_id=sample.id,
@@ -196,11 +258,16 @@ def _record(
         selected_at=prov.selected_at if prov is not None else None,
         ls_task_id=task.ls_task_id if task is not None else None,
         sent_at=sent,
-        annotations=annotations,
+        annotations=answers,
         annotators=annotators,
         first_annotated_at=first,
         time_to_label_s=(first - _utc(sent)).total_seconds() if first is not None and sent is not None else None,
-        lead_time_s=prov.lead_time_s if prov is not None else None,
+        lead_time_s=sum(leads) if leads else None,
+        history=[
+            {"at": change.at, "reason": change.reason, "previous": change.previous, "label": change.label}
+            for change in history
+        ],
+        tie=json.loads(tie.votes) if tie is not None else None,
         review=None
         if review is None
         else {

@@ -321,6 +321,39 @@ def kill_group(pgid: int, grace: float) -> None:
             time.sleep(0.2)
 
 
+# --- the deployments' worker (flows/worker.py starts it) --------------------------------------------
+
+
+def worker_files(settings: Settings) -> tuple[Path, Path]:
+    """The pid file and log of this workspace's Prefect worker for settings.prefect.work_pool."""
+    pool = settings.prefect.work_pool
+    return settings.workspace / "run" / f"worker-{pool}.pid", settings.logs_dir / f"worker-{pool}.log"
+
+
+def deployed_marker(settings: Settings) -> Path:
+    """Written by `make deploy` (flows.deploy): this workspace's deployments need a running worker."""
+    return settings.workspace / "run" / f"deployed-{settings.prefect.work_pool}"
+
+
+def worker_pid(settings: Settings) -> int | None:
+    """The pid of this workspace's worker for the pool, if it runs."""
+    return running_pid(worker_files(settings)[0], "worker", "--pool", settings.prefect.work_pool)
+
+
+def worker_state(settings: Settings) -> str | None:
+    """One line on the worker when this workspace has deployments (None when it has none): without a worker,
+    schedules and triggers create runs that nobody runs."""
+    if not deployed_marker(settings).exists():
+        return None
+    pid = worker_pid(settings)
+    if pid is not None:
+        return f"worker for pool {settings.prefect.work_pool}: running (pid {pid})"
+    return (
+        f"worker for pool {settings.prefect.work_pool}: DOWN: scheduled and triggered runs wait for it "
+        "(`make services` or `python -m flows.worker start`)"
+    )
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -337,8 +370,12 @@ def _print_table(settings: Settings, names: Sequence[str]) -> bool:
         spec = _spec(name, settings)
         state = "[green]healthy[/]" if states[name] else "[red]down[/]"
         table.add_row(name, spec.url, state, str(_read_pid(spec, settings) or "-"))
-    Console().print(table)
-    return all(states[name] for name in names)
+    console = Console()
+    console.print(table)
+    worker = worker_state(settings)
+    if worker is not None:
+        console.print(worker, highlight=False)
+    return all(states[name] for name in names) and (worker is None or worker_pid(settings) is not None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from flywheel.labelstudio.project import META_PROJECT_ID, SECRET_HEADER
 
 log = logging.getLogger(__name__)
 
+LABELS_CHANGED = "flywheel.labels.changed"  # at most one per webhook.sync_every_s: the sync deployment's trigger
 ACTIONS = {
     "ANNOTATION_CREATED": "created",
     "ANNOTATIONS_CREATED": "created",
@@ -210,15 +211,21 @@ class Receiver:
 
 
 class PrefectEmitter:
-    """Sends flywheel.annotation.* events to the Prefect server in the settings over one kept connection.
+    """Sends flywheel.annotation.* events to the Prefect server in the settings over one kept connection, and
+    at most one flywheel.labels.changed per webhook.sync_every_s (the `sync` deployment's trigger): a burst of
+    annotations starts one sync at its start and one after it, not one each.
 
     Event ids are derived from the change, so a change Prefect already has is not counted twice there.
     """
 
     def __init__(self, settings: Settings):
         self.api_url, self.project = settings.prefect.api_url, settings.project
+        self.every_s = settings.webhook.sync_every_s
         self._client: Any = None
         self._lock = asyncio.Lock()
+        self._unannounced = 0  # changes since the last flywheel.labels.changed
+        self._announced_at = float("-inf")  # loop time of the last one
+        self._announcing: asyncio.Task[None] | None = None
 
     def event(self, change: Change) -> Any:
         from prefect.events import Event
@@ -248,13 +255,45 @@ class PrefectEmitter:
                     self._client = client
                 for change in changes:
                     await self._client.emit(self.event(change))
-                return True
             except Exception as exc:  # any failure: the catalog already holds the change
                 log.warning("could not emit %d Prefect events to %s: %s", len(changes), self.api_url, exc)
                 await self.close()
                 return False
+        self._announce_later(len(changes))
+        return True
+
+    def _announce_later(self, n_changes: int) -> None:
+        """flywheel.labels.changed now if none went out for every_s, else once that time is up."""
+        self._unannounced += n_changes
+        if self._announcing is None:
+            wait = self._announced_at + self.every_s - asyncio.get_running_loop().time()
+            self._announcing = asyncio.create_task(self._announce(after_s=max(0.0, wait)))
+
+    async def _announce(self, *, after_s: float) -> None:
+        from prefect.events import Event
+
+        await asyncio.sleep(after_s)
+        self._announcing = None
+        n_changes, self._unannounced = self._unannounced, 0
+        self._announced_at = asyncio.get_running_loop().time()
+        event = Event(
+            event=LABELS_CHANGED,
+            resource={"prefect.resource.id": f"flywheel.project.{self.project}"},
+            payload={"changes": n_changes},
+        )
+        async with self._lock:
+            if self._client is None:
+                return  # emit() failed and closed it: the interval schedule syncs instead
+            try:
+                await self._client.emit(event)
+            except Exception as exc:  # any failure: the interval schedule syncs instead
+                log.warning("could not emit %s to %s: %s", LABELS_CHANGED, self.api_url, exc)
+                await self.close()
 
     async def close(self) -> None:
+        if self._announcing is not None:
+            self._announcing.cancel()
+            self._announcing = None
         client, self._client = self._client, None
         if client is not None:
             try:
@@ -299,20 +338,40 @@ def create_app(settings: Settings, catalog: Catalog, *, users: Callable[[], dict
 
 
 def serve(settings: Settings) -> None:
-    """Run the receiver with uvicorn on webhook.host:webhook.port, after registering it on the project."""
+    """Run the receiver with uvicorn on webhook.host:webhook.port, registered on the project for as long as it
+    runs: its webhook is created (or the one an earlier start left is reused) first, and removed on a clean
+    stop (Ctrl-C, SIGTERM), so Label Studio never keeps delivering to nobody."""
     import uvicorn
 
-    from flywheel.labelstudio import connect, ensure_webhook
+    from flywheel.labelstudio import connect, ensure_webhook, remove_webhooks
     from flywheel.labelstudio.sync import users_by_id
 
     require_secret(settings)
     catalog = Catalog(settings.catalog_url)
     client = connect(settings)
+    project_id = registered_project(catalog)
+    ensure_webhook(client, settings, project_id)
+    app = create_app(settings, catalog, users=lambda: users_by_id(client))
+    try:
+        uvicorn.run(app, host=settings.webhook.host, port=settings.webhook.port, log_level="warning")
+    finally:
+        removed = remove_webhooks(client, settings.webhook.endpoint, project_id)
+        log.warning("receiver stopped: removed %d webhook(s) to %s", removed, settings.webhook.endpoint)
+
+
+def unregister(settings: Settings) -> int:
+    """Remove the project's webhooks to this receiver's URL (a receiver that died without a clean stop)."""
+    from flywheel.labelstudio import connect, remove_webhooks
+
+    return remove_webhooks(
+        connect(settings), settings.webhook.endpoint, registered_project(Catalog(settings.catalog_url))
+    )
+
+
+def registered_project(catalog: Catalog) -> int:
     project_id = catalog.get_meta(META_PROJECT_ID)
     if project_id is None:
         raise ConfigError(
             f"the catalog ({catalog.url}) has no Label Studio project yet: run `flywheel bootstrap` first"
         )
-    ensure_webhook(client, settings, int(project_id))
-    app = create_app(settings, catalog, users=lambda: users_by_id(client))
-    uvicorn.run(app, host=settings.webhook.host, port=settings.webhook.port, log_level="warning")
+    return int(project_id)

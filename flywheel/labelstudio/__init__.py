@@ -18,7 +18,13 @@ from flywheel.labelstudio.client import (
 )
 from flywheel.labelstudio.interface import FROM_NAME, TO_NAME, choice_result, config_classes, config_mode, label_config
 from flywheel.labelstudio.media import ensure_local_storage, image_url, presign_s3
-from flywheel.labelstudio.project import META_PROJECT_ID, SECRET_HEADER, ensure_project, ensure_webhook
+from flywheel.labelstudio.project import (
+    META_PROJECT_ID,
+    SECRET_HEADER,
+    ensure_project,
+    ensure_webhook,
+    remove_webhooks,
+)
 from flywheel.labelstudio.sync import SyncReport, export_annotated, sync_annotations
 from flywheel.labelstudio.tasks import OPEN_TASKS, TaskToPush, prediction_score, push_tasks, refresh_predictions
 
@@ -48,6 +54,7 @@ __all__ = [
     "prediction_score",
     "push_tasks",
     "refresh_predictions",
+    "remove_webhooks",
     "sync_annotations",
     "task_sample_id",
     "task_sample_ids",

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from label_studio_sdk import AllRolesProjectList, LabelStudio, LseProjectCreate, LseProjectResponse
+from label_studio_sdk import AllRolesProjectList, LabelStudio, LseProjectCreate, LseProjectResponse, Webhook
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.projects.client_ext import ProjectExt
 
@@ -100,8 +100,6 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
     project_id = _id(project)
     if stored != str(project_id):
         catalog.set_meta(META_PROJECT_ID, str(project_id))
-    if settings.webhook.secret.get_secret_value():
-        ensure_webhook(client, settings, project_id)
     return project_id
 
 
@@ -116,15 +114,17 @@ def ensure_webhook(client: LabelStudio, settings: Settings, project_id: int) -> 
         "send_for_all_actions": False,
         "is_active": True,
     }
-    mine = [w for w in client.webhooks.list(project=str(project_id)) if w.url == url and w.project == project_id]
+    mine = _hooks_to(client, url, project_id)
     try:
         if not mine:
             hook = client.webhooks.create(url=url, project=project_id, actions=WEBHOOK_ACTIONS, **wanted)
             log.info("registered webhook %s -> %s on Label Studio project %s", hook.id, url, project_id)
             return int(hook.id)
-        hook = mine[0]
+        hook, *stale = mine
+        for extra in stale:  # left by receivers of older versions: one delivery per hook is one too many
+            client.webhooks.delete(id=_hook_id(extra))
         if any(getattr(hook, k) != v for k, v in wanted.items()) or sorted(hook.actions or []) != WEBHOOK_ACTIONS:
-            client.webhooks.update(id=hook.id, url=url, actions=WEBHOOK_ACTIONS, **wanted)
+            client.webhooks.update(id=_hook_id(hook), url=url, actions=WEBHOOK_ACTIONS, **wanted)
             log.info("updated webhook %s on Label Studio project %s", hook.id, project_id)
     except ApiError as exc:
         raise ConfigError(
@@ -132,4 +132,24 @@ def ensure_webhook(client: LabelStudio, settings: Settings, project_id: int) -> 
             "(FLYWHEEL_WEBHOOK__URL) to an address the server can reach, and start Label Studio with "
             "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false for loopback targets"
         ) from None
+    return _hook_id(hook)
+
+
+def remove_webhooks(client: LabelStudio, url: str, project_id: int) -> int:
+    """Delete the project's webhooks to `url` (a receiver that stops cleanly, `flywheel webhook --unregister`):
+    Label Studio would otherwise keep delivering to nobody, and slow every save down. Returns how many."""
+    hooks = _hooks_to(client, url, project_id)
+    for hook in hooks:
+        client.webhooks.delete(id=_hook_id(hook))
+    return len(hooks)
+
+
+def _hooks_to(client: LabelStudio, url: str, project_id: int) -> list[Webhook]:
+    """The project's webhooks to `url`, oldest first."""
+    hooks = [w for w in client.webhooks.list(project=str(project_id)) if w.url == url and w.project == project_id]
+    return sorted(hooks, key=_hook_id)
+
+
+def _hook_id(hook: Webhook) -> int:
+    assert hook.id is not None  # listed hooks have ids
     return int(hook.id)

@@ -40,6 +40,18 @@ class SyncReport:
     agreement: float | None = None  # mean share of votes for the majority, on tasks with 2+ annotators
     agreement_by_annotator: dict[str, float] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line a person reads: what changed, read how."""
+        parts = [f"{self.new} new", f"{self.updated} relabelled", f"{self.unchanged} unchanged"]
+        parts += [f"{n} {what}" for n, what in ((self.retracted, "retracted"), (self.skipped, "skipped")) if n]
+        if self.review:
+            parts.append(f"{len(self.review)} tied, sent to review")
+        if self.rejected:
+            parts.append(f"{len(self.rejected)} rejected ({'; '.join(self.rejected[:3])})")
+        if self.agreement is not None:
+            parts.append(f"annotator agreement {100 * self.agreement:.0f}%")
+        return f"{', '.join(parts)} (read as {'an export snapshot' if self.mode == 'export' else 'pages'})"
+
 
 def users_by_id(client: LabelStudio) -> dict[int, str]:
     """Label Studio user id -> email (what the catalog records as the annotator)."""

@@ -33,15 +33,19 @@ from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.deployments import run_deployment
 from prefect.events import EventTrigger, emit_event
 from prefect.exceptions import ObjectNotFound
+from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 
+from bench.webhook_burst import serving
 from flows import deploy, served, worker
-from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED, project_resource_id, project_slot, synchronously
-from flywheel import features, loop, tracking
+from flows.common import THRESHOLD_REACHED, project_resource_id, project_slot, synchronously
+from flywheel import features, labelstudio, loop, schedule, tracking
 from flywheel.catalog import TEST, Catalog
 from flywheel.config import Settings, load_settings
 from flywheel.data import import_source, materialize_fashion_mnist
+from flywheel.webhook import LABELS_CHANGED, create_app
 from tests.conftest import TEST_PORTS
+from tests.integration.labelstudio_support import with_section
 
 pytestmark = pytest.mark.integration
 
@@ -141,10 +145,10 @@ def background_runs(served_project: Settings) -> Iterator[dict[str, Any]]:
         "restarting": start({"label_studio": {"port": restarting.server_address[1]}}),
         "invalid": start({"k_per_round": 0}),
     }
-    emit_event(
-        "flywheel.annotation.created",
+    emit_event(  # as the webhook receiver announces changed labels
+        LABELS_CHANGED,
         resource={"prefect.resource.id": project_resource_id(served_project.project)},
-        payload={"action": "created", "annotation_id": 1},
+        payload={"changes": 1},
     )
     yield runs
     with get_client(sync_client=True) as client:  # its run must be over before the server goes
@@ -221,7 +225,7 @@ def test_deployments_exist_with_their_schedules_triggers_and_limits(
     assert {kind for kind, a in automations.items() if a} == {"sync", "finetune"}
     on_project = {"prefect.resource.id": project_resource_id(settings.project)}
     [sync_trigger] = [a.trigger for a in automations["sync"]]
-    assert isinstance(sync_trigger, EventTrigger) and sync_trigger.expect == set(ANNOTATION_EVENTS)
+    assert isinstance(sync_trigger, EventTrigger) and sync_trigger.expect == {LABELS_CHANGED}
     assert to_jsonable_python(sync_trigger.match) == on_project
     [finetune_trigger] = [a.trigger for a in automations["finetune"]]
     assert isinstance(finetune_trigger, EventTrigger) and finetune_trigger.expect == {THRESHOLD_REACHED}
@@ -280,16 +284,42 @@ def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap
     assert "**not promoted**" in report or "open Label Studio tasks now pre-annotated by it: 0 changed" in report
 
 
+def test_a_threshold_event_on_labels_that_had_their_finetune_runs_none(served_project: Settings):
+    """After the fine-tune at 60 labels finished, another request at the same labels trains nothing."""
+    settings = served_project
+    finished = schedule.finetune_status(Catalog(settings.catalog_url))["finished"]
+    assert finished is not None and finished.n_labels == 60  # the threshold test's fine-tune
+    began = datetime.now(UTC)
+    _emit_threshold(settings, 60)
+    with get_client(sync_client=True) as client:
+        [run] = _wait(
+            lambda: [
+                r for r in served.deployment_runs(client, settings, "finetune") if r.created and r.created > began
+            ],
+            60,
+            "a finetune run for the repeated event",
+        )
+        done = served.wait_final(client, run.id, timeout=RUN_TIMEOUT)
+        report = _markdown(_artifacts(client, done.id)[f"{settings.project}-finetune-report"])
+    assert _final(done).type == StateType.COMPLETED, _final(done).message
+    assert "# Fine-tune: not run" in report and "exactly these 60 labels already ran" in report
+    kinds = [v.tags.get("kind") for v in tracking.connect(settings).search_model_versions(
+        f"name='{settings.registered_model_name}'")]  # fmt: skip
+    assert kinds.count("finetune") == 1  # one fine-tune in all
+
+
 def test_bootstrap_deployment_reads_a_promoted_finetune_from_the_configured_mlflow(served_project: Settings):
     """The worker's fresh process loads the champion's fine-tuned body before anything there connected to MLflow:
     it must still read the configured server (MLflow's own default is a SQLite file in the working directory)."""
     settings, catalog = served_project, Catalog(served_project.catalog_url)
     client = tracking.connect(settings)
     with project_slot(settings):  # the worker's runs take turns with this one
-        finetuned = loop.run_finetune(settings, catalog, client, progress=False)
-        loop.promote(settings, catalog, client, finetuned.model_version, progress=False)
-    assert tracking.champion_version(client, settings) == finetuned.model_version
-    assert features.body_version(settings, catalog) == finetuned.model_version  # the pool reads its body now
+        finished = schedule.finetune_status(catalog)["finished"]  # the threshold test's fine-tune
+        version = finished.version if finished else loop.run_finetune(settings, catalog, client).model_version
+        assert version is not None
+        loop.promote(settings, catalog, client, version, progress=False)
+    assert tracking.champion_version(client, settings) == version
+    assert features.body_version(settings, catalog) == version  # the pool reads the fine-tune's body now
     stray = worker.REPO / "mlflow.db"
     stray_before = stray.stat().st_mtime if stray.exists() else None
     with get_client(sync_client=True) as prefect:
@@ -409,3 +439,36 @@ def test_sync_emits_the_threshold_event_with_the_counts(in_process: Settings):
         "min_labels": 30,
         "every_new_labels": 10,
     }
+
+
+def test_a_burst_of_annotations_starts_a_handful_of_syncs_and_every_label_lands(served_project: Settings) -> None:
+    """30 annotations in 30 s through the webhook receiver: each lands at once, and flywheel.labels.changed
+    (at most one per webhook.sync_every_s) starts a few syncs, not one per annotation."""
+    settings = with_section(served_project, "webhook", secret=SecretStr("burst-" + os.urandom(6).hex()))
+    catalog, ls = Catalog(settings.catalog_url), labelstudio.connect(settings)
+    project_id = labelstudio.ensure_project(ls, settings, catalog, catalog.classes())
+    samples = [s for s in catalog.samples() if s.id not in catalog.sent_sample_ids()][:30]
+    pushed = labelstudio.push_tasks(
+        ls, catalog, settings, project_id, [labelstudio.TaskToPush(s.id, s.uri, "", 0.0, 0.1) for s in samples],
+        model_version=None, round_id=None,
+    )  # fmt: skip
+    answers = {sample: "bag" if catalog.labels()[sample] != "bag" else "coat" for sample in pushed}
+    with serving(create_app(settings, catalog)) as port:
+        settings = with_section(settings, "webhook", url=f"http://127.0.0.1:{port}/webhook")
+        labelstudio.ensure_webhook(ls, settings, project_id)
+        began = datetime.now(UTC)
+        try:
+            for sample, task in pushed.items():
+                ls.annotations.create(id=task, result=labelstudio.choice_result(answers[sample]), project=project_id)
+                time.sleep(1.0)
+            _wait(lambda: all(catalog.labels()[s] == a for s, a in answers.items()), 30, "every label applied")
+            time.sleep(settings.webhook.sync_every_s + 5)  # the last flywheel.labels.changed goes out
+        finally:
+            labelstudio.remove_webhooks(ls, settings.webhook.endpoint, project_id)
+    with get_client(sync_client=True) as client:
+        started = [r for r in served.deployment_runs(client, settings, "sync")
+                   if r.created and r.created >= began and not r.auto_scheduled]  # fmt: skip
+        done = [served.wait_final(client, r.id, timeout=RUN_TIMEOUT) for r in started]
+    assert 1 <= len(done) <= 4, [r.created for r in done]  # not one per annotation
+    assert all(_final(r).type == StateType.COMPLETED for r in done)
+    assert {s: catalog.labels()[s] for s in answers} == answers  # every label landed, once

@@ -29,6 +29,7 @@ from flywheel.labelstudio import (
     choice_result,
     connect,
     ensure_project,
+    ensure_webhook,
     push_tasks,
     sync_annotations,
 )
@@ -64,6 +65,7 @@ class Hooked:
         self.settings = with_section(settings, "webhook", url=f"http://127.0.0.1:{port}/webhook")
         self.catalog, self.client, self.port = catalog, client, port
         self.project_id = ensure_project(client, self.settings, catalog, CLASSES)
+        ensure_webhook(client, self.settings, self.project_id)  # as the receiver does when it starts
         tasks = [TaskToPush(s.id, s.uri, "cat", 0.5, 0.1) for s in catalog.samples()]
         self.tasks = push_tasks(
             client, catalog, self.settings, self.project_id, tasks, model_version="1", round_id=None
@@ -114,7 +116,7 @@ def test_webhook_end_to_end_through_the_cli(settings: Settings, tmp_path: Path) 
     catalog = Catalog(settings.catalog_url)
     catalog.add_samples(make_images(tmp_path / "images", 3), source="test", split="pool", classes=CLASSES)
     client = connect(settings)
-    project_id = ensure_project(client, settings, catalog, CLASSES)  # set-up registers the webhook
+    project_id = ensure_project(client, settings, catalog, CLASSES)
     env = {
         **os.environ,
         "FLYWHEEL_WORKSPACE": str(settings.workspace),
@@ -127,11 +129,25 @@ def test_webhook_end_to_end_through_the_cli(settings: Settings, tmp_path: Path) 
         "FLYWHEEL_WEBHOOK__PORT": str(port),
     }
     log = (tmp_path / "receiver.log").open("w")
-    receiver = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "webhook"], env=env, stdout=log, stderr=log)
-    try:
+
+    def start() -> subprocess.Popen[bytes]:
+        receiver = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "webhook"], env=env, stdout=log, stderr=log)
         wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=60)
-        hooks = client.webhooks.list(project=str(project_id))
-        assert [(h.url, h.headers) for h in hooks] == [(settings.webhook.endpoint, {SECRET_HEADER: SECRET})]
+        return receiver
+
+    def hooks() -> list[tuple[str | None, object]]:
+        return [(h.url, h.headers) for h in client.webhooks.list(project=str(project_id))]
+
+    ours = (settings.webhook.endpoint, {SECRET_HEADER: SECRET})
+    for _ in range(3):  # restarts, one of them unclean: never more than one hook
+        receiver = start()
+        assert hooks() == [ours]
+        receiver.kill()
+        receiver.wait(20)
+    assert hooks() == [ours]  # a killed receiver could not remove it: the next start reuses it
+    receiver = start()
+    try:
+        assert hooks() == [ours]
         since = datetime.now(UTC) - timedelta(seconds=5)
         (sample, task), *_ = push_tasks(
             client, catalog, settings, project_id,
@@ -148,9 +164,15 @@ def test_webhook_end_to_end_through_the_cli(settings: Settings, tmp_path: Path) 
             "label": "dog",
         }
         assert [e.emitted for e in _events(catalog)] == [True]
+        receiver.terminate()  # a clean stop removes the hook
+        assert receiver.wait(20) == 0 and hooks() == []
+        ensure_webhook(client, settings, project_id)  # as a receiver that died would leave it
+        unregister = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "webhook", "--unregister"], env=env, capture_output=True, text=True
+        )
+        assert "removed 1 webhook(s)" in unregister.stdout and hooks() == []
     finally:
-        receiver.terminate()
-        receiver.wait(20)
+        receiver.kill()
         client.projects.delete(project_id)
     assert SECRET not in (tmp_path / "receiver.log").read_text()
 

@@ -10,9 +10,10 @@ import pytest
 from pydantic import SecretStr
 
 from flows import deploy
-from flows.common import ANNOTATION_EVENTS, THRESHOLD_REACHED
+from flows.common import THRESHOLD_REACHED
 from flywheel.config import load_settings
 from flywheel.errors import ConfigError
+from flywheel.webhook import LABELS_CHANGED
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "infra" / "work-pools"
 
@@ -55,7 +56,7 @@ def test_build_deployments_per_project_with_schedule_triggers_and_limits(tmp_pat
     assert [s.schedule.interval.total_seconds() for s in built["sync-p2"].schedules] == [300]
     [sync_trigger] = built["sync-p2"].triggers
     [finetune_trigger] = built["finetune-p2"].triggers
-    assert sync_trigger.expect == set(ANNOTATION_EVENTS) and finetune_trigger.expect == {THRESHOLD_REACHED}
+    assert sync_trigger.expect == {LABELS_CHANGED} and finetune_trigger.expect == {THRESHOLD_REACHED}
     assert finetune_trigger.match.model_dump() == {"prefect.resource.id": "flywheel.project.p2"}
     assert built["finetune-p2"].concurrency_options.collision_strategy.value == "CANCEL_NEW"
     assert built["round-p2"].entrypoint == "flows/flywheel_flows.py:round_flow"
