@@ -27,6 +27,10 @@ PG_TEST_ENV := FLYWHEEL_WORKSPACE=$(TEST_WS)/postgres FLYWHEEL_LABEL_STUDIO__POR
 	FLYWHEEL_MLFLOW__PORT=15001 FLYWHEEL_PREFECT__PORT=14201 FLYWHEEL_POSTGRES__PORT=15432
 PG_TESTS ?= tests/integration/test_postgres.py tests/integration/test_webhook.py tests/integration/test_provenance.py \
 	tests/integration/test_review.py tests/integration/test_deployments.py
+# Test files run in TEST_WORKERS processes (pytest-xdist), a file's tests together in one (module fixtures): most
+# integration tests wait on a server or a child process, so two share the 2 CI cores well.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 # make upgrade-check: the newest versions the inputs allow, in throwaway venvs, against the fast tests.
 UPGRADE_DIR := .upgrade-check
 FAST_TESTS ?= tests/unit tests/integration/test_services.py tests/integration/test_labelstudio.py \
@@ -92,7 +96,7 @@ upgrade-check: $(TOOLS_STAMP)
 	@status=0; FLYWHEEL_TEST_WORKSPACE=$(CURDIR)/$(UPGRADE_DIR)/workspace FLYWHEEL_TEST_PORT_OFFSET=100 \
 		FLYWHEEL_TEST_LOCKS=$(UPGRADE_DIR) FLYWHEEL_TEST_LS_VENV=$(CURDIR)/$(UPGRADE_DIR)/ls-venv \
 		FLYWHEEL_LABEL_STUDIO__EXECUTABLE=$(CURDIR)/$(UPGRADE_DIR)/ls-venv/bin/label-studio \
-		$(UPGRADE_DIR)/venv/bin/python -m pytest -q $(FAST_TESTS) || status=$$?; \
+		$(UPGRADE_DIR)/venv/bin/python -m pytest -q $(PYTEST_PARALLEL) $(FAST_TESTS) || status=$$?; \
 	FLYWHEEL_WORKSPACE=$(CURDIR)/$(UPGRADE_DIR)/workspace FLYWHEEL_LABEL_STUDIO__PORT=18180 \
 		FLYWHEEL_MLFLOW__PORT=15100 FLYWHEEL_PREFECT__PORT=14300 $(UPGRADE_DIR)/venv/bin/python -m flywheel.services stop; \
 	if [ $$status = 0 ]; then echo "upgrade-check: the newest allowed versions pass (make lock UPGRADE=1 takes them)"; \
@@ -150,9 +154,9 @@ test: setup
 	$(MAKE) --no-print-directory lint || status=$$?; \
 	$(MAKE) --no-print-directory audit || status=$$?; \
 	echo "== pytest"; \
-	.venv/bin/python -m pytest -q || status=$$?; \
+	.venv/bin/python -m pytest -q $(PYTEST_PARALLEL) --durations=20 || status=$$?; \
 	echo "== PostgreSQL pass: FLYWHEEL_TEST_DB=postgres pytest $(PG_TESTS)"; \
-	FLYWHEEL_TEST_DB=postgres .venv/bin/python -m pytest -q $(PG_TESTS) || status=$$?; \
+	FLYWHEEL_TEST_DB=postgres .venv/bin/python -m pytest -q $(PYTEST_PARALLEL) $(PG_TESTS) || status=$$?; \
 	exit $$status
 
 # ruff (lint and format) on everything, mypy as configured in pyproject.toml (strict on flywheel/).

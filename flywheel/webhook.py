@@ -302,8 +302,15 @@ class PrefectEmitter:
                 log.debug("closing the Prefect events connection failed", exc_info=True)
 
 
-def create_app(settings: Settings, catalog: Catalog, *, users: Callable[[], dict[int, str]] | None = None) -> FastAPI:
-    """The FastAPI app: POST /webhook (Label Studio), GET /health."""
+def create_app(
+    settings: Settings,
+    catalog: Catalog,
+    *,
+    users: Callable[[], dict[int, str]] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The FastAPI app: POST /webhook (Label Studio), GET /health. `on_shutdown` runs when the server stops
+    gracefully (uvicorn then re-raises a SIGTERM, so code after uvicorn.run never runs)."""
     receiver = Receiver(settings, catalog, users)
     emitter = PrefectEmitter(settings) if settings.webhook.emit_events else None
 
@@ -312,6 +319,8 @@ def create_app(settings: Settings, catalog: Catalog, *, users: Callable[[], dict
         yield
         if emitter is not None:
             await emitter.close()
+        if on_shutdown is not None:
+            await run_in_threadpool(on_shutdown)
 
     app = FastAPI(title="flywheel webhook receiver", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.receiver = receiver
@@ -351,12 +360,13 @@ def serve(settings: Settings) -> None:
     client = connect(settings)
     project_id = registered_project(catalog)
     ensure_webhook(client, settings, project_id)
-    app = create_app(settings, catalog, users=lambda: users_by_id(client))
-    try:
-        uvicorn.run(app, host=settings.webhook.host, port=settings.webhook.port, log_level="warning")
-    finally:
+
+    def unregister_on_stop() -> None:
         removed = remove_webhooks(client, settings.webhook.endpoint, project_id)
         log.warning("receiver stopped: removed %d webhook(s) to %s", removed, settings.webhook.endpoint)
+
+    app = create_app(settings, catalog, users=lambda: users_by_id(client), on_shutdown=unregister_on_stop)
+    uvicorn.run(app, host=settings.webhook.host, port=settings.webhook.port, log_level="warning")
 
 
 def unregister(settings: Settings) -> int:

@@ -81,7 +81,6 @@ def test_one_class_says_two_are_needed_and_status_shows_the_champion(tmp_path: P
     user = User(tmp_path / "ws", FLYWHEEL_K_PER_ROUND="16")
     imported = user.ok("import", str(tmp_path / "one"), "--trust-labels")
     assert "classes (1): circle" in imported and "a classifier needs at least 2 classes" in imported
-    user.ok("bootstrap")
     first = user.ok("round")
     assert "model version -" in first and "no model: the project has one class (circle)" in first
     assert "champion: none yet" in user.ok("status")

@@ -284,6 +284,7 @@ def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap
     assert "**not promoted**" in report or "open Label Studio tasks now pre-annotated by it: 0 changed" in report
 
 
+@pytest.mark.sqlite_pass  # the receiver, retries and the schedule do not touch the stores
 def test_a_threshold_event_on_labels_that_had_their_finetune_runs_none(served_project: Settings):
     """After the fine-tune at 60 labels finished, another request at the same labels trains nothing."""
     settings = served_project
@@ -334,6 +335,7 @@ def _connect_states(client: SyncPrefectClient, flow_run_id: UUID) -> tuple[TaskR
     return connect, [str(s.name) for s in client.read_task_run_states(connect.id)]
 
 
+@pytest.mark.sqlite_pass  # the receiver, retries and the schedule do not touch the stores
 def test_a_server_that_answers_503_is_retried_with_backoff(served_project: Settings, background_runs: dict[str, Any]):
     with get_client(sync_client=True) as client:
         run = served.wait_final(client, background_runs["restarting"], timeout=RUN_TIMEOUT)
@@ -348,6 +350,7 @@ def test_a_server_that_answers_503_is_retried_with_backoff(served_project: Setti
     assert waits[1] > waits[0] > 0.3  # 0.5 s then 1 s, +-20% jitter
 
 
+@pytest.mark.sqlite_pass  # the receiver, retries and the schedule do not touch the stores
 def test_a_port_that_refuses_connections_fails_at_once(served_project: Settings, background_runs: dict[str, Any]):
     with get_client(sync_client=True) as client:
         run = served.wait_final(client, background_runs["refused"], timeout=RUN_TIMEOUT)
@@ -441,6 +444,7 @@ def test_sync_emits_the_threshold_event_with_the_counts(in_process: Settings):
     }
 
 
+@pytest.mark.sqlite_pass  # the receiver, retries and the schedule do not touch the stores
 def test_a_burst_of_annotations_starts_a_handful_of_syncs_and_every_label_lands(served_project: Settings) -> None:
     """30 annotations in 30 s through the webhook receiver: each lands at once, and flywheel.labels.changed
     (at most one per webhook.sync_every_s) starts a few syncs, not one per annotation."""

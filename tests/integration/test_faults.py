@@ -34,7 +34,7 @@ from sqlalchemy import select
 from flows.common import artifact_key, publish_round_report
 from flywheel import labelstudio, loop, tracking
 from flywheel import services as servers
-from flywheel.catalog import POOL, Catalog, Task
+from flywheel.catalog import POOL, Catalog, Sample, Task
 from flywheel.data import import_source
 from flywheel.errors import ServiceUnavailableError
 from flywheel.faults import ENV, EXIT_CODE
@@ -195,17 +195,19 @@ def test_a_round_killed_at_every_step_then_rerun_loses_nothing_and_sends_nothing
         assert _check(settings, catalog, client, project_id) == {"ls": 10, "catalog": 10, "unfinished": 1}
         second = loop.run_round(settings, catalog, client, mlflow_client, progress=False)
         assert second.round_id == 2 and len(second.selected) == 10 and second.model_version == "2"
-        assert tracking.champion_version(mlflow_client, settings) in ("1", "2")
+        champion = tracking.champion_version(mlflow_client, settings)
+        assert champion in ("1", "2")  # the open tasks show its predictions
+        other = "1" if champion == "2" else "2"
         assert _check(settings, catalog, client, project_id) == {"ls": 20, "catalog": 20, "unfinished": 0}
-        # the open tasks shown version 1's predictions, killed between clearing the old ones and importing
-        runs.killed_at("refresh:after_delete", "refresh 1")
+        # the open tasks shown the other version's predictions, killed between clearing the old ones and importing
+        runs.killed_at("refresh:after_delete", f"refresh {other}")
     finally:
         runs.close()
     new_tasks = set(labelstudio.task_sample_ids(client, project_id)) - first_tasks
     assert not any(t.predictions for t in labelstudio.list_tasks(client, project_id, fields="all") if t.id in new_tasks)
-    assert loop.refresh_open_tasks(settings, catalog, client, mlflow_client, "1", progress=False) == 10  # the rerun
+    assert loop.refresh_open_tasks(settings, catalog, client, mlflow_client, other, progress=False) == 10  # rerun
     shown = {t.id: t.predictions for t in labelstudio.list_tasks(client, project_id, fields="all")}
-    assert all([p.model_version for p in shown[t]] == ["1"] for t in new_tasks)
+    assert all([p.model_version for p in shown[t]] == [other] for t in new_tasks)
 
     # every annotation made becomes a label: none lost, none doubled
     assert _annotate(client, catalog, project_id, new_tasks) == 10
@@ -269,6 +271,8 @@ def test_label_studio_unavailable_mid_round_fails_clearly_and_the_rerun_complete
     loop.run_round(settings, catalog, client, mlflow_client, progress=False)
     project_id = labelstudio.ensure_project(client, settings, catalog, [])
     assert len(_ls_tasks(client, project_id)) == 10
+    assert _annotate(client, catalog, project_id, labelstudio.task_sample_ids(client, project_id)) == 10
+    loop.run_sync(settings, catalog, client)  # labelled: the next round selects again
 
     proxy.cut()
     with pytest.raises(
@@ -294,6 +298,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _label(catalog: Catalog, samples: list[Sample]) -> None:
+    """Label samples with their truth, as a trusted import would."""
+    with catalog.transaction() as session:
+        for sample in samples:
+            catalog.upsert_label(
+                session, sample_id=sample.id, label=str(sample.truth), annotator="t", ls_annotation_id=None
+            )
+
+
 def test_mlflow_restart_mid_round_fails_clearly_loses_nothing_and_the_rerun_completes(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after minutes of backoff
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -302,11 +315,14 @@ def test_mlflow_restart_mid_round_fails_clearly_loses_nothing_and_the_rerun_comp
     servers.start(private, ["mlflow"], timeout=120)
     try:
         catalog = Catalog(private.catalog_url)
-        import_source(catalog, private, "fashion-mnist", trust_labels=True, pool_size=60, test_size=20)
+        import_source(catalog, private, "fashion-mnist", pool_size=60, test_size=20)
+        samples = catalog.samples()
+        _label(catalog, samples[:40])
         client = tracking.connect(private)
         first = loop.run_round(private, catalog, None, client, select=False, progress=False)
         assert first.model_version == "1" and tracking.champion_version(client, private) == "1"
 
+        _label(catalog, samples[40:])  # new labels: the next round trains and registers
         servers.stop(private, ["mlflow"])
         with pytest.raises(ServiceUnavailableError, match=rf"MLflow is not reachable at {private.mlflow.url}"):
             loop.run_round(private, catalog, None, client, select=False, progress=False)

@@ -132,6 +132,6 @@ def test_every_label_is_traced_and_the_forecast_is_published(settings, monkeypat
     assert row("scored by model version", reports[2].model_version) and row(
         "score / rank", f"{sample.score:.4g} / 3 of {K}"
     )
-    assert sample.uri in text and "from sending the task to its first annotation" in text
+    assert sample.uri in text and "from sending the task to its first standing answer" in text
     missing = CliRunner().invoke(cli.app, ["explain", "999999"])
     assert missing.exit_code == 1 and "sample 999999 is not in the catalog" in missing.output
