@@ -98,7 +98,7 @@ upgrade-check: $(TOOLS_STAMP)
 		FLYWHEEL_LABEL_STUDIO__EXECUTABLE=$(CURDIR)/$(UPGRADE_DIR)/ls-venv/bin/label-studio \
 		$(UPGRADE_DIR)/venv/bin/python -m pytest -q $(PYTEST_PARALLEL) $(FAST_TESTS) || status=$$?; \
 	FLYWHEEL_WORKSPACE=$(CURDIR)/$(UPGRADE_DIR)/workspace FLYWHEEL_LABEL_STUDIO__PORT=18180 \
-		FLYWHEEL_MLFLOW__PORT=15100 FLYWHEEL_PREFECT__PORT=14300 $(UPGRADE_DIR)/venv/bin/python -m flywheel.services stop; \
+		FLYWHEEL_MLFLOW__PORT=15100 FLYWHEEL_PREFECT__PORT=14300 $(UPGRADE_DIR)/venv/bin/python -m flywheel.devservers.services stop; \
 	if [ $$status = 0 ]; then echo "upgrade-check: the newest allowed versions pass (make lock UPGRADE=1 takes them)"; \
 	else echo "upgrade-check: the newest allowed versions FAIL the tests above; the committed locks are untouched" >&2; \
 	fi; exit $$status
@@ -110,7 +110,7 @@ fashion-mnist:
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-# Debian's PostgreSQL server binaries (initdb, pg_ctl): flywheel.postgres runs its own cluster with them.
+# Debian's PostgreSQL server binaries (initdb, pg_ctl): flywheel.devservers.postgres runs its own cluster with them.
 postgresql:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -130,7 +130,7 @@ stop:
 		$(SERVICES) stop; \
 		$(TEST_ENV) $(SERVICES) stop; \
 		$(PG_TEST_ENV) $(SERVICES) stop; \
-		$(PG_TEST_ENV) .venv/bin/python -m flywheel.postgres stop; \
+		$(PG_TEST_ENV) .venv/bin/python -m flywheel.devservers.postgres stop; \
 	fi
 
 demo: services

@@ -1,4 +1,4 @@
-"""Embedding throughput: our pipeline (flywheel.embed_pipeline) vs a plain torch loop, same JPEG files on disk,
+"""Embedding throughput: our pipeline (flywheel.features.pipeline) vs a plain torch loop, same JPEG files on disk,
 same model, same device, same batch size; images/s of each and their ratio (goal: >= 0.9).
 
 The plain loop is what one writes first: decode each file (torchvision), resize and normalise it
@@ -28,12 +28,12 @@ from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
 
 from bench.results_files import command_line, write_results
-from flywheel.backbones import build_body, get_spec
-from flywheel.data import FASHION_MNIST_DIR, _read_idx
-from flywheel.embed import resolve_device
-from flywheel.embed_pipeline import EmbedOptions, auto_workers, embed_all
 from flywheel.errors import WeightsUnavailableError
-from flywheel.images import eval_transform, load_image
+from flywheel.features.backbones import build_body, get_spec
+from flywheel.features.pipeline import EmbedOptions, auto_workers, embed_all
+from flywheel.features.store import resolve_device
+from flywheel.sources.images import eval_transform, load_image
+from flywheel.sources.importing import FASHION_MNIST_DIR, _read_idx
 
 
 def write_jpegs(root: Path, n: int, size: int) -> list[str]:

@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flywheel.backbones import Classifier, build_body, layer_groups
 from flywheel.config import FinetuneSettings
-from flywheel.data import materialize_fashion_mnist, read_image_folder
-from flywheel.embed import embed_paths, resolve_device
-from flywheel.finetune import evaluate, finetune
-from flywheel.head import accuracy, predict_proba, train_head
-from flywheel.manifest import Record
-from flywheel.policy import DepthDecision, choose_depth
-from flywheel.transfer import probe_domain, stratified_folds
+from flywheel.features.backbones import Classifier, build_body, layer_groups
+from flywheel.features.store import embed_paths, resolve_device
+from flywheel.sources.importing import materialize_fashion_mnist, read_image_folder
+from flywheel.sources.manifest import Record
+from flywheel.training.finetune import evaluate, finetune
+from flywheel.training.head import accuracy, predict_proba, train_head
+from flywheel.training.policy import DepthDecision, choose_depth
+from flywheel.training.transfer import probe_domain, stratified_folds
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE, SIZE, SEED, HEAD_L2 = "efficientnet_lite0", 64, 0, 0.1
@@ -60,7 +60,7 @@ def _targets(records: list[Record], classes: list[str]) -> np.ndarray:
 
 
 def _features(body, paths: list[str], device: torch.device) -> np.ndarray:
-    from flywheel.backbones import get_spec
+    from flywheel.features.backbones import get_spec
 
     return embed_paths(paths, body, get_spec(BACKBONE), image_size=SIZE, batch_size=128, device=device,
                        progress=False)  # fmt: skip

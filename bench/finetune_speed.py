@@ -1,4 +1,5 @@
-"""Fine-tune throughput: flywheel.finetune.finetune vs a plain torch training loop, same files, model and device.
+"""Fine-tune throughput: flywheel.training.finetune.finetune against a plain torch training loop, same files, model
+and device.
 
 Both train every layer of the same classifier (ResNet-50 by default; random weights when ImageNet's are not
 cached, the throughput is the same) for the same epochs over the same JPEG files on disk: batch --batch-size,
@@ -34,15 +35,15 @@ from torch.utils.data import DataLoader
 
 from bench.embed import write_jpegs
 from bench.results_files import command_line, write_results
-from flywheel.backbones import get_spec, layer_groups, new_classifier
 from flywheel.config import FinetuneSettings
-from flywheel.data import FASHION_MNIST_DIR, _read_idx
-from flywheel.embed import resolve_device
-from flywheel.embed_pipeline import auto_workers
 from flywheel.errors import WeightsUnavailableError
-from flywheel.finetune import finetune
-from flywheel.images import Augmentation, ImageDataset, forked_worker_init
-from flywheel.policy import DepthDecision
+from flywheel.features.backbones import get_spec, layer_groups, new_classifier
+from flywheel.features.pipeline import auto_workers
+from flywheel.features.store import resolve_device
+from flywheel.sources.images import Augmentation, ImageDataset, forked_worker_init
+from flywheel.sources.importing import FASHION_MNIST_DIR, _read_idx
+from flywheel.training.finetune import finetune
+from flywheel.training.policy import DepthDecision
 
 HEAD_LR, WEIGHT_DECAY = 1e-3, 1e-4
 
@@ -93,7 +94,7 @@ def plain_loop(classifier, paths, targets, aug: Augmentation, args, device: torc
 
 
 def ours(classifier, paths, targets, val_paths, val_targets, aug: Augmentation, args, checkpoints: bool) -> float:
-    """flywheel.finetune.finetune at depth "all" for args.epochs epochs; returns its wall seconds (and prints
+    """flywheel.training.finetune.finetune at depth "all" for args.epochs epochs; returns its wall seconds (and prints
     the epochs' own share: training and validation, without the set-up and the final copy back)."""
     settings = FinetuneSettings(
         epochs=args.epochs, head_epochs=0, batch_size=args.batch_size, head_lr=HEAD_LR, weight_decay=WEIGHT_DECAY,

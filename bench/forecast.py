@@ -2,12 +2,12 @@
 
 Each (data set, strategy, seed) curve comes from `flywheel.simulation.simulate` (the loop behind `flywheel
 simulate`): a 30% test split, 2 labels per class to start, then `--batch-size` labels per round chosen by the
-strategy, up to `--budget-per-class`. At the half-way budget two forecasts are made with flywheel.forecast:
+strategy, up to `--budget-per-class`. At the half-way budget two forecasts are made with flywheel.insight.forecast:
 
 - history: what `flywheel round` does: the power law fitted to the curve's own first-half points (the test
   accuracy of each round's model);
 - cv: the alternative we measured and rejected: cross-validation on the labels held at half-way
-  (flywheel.crossval), the curve fitted to heads trained on subsets of those labels, judged on the folds
+  (flywheel.training.crossval), the curve fitted to heads trained on subsets of those labels, judged on the folds
   they did not see.
 
 Both are compared with the second half of the curve: mean absolute error in accuracy points, the share of
@@ -81,7 +81,7 @@ def running_mean(values: np.ndarray, width: int = 3) -> np.ndarray:
 
 def evaluate(points_x, points_y, budgets, accuracy, half: int, rng) -> dict:
     """One forecast (fitted to the given points at budget index `half`) against the observed second half."""
-    from flywheel.forecast import bootstrap_fits, fit_power_law, make_forecast, prediction_band, scatter
+    from flywheel.insight.forecast import bootstrap_fits, fit_power_law, make_forecast, prediction_band, scatter
 
     x, y = np.asarray(points_x, dtype=np.float64), np.asarray(points_y, dtype=np.float64)
     fit = fit_power_law(x, y)
@@ -115,8 +115,8 @@ def evaluate(points_x, points_y, budgets, accuracy, half: int, rng) -> dict:
 def run_job(dataset: str, strategy: str, config: Config) -> dict:
     """All seeds of one (data set, strategy): simulate, then forecast each seed's curve from its first half."""
     from flywheel.config import load_settings
-    from flywheel.crossval import cross_validate
     from flywheel.simulation import datasets, make_split, simulate
+    from flywheel.training.crossval import cross_validate
 
     settings = load_settings()
     data = datasets.embed_dataset(

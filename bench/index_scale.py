@@ -1,7 +1,7 @@
 """FAISS at scale: build time, query time, recall@10 against exact search, and memory, on 1,000,000 x 512 vectors.
 
 Synthetic clustered embeddings (bench/selection_cost.py's blobs); 1,000 held-out queries drawn from the same
-blobs, k=10. Each index kind is built through flywheel.vector_index (trained on a sample, added in shards,
+blobs, k=10. Each index kind is built through flywheel.index.sharded (trained on a sample, added in shards,
 saved and loaded back) with the settings below; recall@10 is the share of the exact (Flat) top-10 ids found.
 
     nice -n 10 .venv/bin/python bench/index_scale.py [--n 1000000] [--dim 512] [--kinds flat,ivf,hnsw,ivfpq]
@@ -27,7 +27,7 @@ import numpy as np
 from bench.results_files import command_line, write_results
 from bench.selection_cost import synthetic_pool
 from flywheel.config import IndexSettings
-from flywheel.vector_index import ShardedIndex, VectorsOf, build_vector_index, plan_index
+from flywheel.index.sharded import ShardedIndex, VectorsOf, build_vector_index, plan_index
 
 
 def rss_gb() -> float:
@@ -105,7 +105,7 @@ def markdown(meta: dict, rows: list[dict]) -> list[str]:
         f"# FAISS at scale: {meta['n']:,} x {meta['dim']} vectors ({meta['machine']})",
         "",
         f"Synthetic clustered vectors ({meta['blobs']} blobs), {meta['queries']:,} held-out queries, k={meta['k']}; "
-        "recall@10 against exact search (flat). Built through `flywheel.vector_index` (trained on a sample, "
+        "recall@10 against exact search (flat). Built through `flywheel.index.sharded` (trained on a sample, "
         f"added in shards, saved and loaded back). Command: `{meta['command']}`",
         "",
         "Wall seconds, and in brackets CPU seconds of all the process's threads: on a shared machine the CPU "

@@ -1,13 +1,13 @@
 """How well does the label review find wrong labels, and how much accuracy does fixing them give back?
 
 Per data set and seed: a stratified 30% test split (flywheel.simulation.make_split), `--labels` labels drawn at
-random from the rest, answered by the simulated annotator's rule (flywheel.annotator.careless: with probability
-`--noise` another class, uniformly). The review's confident-learning pass (flywheel.review.confident_learning on
-out-of-sample probabilities from 5-fold cross-validation, flywheel.crossval) flags labels; a reviewer then
-replaces each flagged label with the truth, as in Label Studio. Reported: precision and recall of the flagged
-set against the labels the annotator got wrong, and the test accuracy of the linear head trained on the noisy
-labels, on the reviewed labels, and on clean labels (the ceiling), with the share of the lost accuracy the
-review recovered.
+random from the rest, answered by the simulated annotator's rule (flywheel.labelstudio.annotator.careless: with
+probability `--noise` another class, uniformly). The review's confident-learning pass
+(flywheel.insight.review.confident_learning on out-of-sample probabilities from 5-fold cross-validation,
+flywheel.training.crossval) flags labels; a reviewer then replaces each flagged label with the truth, as in Label
+Studio. Reported: precision and recall of the flagged set against the labels the annotator got wrong, and the test
+accuracy of the linear head trained on the noisy labels, on the reviewed labels, and on clean labels (the ceiling),
+with the share of the lost accuracy the review recovered.
 
     .venv/bin/python bench/label_noise.py              # fashion-mnist 5k and digits, 10% and 20% noise, 3 seeds
     .venv/bin/python bench/label_noise.py --quick      # smoke run: digits, 10%, 1 seed
@@ -27,13 +27,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-from flywheel.annotator import careless  # noqa: E402
 from flywheel.config import load_settings  # noqa: E402
-from flywheel.crossval import cross_validate  # noqa: E402
-from flywheel.head import predict_proba, train_head  # noqa: E402
-from flywheel.review import confident_learning  # noqa: E402
+from flywheel.insight.review import confident_learning  # noqa: E402
+from flywheel.labelstudio.annotator import careless  # noqa: E402
 from flywheel.simulation import datasets, make_split  # noqa: E402
 from flywheel.simulation.core import single_threaded_torch  # noqa: E402
+from flywheel.training.crossval import cross_validate  # noqa: E402
+from flywheel.training.head import predict_proba, train_head  # noqa: E402
 
 
 def test_accuracy(features, targets, rows, labels, test, n_classes, l2, seed) -> float:

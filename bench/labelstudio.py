@@ -24,7 +24,6 @@ from label_studio_sdk import ImportApiRequest
 
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
-from flywheel.data import FASHION_MNIST_CLASSES, import_source
 from flywheel.labelstudio import (
     TaskToPush,
     choice_result,
@@ -35,6 +34,7 @@ from flywheel.labelstudio import (
     refresh_predictions,
 )
 from flywheel.labelstudio.sync import export_annotated, sync_annotations
+from flywheel.sources.importing import FASHION_MNIST_CLASSES, import_source
 
 
 def main() -> None:

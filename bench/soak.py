@@ -26,9 +26,13 @@ from prefect.client.orchestration import get_client
 
 from bench.results_files import command_line, write_results
 from flows import deploy, served, worker
-from flywheel import annotator, labelstudio, schedule, services, tracking
+from flywheel import labelstudio
 from flywheel.catalog import Catalog
 from flywheel.config import Settings, load_settings
+from flywheel.devservers import services
+from flywheel.labelstudio import annotator
+from flywheel.loop import schedule
+from flywheel.registry import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 Every strategy, ours or theirs, runs inside the same `flywheel.simulation.simulate` loop: the same
 stratified 30% test split and seeded initial labels per seed, the same budget schedule, and the same
-evaluation head (flywheel.head.train_head, l2 = settings.head_l2) after every round. Only the choice of
+evaluation head (flywheel.training.head.train_head, l2 = settings.head_l2) after every round. Only the choice of
 what to label differs.
 
     .venv/bin/python bench/strategies.py              # Fashion-MNIST 5k, digits, imbalanced Fashion-MNIST

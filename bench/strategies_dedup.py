@@ -66,8 +66,8 @@ ALTERATIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 
 def _embed(paths: list[str], settings) -> np.ndarray:
-    from flywheel.backbones import build_body, get_spec
-    from flywheel.embed import embed_paths, resolve_device
+    from flywheel.features.backbones import build_body, get_spec
+    from flywheel.features.store import embed_paths, resolve_device
 
     return embed_paths(
         paths,

@@ -27,10 +27,10 @@ import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
+from flywheel.app.webhook import create_app
 from flywheel.catalog import Annotation, Catalog, LabelChange, NewSample, WebhookEvent
 from flywheel.config import Settings, load_settings
 from flywheel.labelstudio import META_PROJECT_ID, SECRET_HEADER, choice_result
-from flywheel.webhook import create_app
 
 CLASSES = ["cat", "dog", "bird"]
 PROJECT = 987654  # the receiver only compares it with the catalog's; no Label Studio call is made

@@ -31,7 +31,6 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.filesystems import LocalFileSystem
 from pydantic import AfterValidator, SecretStr
 
-from flywheel import insight
 from flywheel.catalog import Round
 from flywheel.config import Settings, load_settings, secret_settings
 from flywheel.errors import ConfigError, FlywheelError
@@ -220,7 +219,7 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         f"- {model}\n"
         f"- selection: `{report.strategy}`: {report.description}\n"
     )
-    if report.quarantine.get("total"):  # bad or duplicate files kept out of the pool (flywheel.quarantine)
+    if report.quarantine.get("total"):  # bad or duplicate files kept out of the pool (flywheel.sources.quarantine)
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.quarantine["by_reason"].items()))
         markdown += (
             f"- quarantined: **{report.quarantine['total']}** ({reasons}); list: `{report.quarantine['report']}`\n"
@@ -228,7 +227,8 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
     if report.near_duplicates:
         pairs = ", ".join(f"{d['sample_id']} ~ {d['duplicate_of']}" for d in report.near_duplicates[:SHOWN_SELECTED])
         markdown += f"- near-duplicates not sent this round: {len(report.near_duplicates)} ({pairs})\n"
-    markdown += insight.report_markdown(report)
+    if report.after_training is not None:
+        markdown += report.after_training.markdown()
     if history:
         markdown += "\n## Accuracy so far\n\n| round | labels | model version | held-out | test |\n"
         markdown += "|---|---|---|---|---|\n"

@@ -55,10 +55,10 @@ from flows.common import (
 from flows.flywheel_flows import annotate_sim_flow, bootstrap_flow, finetune_flow, round_flow, sync_flow
 from flows.worker import REPO, prefect_api, start_worker
 from flows.worker import describe as describe_worker
+from flywheel.app.webhook import LABELS_CHANGED
 from flywheel.config import Settings, load_settings
+from flywheel.devservers.services import deployed_marker
 from flywheel.errors import ConfigError, exit_code_on_error
-from flywheel.services import deployed_marker
-from flywheel.webhook import LABELS_CHANGED
 
 KINDS = ("bootstrap", "round", "sync", "finetune", "simulate")
 FLOWS: dict[str, Flow] = {
@@ -96,7 +96,7 @@ def _public(model: BaseModel) -> dict[str, Any]:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as FLYWHEEL_* variables (sections as JSON), secrets left out: load_settings() in a run
     started with them gives back these settings. The backbone only when something set it: a default must not
-    move a project off the backbone it was set up with (flywheel.features.active_settings)."""
+    move a project off the backbone it was set up with (flywheel.features.embedded.active_settings)."""
     public = _public(settings)
     if "backbone" not in settings.model_fields_set:
         del public["backbone"]

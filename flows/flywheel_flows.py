@@ -33,10 +33,14 @@ from flows.common import (
     settings_from,
     with_retries,
 )
-from flywheel import annotator, demo, features, labelstudio, loop, schedule, tracking
+from flywheel import labelstudio, loop
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
-from flywheel.data import import_source
+from flywheel.features import embedded
+from flywheel.labelstudio import annotator
+from flywheel.loop import demo, schedule
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
 
 Count = Annotated[int, Field(ge=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -55,16 +59,16 @@ def connect_mlflow(settings: Settings) -> MlflowClient:
 
 @task(cache_policy=NO_CACHE)
 def split_fingerprint(settings: Settings, split: str) -> str:
-    return features.split_fingerprint(settings, Catalog(settings.catalog_url), split)
+    return embedded.split_fingerprint(settings, Catalog(settings.catalog_url), split)
 
 
 @task
 def embed_split(settings: Settings, split: str, fingerprint: str) -> dict[str, Any]:
     """Cached on (split, fingerprint): an unchanged split is not even opened again. Progress in the UI."""
     progress = ProgressArtifact(settings, f"embedding-{split}", f"embedding the {split} split")
-    embedded = features.embed_split(settings, Catalog(settings.catalog_url), split, on_progress=progress)
+    split_features = embedded.embed_split(settings, Catalog(settings.catalog_url), split, on_progress=progress)
     progress.finish()
-    return {"split": split, "samples": len(embedded.ids), "fingerprint": fingerprint}
+    return {"split": split, "samples": len(split_features.ids), "fingerprint": fingerprint}
 
 
 def embed(settings: Settings, split: str) -> dict[str, Any]:

@@ -21,12 +21,14 @@ from prefect_dask import DaskTaskRunner
 from prefect_ray import RayTaskRunner
 
 from flows.common import Overrides, settings_from, with_retries
-from flywheel import features, scaleout, tracking
+from flywheel import scaleout
 from flywheel.atomic import atomic_path
-from flywheel.backbones import get_spec
 from flywheel.catalog import POOL, Catalog
 from flywheel.config import Settings
-from flywheel.embed import EmbeddingStore
+from flywheel.features import embedded
+from flywheel.features.backbones import get_spec
+from flywheel.features.store import EmbeddingStore
+from flywheel.registry import tracking
 
 
 def task_runner(settings: Settings) -> TaskRunner[Any]:
@@ -59,8 +61,8 @@ def load_head(settings: Settings, model_version: str) -> tuple[np.ndarray, np.nd
 
 def _store(settings: Settings, catalog: Catalog) -> tuple[Settings, str, EmbeddingStore]:
     """The settings with the backbone in use, the body version and its embedding store."""
-    settings = features.active_settings(settings, catalog)
-    version = features.body_version(settings, catalog)
+    settings = embedded.active_settings(settings, catalog)
+    version = embedded.body_version(settings, catalog)
     key = EmbeddingStore.key_for(get_spec(settings.backbone), version, settings.image_size)
     return settings, version, EmbeddingStore(settings.embeddings_dir, key)
 

@@ -31,9 +31,9 @@ from prefect.events.schemas.events import ReceivedEvent
 
 from flows import deploy, worker
 from flows.common import THRESHOLD_REACHED, project_resource_id, synchronously
-from flywheel import services
 from flywheel.catalog import Catalog
 from flywheel.config import Settings, load_settings
+from flywheel.devservers import services
 from flywheel.errors import FlywheelError, exit_code_on_error
 
 

@@ -1,6 +1,6 @@
 """The process worker that runs the deployments' flow runs: detached, one per (workspace, work pool).
 
-Like the servers (flywheel/services.py) it outlives the command that started it, logs to
+Like the servers (flywheel/devservers/services.py) it outlives the command that started it, logs to
 `<workspace>/logs/worker-<pool>.log` and records its pid (= process group, so its flow runs stop with it)
 in `<workspace>/run/worker-<pool>.pid`. Light on imports, so `make stop` stays quick.
 
@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flywheel.config import Settings, load_settings
+from flywheel.devservers import log_tail
+from flywheel.devservers.services import deployed_marker, kill_group, spawn_detached, worker_files, worker_pid
 from flywheel.errors import FlywheelError, exit_code_on_error
 from flywheel.health import require_healthy
-from flywheel.services import deployed_marker, kill_group, log_tail, spawn_detached, worker_files, worker_pid
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).parent / "prefect"

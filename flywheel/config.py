@@ -146,8 +146,9 @@ class PrefectSettings(_Section):
 
 
 class PostgresSettings(_Section):
-    """A local PostgreSQL cluster (flywheel/postgres.py) for development and tests: Debian's server on loopback, data
-    under <workspace>/services/postgres, passwordless on 127.0.0.1. Used only where a URL names its host and port."""
+    """A local PostgreSQL cluster (flywheel/devservers/postgres.py) for development and tests: Debian's server on
+    loopback, data under <workspace>/services/postgres, passwordless on 127.0.0.1. Used only where a URL names its
+    host and port."""
 
     host: str = LOOPBACK
     port: int = Field(5433, ge=1, le=65535, description="5433: beside a system PostgreSQL on 5432")
@@ -206,7 +207,7 @@ class FinetuneSettings(_Section):
 
 
 class ForecastSettings(_Section):
-    """The label-budget forecast each round makes (flywheel.forecast) and its stopping rule."""
+    """The label-budget forecast each round makes (flywheel.insight.forecast) and its stopping rule."""
 
     target_accuracy: float = Field(0.9, gt=0, le=1, description="the accuracy the forecast counts labels to")
     stop_window: int = Field(500, ge=1, description="labels ahead the stopping rule looks")
@@ -217,7 +218,7 @@ class ForecastSettings(_Section):
 
 
 class ReviewSettings(_Section):
-    """The label-quality review each round runs (flywheel.review): flagged labels go to Label Studio."""
+    """The label-quality review each round runs (flywheel.insight.review): flagged labels go to Label Studio."""
 
     enabled: bool = True
     min_labels: int = Field(50, ge=10, description="labels before the first review")
@@ -226,7 +227,7 @@ class ReviewSettings(_Section):
 
 
 class EmbedSettings(_Section):
-    """How the embedding pipeline (flywheel/embed_pipeline.py) feeds the body; batch size: embed_batch_size."""
+    """How the embedding pipeline (flywheel/features/pipeline.py) feeds the body; batch size: embed_batch_size."""
 
     workers: int = Field(-1, ge=-1, description="DataLoader worker processes; -1: auto (by device and cores)")
     compile: bool = Field(False, description="torch.compile the body: a one-off compile, then faster batches")
@@ -235,7 +236,7 @@ class EmbedSettings(_Section):
 
 
 class IndexSettings(_Section):
-    """Which FAISS index the pool gets (flywheel/vector_index.py): chosen by pool size and memory."""
+    """Which FAISS index the pool gets (flywheel/index/sharded.py): chosen by pool size and memory."""
 
     kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = Field(
         "auto", description="auto: flat up to flat_max vectors, then ivf, ivfpq beyond memory_budget_gb"
@@ -348,7 +349,7 @@ class Settings(BaseSettings):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from flywheel.backbones import BACKBONES  # imported here: settings stay cheap to import
+        from flywheel.features.backbones import BACKBONES  # imported here: settings stay cheap to import
 
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; choose one of: {', '.join(sorted(BACKBONES))}")

@@ -23,12 +23,12 @@ import numpy.typing as npt
 import torch
 
 from flywheel.atomic import atomic_path
-from flywheel.backbones import get_spec
 from flywheel.config import Settings
-from flywheel.embed import EmbeddingStore, resolve_device
-from flywheel.embed_pipeline import embed_all, options_from_settings
 from flywheel.errors import DataError
-from flywheel.head import predict_proba
+from flywheel.features.backbones import get_spec
+from flywheel.features.pipeline import embed_all, options_from_settings
+from flywheel.features.store import EmbeddingStore, resolve_device
+from flywheel.training.head import predict_proba
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _shard_file(settings: Settings, key: str, shard: Shard) -> Path:
 def embed_shard(settings: Settings, version: str, shard: Shard) -> ShardResult:
     """On a worker: embed one shard with the body `version` of settings.backbone into a shard file (written
     atomically). A complete file for the same ids is reused, so a rerun after a crash redoes only the rest."""
-    from flywheel.features import load_body  # features imports tracking (MLflow); only workers need it here
+    from flywheel.features.embedded import load_body  # features imports tracking (MLflow); only workers need it here
 
     spec = get_spec(settings.backbone)
     key = EmbeddingStore.key_for(spec, version, settings.image_size)

@@ -4,9 +4,10 @@ The test servers live in their own workspace (`.flywheel-test/` at the repo root
 FLYWHEEL_TEST_WORKSPACE) on ports that do not clash with the demo's, so `make test` can run while the
 demo's servers are up (FLYWHEEL_TEST_PORT_OFFSET moves them all, for a second set beside the first).
 
-FLYWHEEL_TEST_DB=postgres runs the session on PostgreSQL (a local cluster on 127.0.0.1:15432, flywheel.postgres):
-each test's catalog is a database of its own, and the session has its own MLflow and Prefect servers whose stores
-are databases there (ports 15001 and 14201, workspace `<test workspace>/postgres`). Label Studio is shared.
+FLYWHEEL_TEST_DB=postgres runs the session on PostgreSQL (a local cluster on 127.0.0.1:15432,
+flywheel.devservers.postgres): each test's catalog is a database of its own, and the session has its own MLflow and
+Prefect servers whose stores are databases there (ports 15001 and 14201, workspace `<test workspace>/postgres`).
+Label Studio is shared.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def server_settings() -> Settings:
 @pytest.fixture(scope="session")
 def services(server_settings: Settings) -> Settings:
     """Start (or reuse) real Label Studio, MLflow and Prefect servers on 127.0.0.1 for this session."""
-    from flywheel import services as svc
+    from flywheel.devservers import services as svc
 
     svc.start(server_settings)
     return server_settings
@@ -93,7 +94,7 @@ def settings(tmp_path: Path, services: Settings) -> Iterator[Settings]:
     if not ON_POSTGRES:
         yield settings_for(tmp_path / "ws", project=project)
         return
-    from flywheel import postgres
+    from flywheel.devservers import postgres
 
     database = f"catalog_{project}"
     postgres.create_database(TEST_POSTGRES, database)

@@ -1,5 +1,5 @@
 """Label Studio as flywheel's labelling front end: one project, tasks pushed by us, annotations pulled
-back by polling (`sync`) or pushed to us by its webhook (`flywheel.webhook`), both through one ledger.
+back by polling (`sync`) or pushed to us by its webhook (`flywheel.app.webhook`), both through one ledger.
 
 client: connection and task listing (task id <-> sample id).   interface: the label config.
 media: image URLs (Local Storage, http(s), presigned S3).       project: project settings and webhook.

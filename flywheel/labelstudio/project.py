@@ -106,7 +106,7 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
 def ensure_webhook(client: LabelStudio, settings: Settings, project_id: int) -> int:
     """The id of the project's webhook to settings.webhook.endpoint, created or corrected (secret header,
     payload, annotation actions). Label Studio must allow loopback targets (SSRF protection off, as
-    flywheel.services starts it)."""
+    flywheel.devservers.services starts it)."""
     url = settings.webhook.endpoint
     wanted: dict[str, Any] = {
         "headers": {SECRET_HEADER: settings.webhook.secret.get_secret_value()},

@@ -25,8 +25,8 @@ import numpy.typing as npt
 import torch
 
 from flywheel.errors import DataError, FlywheelError
-from flywheel.head import predict_proba, train_head
 from flywheel.strategies import PoolView, Selection, Strategy, get_strategy
+from flywheel.training.head import predict_proba, train_head
 
 TEST_FRACTION = 0.3
 # (strategy, seed, budget) after each evaluation: lets the CLI drive a progress bar.

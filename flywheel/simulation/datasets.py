@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flywheel.backbones import build_body, get_spec
 from flywheel.config import Settings
-from flywheel.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _read_idx, read_image_folder
-from flywheel.embed import EmbeddingStore, embed_samples, resolve_device
 from flywheel.errors import DataError
+from flywheel.features.backbones import build_body, get_spec
+from flywheel.features.store import EmbeddingStore, embed_samples, resolve_device
+from flywheel.sources.importing import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _read_idx, read_image_folder
 
 BUILTIN = ("fashion-mnist", "digits", "fashion-mnist-imbalanced")
 IMBALANCED_LARGEST, IMBALANCED_SMALLEST = 1000, 20

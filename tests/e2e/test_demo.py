@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flywheel import labelstudio, tracking
+from flywheel import labelstudio
 from flywheel.catalog import Catalog
+from flywheel.registry import tracking
 from tests.conftest import TEST_PORTS, settings_for
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flywheel.catalog import Catalog
 from flywheel.config import Settings
-from flywheel.data import import_source
+from flywheel.sources.importing import import_source
 
 
 def labelled_catalog(settings: Settings, *, pool_size: int = 200, test_size: int = 100) -> Catalog:

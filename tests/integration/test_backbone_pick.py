@@ -8,7 +8,9 @@ import json
 
 import pytest
 
-from flywheel import features, loop, tracking
+from flywheel import loop
+from flywheel.features import embedded
+from flywheel.registry import tracking
 from tests.integration.catalog_support import labelled_catalog
 
 pytestmark = pytest.mark.integration
@@ -46,14 +48,14 @@ def test_first_finetune_starts_from_the_best_backbone_and_promotion_moves_the_pr
 
     # promote the fine-tune by hand (the guard may or may not have): the project now runs on the picked body
     loop.promote(settings, catalog, client, report.model_version, progress=False)
-    active = features.active_settings(settings, catalog)
-    assert active.backbone == OTHER and features.body_version(active, catalog) == report.model_version
-    assert features.index_path(active, report.model_version).exists()
+    active = embedded.active_settings(settings, catalog)
+    assert active.backbone == OTHER and embedded.body_version(active, catalog) == report.model_version
+    assert embedded.index_path(active, report.model_version).exists()
     later = loop.run_round(settings, catalog, None, client, select=False, progress=False)
     assert client.get_model_version(settings.registered_model_name, later.model_version).tags["backbone"] == OTHER
 
     # rolling back to the first head moves the project back to the configured backbone's ImageNet body
     loop.promote(settings, catalog, client, first.model_version, progress=False)
-    assert features.active_settings(settings, catalog).backbone == CONFIGURED
-    assert features.body_version(settings, catalog) == features.IMAGENET
-    assert json.loads(catalog.get_meta(features.BACKBONE_KEY))["in_use"] == CONFIGURED
+    assert embedded.active_settings(settings, catalog).backbone == CONFIGURED
+    assert embedded.body_version(settings, catalog) == embedded.IMAGENET
+    assert json.loads(catalog.get_meta(embedded.BACKBONE_KEY))["in_use"] == CONFIGURED

@@ -39,11 +39,14 @@ from pydantic_core import to_jsonable_python
 from bench.webhook_burst import serving
 from flows import deploy, served, worker
 from flows.common import THRESHOLD_REACHED, project_resource_id, project_slot, synchronously
-from flywheel import features, labelstudio, loop, schedule, tracking
+from flywheel import labelstudio, loop
+from flywheel.app.webhook import LABELS_CHANGED, create_app
 from flywheel.catalog import TEST, Catalog
 from flywheel.config import Settings, load_settings
-from flywheel.data import import_source, materialize_fashion_mnist
-from flywheel.webhook import LABELS_CHANGED, create_app
+from flywheel.features import embedded
+from flywheel.loop import schedule
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source, materialize_fashion_mnist
 from tests.conftest import TEST_PORTS
 from tests.integration.labelstudio_support import with_section
 
@@ -320,7 +323,7 @@ def test_bootstrap_deployment_reads_a_promoted_finetune_from_the_configured_mlfl
         assert version is not None
         loop.promote(settings, catalog, client, version, progress=False)
     assert tracking.champion_version(client, settings) == version
-    assert features.body_version(settings, catalog) == version  # the pool reads the fine-tune's body now
+    assert embedded.body_version(settings, catalog) == version  # the pool reads the fine-tune's body now
     stray = worker.REPO / "mlflow.db"
     stray_before = stray.stat().st_mtime if stray.exists() else None
     with get_client(sync_client=True) as prefect:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flywheel import cli, labelstudio, loop
+from flywheel import labelstudio, loop
+from flywheel.app import cli
 from flywheel.catalog import Catalog
 from flywheel.config import Settings
+from flywheel.insight.provenance import provenance_of
 from flywheel.labelstudio import TaskToPush, choice_result, push_tasks
-from flywheel.provenance import provenance_of
 from tests.integration.labelstudio_support import CLASSES, make_images, user_id
 
 pytestmark = pytest.mark.integration

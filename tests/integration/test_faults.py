@@ -32,12 +32,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from sqlalchemy import select
 
 from flows.common import artifact_key, publish_round_report
-from flywheel import labelstudio, loop, tracking
-from flywheel import services as servers
+from flywheel import labelstudio, loop
 from flywheel.catalog import POOL, Catalog, Sample, Task
-from flywheel.data import import_source
+from flywheel.devservers import services as servers
 from flywheel.errors import ServiceUnavailableError
 from flywheel.faults import ENV, EXIT_CODE
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
 from tests.conftest import REPO, TEST_PORTS, no_settings_file, settings_for
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,8 @@ pytestmark = pytest.mark.integration
 # imports a fresh interpreter pays per kill; torch has run nothing in the parent, so forking it is safe.
 ZYGOTE = """
 import os, sys, traceback
-from flywheel import faults, labelstudio, loop, tracking
+from flywheel import faults, labelstudio, loop
+from flywheel.registry import tracking
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
 from flywheel.labelstudio import tasks

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel import loop, tracking
+from flywheel import loop
+from flywheel.registry import tracking
 from tests.integration.catalog_support import labelled_catalog
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""flywheel.labelstudio and flywheel.annotator against the real Label Studio test server (no mocks)."""
+"""flywheel.labelstudio and flywheel.labelstudio.annotator against the real Label Studio test server (no mocks)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from flywheel.annotator import annotate_open_tasks
 from flywheel.catalog import Catalog, NewSample
 from flywheel.config import Settings
 from flywheel.errors import ConfigError, DataError, ServiceUnavailableError, UnknownChoiceError
@@ -35,6 +34,7 @@ from flywheel.labelstudio import (
     refresh_predictions,
     sync_annotations,
 )
+from flywheel.labelstudio.annotator import annotate_open_tasks
 from tests.integration.labelstudio_support import CLASSES, make_images
 
 pytestmark = pytest.mark.integration

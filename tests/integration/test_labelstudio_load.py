@@ -11,9 +11,9 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from bench.webhook_burst import count, deliveries, prepare, send, serving
+from flywheel.app.webhook import create_app
 from flywheel.catalog import Annotation, LabelChange, WebhookEvent
 from flywheel.config import Settings
-from flywheel.webhook import create_app
 from tests.integration.labelstudio_support import with_section
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ import pytest
 from label_studio_sdk import ImportApiRequest
 from sqlalchemy import func, select
 
-from flywheel import services as svc
 from flywheel.catalog import Annotation, Base, Catalog, LabelChange, NewSample
 from flywheel.config import Settings
+from flywheel.devservers import services as svc
 from flywheel.errors import ServiceUnavailableError
 from flywheel.labelstudio import TaskToPush, choice_result, connect, ensure_project, push_tasks, sync_annotations
 from tests.conftest import TEST_PORTS, settings_for

@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel import annotator, features, labelstudio, loop, tracking
+from flywheel import labelstudio, loop
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
-from flywheel.data import import_source
 from flywheel.errors import ServiceUnavailableError, UnknownChoiceError
+from flywheel.features import embedded
+from flywheel.labelstudio import annotator
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
 
 pytestmark = pytest.mark.integration
 
@@ -79,10 +82,10 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
 
     # By hand, forward to the fine-tuned model: the pool is re-embedded with its body, the index rebuilt.
     assert loop.promote(settings, catalog, mlflow_client, report.model_version, progress=False) == report.model_version
-    active = features.active_settings(settings, catalog)  # the fine-tune may have started from another backbone
+    active = embedded.active_settings(settings, catalog)  # the fine-tune may have started from another backbone
     assert active.backbone == report.backbone
-    assert features.body_version(active, catalog) == report.model_version
-    assert features.index_path(active, report.model_version).exists()
+    assert embedded.body_version(active, catalog) == report.model_version
+    assert embedded.index_path(active, report.model_version).exists()
     assert tracking.champion_version(mlflow_client, settings) == report.model_version
     third = loop.run_round(settings, catalog, ls_client, mlflow_client, progress=False)
     third_run = mlflow_client.get_run(
@@ -91,7 +94,7 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     assert third_run.data.params["body_version"] == report.model_version
     # ... and back to the first head, whose body is the ImageNet one.
     assert loop.promote(settings, catalog, mlflow_client, second.model_version, progress=False) == "imagenet"
-    assert features.body_version(settings, catalog) == "imagenet"
+    assert embedded.body_version(settings, catalog) == "imagenet"
     # The open tasks (the third round's) now show the rolled-back champion's predictions; annotated tasks keep
     # theirs, and no task is created.
     before = {t.id: t for t in labelstudio.list_tasks(ls_client, project_id, fields="all")}

@@ -1,5 +1,5 @@
-"""PostgreSQL: the local Debian cluster (flywheel.postgres), the catalog and its migrations on it, and (in the
-PostgreSQL pass) MLflow's and Prefect's stores there. The loop, Label Studio sync, provenance and deployment tests
+"""PostgreSQL: the local Debian cluster (flywheel.devservers.postgres), the catalog and its migrations on it, and (in
+the PostgreSQL pass) MLflow's and Prefect's stores there. The loop, Label Studio sync, provenance and deployment tests
 also run against it: `make test` repeats them with FLYWHEEL_TEST_DB=postgres."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from flywheel import migrations, postgres
-from flywheel.catalog import POOL, Base, Catalog, NewSample, Quarantined
+from flywheel.catalog import POOL, Base, Catalog, NewSample, Quarantined, migrations
 from flywheel.config import Settings, load_settings
+from flywheel.devservers import postgres
 from tests.conftest import POSTGRES_WORKSPACE, TEST_POSTGRES
 
 pytestmark = pytest.mark.integration

@@ -17,10 +17,14 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from flows.common import artifact_key, publish_round_report
-from flywheel import annotator, cli, labelstudio, loop, provenance, tracking
+from flywheel import labelstudio, loop
+from flywheel.app import cli
 from flywheel.catalog import Catalog
-from flywheel.data import import_source
-from flywheel.insight import FORECAST_ARTIFACT, FORECAST_PLOT
+from flywheel.insight import provenance
+from flywheel.insight.after_round import FORECAST_ARTIFACT, FORECAST_PLOT
+from flywheel.labelstudio import annotator
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
 from tests.integration.labelstudio_support import with_section
 
 pytestmark = pytest.mark.integration
@@ -100,8 +104,10 @@ def test_every_label_is_traced_and_the_forecast_is_published(settings, monkeypat
     assert version.run_id == last.run_id and f"{last.n_train} train" in version.tags["training_set"]
 
     # The forecast: four rounds with a model make the first one, on the run and in the round report.
-    assert reports[3].forecast is None and "no forecast yet" in reports[3].forecast_note
-    forecast = last.forecast
+    assert reports[3].after_training is not None and reports[3].after_training.forecast is None
+    assert "no forecast yet" in reports[3].after_training.forecast_note
+    assert last.after_training is not None
+    forecast = last.after_training.forecast
     assert forecast is not None and forecast.labels == [20.0, 40.0, 60.0, 80.0]
     assert forecast.accuracy[-1] == pytest.approx(last.test_accuracy)
     artifacts = {a.path for a in mlflow_client.list_artifacts(last.run_id)}

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from flywheel import annotator, labelstudio, loop, review, tracking
+from flywheel import labelstudio, loop
 from flywheel.catalog import Catalog, LabelReview, Task
-from flywheel.data import import_source
+from flywheel.insight import review
+from flywheel.labelstudio import annotator
 from flywheel.labelstudio.interface import choice_result
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
 from tests.integration.labelstudio_support import user_id, with_section
 from tests.integration.test_provenance import _cli
 
@@ -48,10 +51,11 @@ def test_flagged_labels_are_reviewed_in_label_studio_and_corrections_counted(set
     assert catalog.labels()[sample] == labels[sample]
 
     second = loop.run_round(settings, catalog, ls_client, mlflow_client, select=False, progress=False)
-    assert second.reviews_sent > 0 and f"{second.reviews_sent} sent to review" in second.review_note
+    after = second.after_training
+    assert after is not None and after.reviews_sent > 0 and f"{after.reviews_sent} sent to review" in after.review_note
     with catalog.transaction() as s:
         flagged = {r.sample_id: r for r in s.scalars(select(LabelReview))}
-    assert len(flagged) == second.reviews_sent
+    assert len(flagged) == after.reviews_sent
     assert review.DISAGREEMENT in " ".join(json.loads(flagged[sample].reasons))
     assert len(wrong & set(flagged)) >= len(wrong) // 3  # most of the flags fall on the careless answers
 

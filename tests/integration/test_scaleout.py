@@ -17,14 +17,15 @@ from prefect_ray import RayTaskRunner
 
 from flows.deploy import prefect_api
 from flows.scale import distributed, embed_distributed_flow, score_distributed_flow, task_runner
-from flywheel import scaleout, tracking
-from flywheel.backbones import Classifier, build_body, get_spec
+from flywheel import scaleout
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
-from flywheel.data import import_source
-from flywheel.embed import EmbeddingStore, embed_samples
-from flywheel.embed_pipeline import EmbedOptions, embed_all
-from flywheel.head import predict_proba, train_head
+from flywheel.features.backbones import Classifier, build_body, get_spec
+from flywheel.features.pipeline import EmbedOptions, embed_all
+from flywheel.features.store import EmbeddingStore, embed_samples
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
+from flywheel.training.head import predict_proba, train_head
 from tests.conftest import TEST_PORTS
 
 pytestmark = pytest.mark.integration

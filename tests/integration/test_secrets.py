@@ -20,11 +20,11 @@ from pydantic import SecretStr
 
 from flows.common import _valid_overrides, with_secret_blocks
 from flywheel import labelstudio
-from flywheel import services as servers
 from flywheel.catalog import Catalog
 from flywheel.config import LOOPBACK, load_settings
-from flywheel.data import import_source
+from flywheel.devservers import services as servers
 from flywheel.errors import ConfigError
+from flywheel.sources.importing import import_source
 from tests.conftest import REPO, TEST_PORTS, TEST_WORKSPACE, no_settings_file
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,12 @@ def test_a_round_through_the_cli_leaks_no_secret(settings):
     )
     started = datetime.now(UTC)
     done = subprocess.run(
-        [sys.executable, "-m", "flywheel.cli", "round"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "flywheel.app.cli", "round"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "round 1: 30 labels" in done.stdout and "selected 10" in done.stdout

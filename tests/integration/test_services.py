@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel import services as svc
 from flywheel.config import Settings, load_settings
+from flywheel.devservers import services as svc
 from flywheel.errors import ConfigError, FlywheelError, ServiceUnavailableError
 from tests.conftest import TEST_PORTS
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flywheel import tracking
+from flywheel.registry import tracking
 from flywheel.simulation import publish, simulate
 
 pytestmark = pytest.mark.integration
@@ -93,6 +93,6 @@ def test_cli_simulate_logs_to_mlflow_and_refuses_a_down_server(settings, tmp_pat
 
 
 def app():
-    from flywheel.cli import app
+    from flywheel.app.cli import app
 
     return app

@@ -10,11 +10,12 @@ from label_studio_sdk import LabelStudio
 from mlflow import MlflowClient
 
 from flows import deploy, worker
-from flywheel import labelstudio, loop, tracking
+from flywheel import labelstudio, loop
 from flywheel.catalog import Catalog
 from flywheel.config import Settings
-from flywheel.data import import_source
 from flywheel.labelstudio import OPEN_TASKS, choice_result, list_tasks
+from flywheel.registry import tracking
+from flywheel.sources.importing import import_source
 
 pytestmark = pytest.mark.integration
 

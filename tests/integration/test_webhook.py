@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from bench.webhook_burst import serving
+from flywheel.app.webhook import create_app
 from flywheel.catalog import Catalog, WebhookEvent
 from flywheel.config import Settings
 from flywheel.labelstudio import (
@@ -36,7 +37,6 @@ from flywheel.labelstudio import (
 )
 from flywheel.labelstudio.ledger import agreement, annotations_of, in_review, label_history
 from flywheel.labelstudio.sync import users_by_id
-from flywheel.webhook import create_app
 from tests.integration.labelstudio_support import CLASSES, make_images, prefect_events, user_id, with_section
 
 pytestmark = pytest.mark.integration
@@ -133,7 +133,9 @@ def test_webhook_end_to_end_through_the_cli(settings: Settings, tmp_path: Path) 
     log = (tmp_path / "receiver.log").open("w")
 
     def start() -> subprocess.Popen[bytes]:
-        receiver = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "webhook"], env=env, stdout=log, stderr=log)
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.app.cli", "webhook"], env=env, stdout=log, stderr=log
+        )
         wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=60)
         return receiver
 
@@ -170,7 +172,10 @@ def test_webhook_end_to_end_through_the_cli(settings: Settings, tmp_path: Path) 
         assert receiver.wait(20) in (0, -signal.SIGTERM) and hooks() == []
         ensure_webhook(client, settings, project_id)  # as a receiver that died would leave it
         unregister = subprocess.run(
-            [sys.executable, "-m", "flywheel.cli", "webhook", "--unregister"], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "flywheel.app.cli", "webhook", "--unregister"],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         assert "removed 1 webhook(s)" in unregister.stdout and hooks() == []
     finally:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from flywheel import backbones
-from flywheel.backbones import BACKBONES, Classifier, build_body, get_spec, layer_groups, weights_cache_path
 from flywheel.errors import UnknownChoiceError, WeightsUnavailableError
+from flywheel.features import backbones
+from flywheel.features.backbones import BACKBONES, Classifier, build_body, get_spec, layer_groups, weights_cache_path
 
 
 def test_get_spec_known_and_default_lite0_normalisation():

@@ -8,9 +8,9 @@ from torchvision.io import encode_png
 
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import load_settings
-from flywheel.data import FASHION_MNIST_CLASSES, import_source, materialize_fashion_mnist
 from flywheel.errors import DataError
-from flywheel.manifest import read_manifest
+from flywheel.sources.importing import FASHION_MNIST_CLASSES, import_source, materialize_fashion_mnist
+from flywheel.sources.manifest import read_manifest
 
 
 def _png(path, value):
@@ -112,8 +112,8 @@ def test_fashion_mnist_subset_is_stratified_enough_and_imports_both_splits(env):
 
 
 def test_labels_are_trimmed_and_names_differing_in_case_are_refused_with_where_each_came_from(tmp_path):
-    from flywheel.data import tidy_labels
-    from flywheel.manifest import Record
+    from flywheel.sources.importing import tidy_labels
+    from flywheel.sources.manifest import Record
 
     records = [Record("/a.png", "circle "), Record("/b.png", " square"), Record("/c.png", "  "), Record("/d.png", None)]
     tidy, classes = tidy_labels(records, ["square", "circle"], [], source="shapes")

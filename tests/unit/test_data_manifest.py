@@ -14,9 +14,9 @@ from PIL import Image
 
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
-from flywheel.data import import_source, read_image_folder
 from flywheel.errors import ConfigError, DataError
-from flywheel.manifest import read_manifest
+from flywheel.sources.importing import import_source, read_image_folder
+from flywheel.sources.manifest import read_manifest
 
 
 def _png(path: Path, value: int = 0) -> Path:

@@ -18,16 +18,17 @@ import torch
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from flywheel import atomic, features, loop
-from flywheel.backbones import build_body
+from flywheel import atomic, loop
 from flywheel.catalog import POOL, Base, Catalog
 from flywheel.config import load_settings
-from flywheel.data import import_source
 from flywheel.errors import CorruptFileError, ProjectBusyError
-from flywheel.finetune import _load_checkpoint, _save_atomic
-from flywheel.index import build_index
+from flywheel.features import embedded
+from flywheel.features.backbones import build_body
+from flywheel.index.flat import build_index
 from flywheel.locking import lock_path, project_lock
-from flywheel.quarantine import near_duplicates, report_path, write_report
+from flywheel.sources.importing import import_source
+from flywheel.sources.quarantine import near_duplicates, report_path, write_report
+from flywheel.training.finetune import _load_checkpoint, _save_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 RGB = (np.arange(40 * 48 * 3).reshape(40, 48, 3) * 11 % 256).astype(np.uint8)
@@ -85,7 +86,7 @@ def test_bad_images_are_quarantined_with_reasons_and_the_rest_is_embedded(tmp_pa
 
     # embedding: the truncated JPEG fails to decode, is quarantined, and the other seven are embedded
     body = build_body("efficientnet_lite0", pretrained=False)
-    pool = features.split_features(settings, catalog, POOL, body, "imagenet", progress=False)
+    pool = embedded.split_features(settings, catalog, POOL, body, "imagenet", progress=False)
     assert sorted(Path(p).name for p in pool.paths) == sorted(
         ["plain.png", "cmyk.jpg", "deep16.png", "alpha.png", "palette.png", "rotated.jpg", "gray.jpg"]
     )

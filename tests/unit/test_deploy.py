@@ -11,9 +11,9 @@ from pydantic import SecretStr
 
 from flows import deploy
 from flows.common import THRESHOLD_REACHED
+from flywheel.app.webhook import LABELS_CHANGED
 from flywheel.config import load_settings
 from flywheel.errors import ConfigError
-from flywheel.webhook import LABELS_CHANGED
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "infra" / "work-pools"
 

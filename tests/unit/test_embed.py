@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torchvision.io import write_png
 
-from flywheel.backbones import BackboneSpec, build_body, get_spec
-from flywheel.embed import (
+from flywheel.errors import DataError, FlywheelError
+from flywheel.features.backbones import BackboneSpec, build_body, get_spec
+from flywheel.features.pipeline import EmbedOptions, embed_all
+from flywheel.features.store import (
     EmbeddingStore,
     MissingEmbeddingsError,
     _atomic_save,
@@ -24,8 +26,6 @@ from flywheel.embed import (
     embed_samples,
     resolve_device,
 )
-from flywheel.embed_pipeline import EmbedOptions, embed_all
-from flywheel.errors import DataError, FlywheelError
 
 CPU = torch.device("cpu")
 FAKE = BackboneSpec("fake", 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "fake/v1")

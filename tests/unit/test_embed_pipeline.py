@@ -9,10 +9,10 @@ from PIL import Image
 from torch import nn
 from torchvision.io import decode_jpeg, encode_jpeg, write_png
 
-from flywheel.backbones import BackboneSpec, build_body, get_spec
 from flywheel.config import load_settings
-from flywheel.embed import EmbeddingStore, embed_samples
-from flywheel.embed_pipeline import (
+from flywheel.errors import BadImageError, DataError, FlywheelError
+from flywheel.features.backbones import BackboneSpec, build_body, get_spec
+from flywheel.features.pipeline import (
     EXIF_ORIENTATION,
     EmbedOptions,
     _collate,
@@ -24,8 +24,8 @@ from flywheel.embed_pipeline import (
     embed_stream,
     options_from_settings,
 )
-from flywheel.errors import BadImageError, DataError, FlywheelError
-from flywheel.images import _normalize, load_image, preprocess
+from flywheel.features.store import EmbeddingStore, embed_samples
+from flywheel.sources.images import _normalize, load_image, preprocess
 
 CPU = torch.device("cpu")
 FAKE = BackboneSpec("fake", 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "fake/v1")

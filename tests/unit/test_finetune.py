@@ -9,12 +9,19 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from flywheel.backbones import get_spec, layer_groups, new_classifier
 from flywheel.config import FinetuneSettings
 from flywheel.errors import DataError
-from flywheel.finetune import HEAD_PHASE_LR_FACTOR, evaluate, finetune, predict_proba, should_stop, unfrozen_count
-from flywheel.images import choose_augmentation, train_transform
-from flywheel.policy import DepthDecision
+from flywheel.features.backbones import get_spec, layer_groups, new_classifier
+from flywheel.sources.images import choose_augmentation, train_transform
+from flywheel.training.finetune import (
+    HEAD_PHASE_LR_FACTOR,
+    evaluate,
+    finetune,
+    predict_proba,
+    should_stop,
+    unfrozen_count,
+)
+from flywheel.training.policy import DepthDecision
 
 SIZE = 32
 
@@ -323,7 +330,7 @@ def test_compiled_training_matches_eager(classifier, stripes):
 
 
 def test_a_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_path):
-    from flywheel.finetune import _CheckpointWriter, _load_checkpoint
+    from flywheel.training.finetune import _CheckpointWriter, _load_checkpoint
 
     weights = torch.zeros(1000)
     path = tmp_path / "run" / "last.pt"

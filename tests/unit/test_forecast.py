@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from flywheel import forecast, insight
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
 from flywheel.errors import DataError
-from flywheel.forecast import Forecast, PowerLaw, fit_power_law, make_forecast
+from flywheel.insight import after_round, forecast
+from flywheel.insight.forecast import Forecast, PowerLaw, fit_power_law, make_forecast
 
 TRUE = PowerLaw(a=0.88, b=1.2, c=0.5)
 LABELS = np.array([50, 100, 150, 200, 300, 400, 500, 600], dtype=float)
@@ -133,10 +133,12 @@ def test_round_points_use_test_accuracy_only_when_every_round_has_it(tmp_path):
     cold = catalog.start_round(strategy="auto", n_labels=0)  # no model: not a point
     catalog.finish_round(cold, model_version=None, holdout_accuracy=None, test_accuracy=None)
     now = catalog.start_round(strategy="auto", n_labels=400)
-    labels, accuracy, which = insight.learning_points(catalog, round_id=now, n_labels=400, test=0.8, holdout=0.77)
+    labels, accuracy, which = after_round.learning_points(catalog, round_id=now, n_labels=400, test=0.8, holdout=0.77)
     assert which == "held-out" and labels == [100, 200, 300, 400] and accuracy == [0.60, 0.70, 0.74, 0.77]
     settings = load_settings(workspace=tmp_path, k_per_round=100)
-    result, note = insight.round_forecast(settings, catalog, round_id=now, n_labels=400, test=0.8, holdout=0.77)
+    result, note = after_round.round_forecast(settings, catalog, round_id=now, n_labels=400, test=0.8, holdout=0.77)
     assert result is not None and result.labels == [100, 200, 300, 400] and "held-out accuracy of 4 rounds" in note
-    none, why = insight.round_forecast(settings, catalog, round_id=now, n_labels=400, test=0.8, holdout=float("nan"))
+    none, why = after_round.round_forecast(
+        settings, catalog, round_id=now, n_labels=400, test=0.8, holdout=float("nan")
+    )
     assert none is None and "no forecast yet" in why

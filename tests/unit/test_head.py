@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from flywheel.errors import FlywheelError
-from flywheel.head import accuracy, predict_proba, train_head
+from flywheel.training.head import accuracy, predict_proba, train_head
 
 
 def _blobs(rng, n=60, d=16, offset=3.0):

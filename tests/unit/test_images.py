@@ -8,9 +8,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import write_png
 
-from flywheel.backbones import get_spec
 from flywheel.errors import BadImageError, DataError
-from flywheel.images import ImageDataset, load_image, preprocess, read_header
+from flywheel.features.backbones import get_spec
+from flywheel.sources.images import ImageDataset, load_image, preprocess, read_header
 
 SPEC = get_spec("efficientnet_lite0")
 

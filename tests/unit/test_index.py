@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flywheel.errors import CorruptFileError, DataError, UnknownChoiceError
-from flywheel.index import build_index, index_ids, load_index, load_or_build, radius_search, save_index, search
+from flywheel.index.flat import build_index, index_ids, load_index, load_or_build, radius_search, save_index, search
 
 
 @pytest.fixture

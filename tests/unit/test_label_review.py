@@ -9,10 +9,10 @@ import io
 import numpy as np
 import pytest
 
-from flywheel import provenance, review
 from flywheel.catalog import Catalog, NewSample
-from flywheel.crossval import cross_validate, curve_sizes, stratified_folds
 from flywheel.errors import DataError
+from flywheel.insight import provenance, review
+from flywheel.training.crossval import cross_validate, curve_sizes, stratified_folds
 
 
 def _blobs(n_per_class: int = 60, n_classes: int = 4, seed: int = 0):

@@ -1,8 +1,8 @@
 import numpy as np
 
-from flywheel.features import SplitFeatures
+from flywheel.features.embedded import SplitFeatures
 from flywheel.loop import split_labels
-from flywheel.tracking import decide_promotion
+from flywheel.registry.tracking import decide_promotion
 
 
 def _pool(folds):

@@ -16,8 +16,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from typer.testing import CliRunner
 
-from flywheel import migrations
-from flywheel.catalog import Catalog, Quarantined
+from flywheel.catalog import Catalog, Quarantined, migrations
 from flywheel.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +84,7 @@ def test_parallel_openers_of_a_new_catalog_all_succeed(tmp_path):
 
 
 def test_db_upgrade_command_and_the_alembic_command_line(tmp_path, monkeypatch):
-    from flywheel.cli import app
+    from flywheel.app.cli import app
 
     old = tmp_path / "old.db"
     with sqlite3.connect(old) as conn:
@@ -99,7 +98,8 @@ def test_db_upgrade_command_and_the_alembic_command_line(tmp_path, monkeypatch):
     assert again.exit_code == 0 and "already at 0001" in again.output
 
     fresh = f"sqlite:///{tmp_path / 'cli.db'}"
-    alembic = [str(Path(sys.executable).parent / "alembic"), "-c", str(REPO / "flywheel/migrations/alembic.ini")]
+    ini = REPO / "flywheel" / "catalog" / "migrations" / "alembic.ini"
+    alembic = [str(Path(sys.executable).parent / "alembic"), "-c", str(ini)]
     for args in (["upgrade", "head"], ["check"]):  # check: autogenerate finds nothing to write
         done = subprocess.run([*alembic, "-x", f"url={fresh}", *args], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from flywheel.backbones import Classifier, build_body, layer_groups
 from flywheel.errors import UnknownChoiceError
-from flywheel.policy import (
+from flywheel.features.backbones import Classifier, build_body, layer_groups
+from flywheel.training.policy import (
     HEAD_ONLY_BELOW,
     LAST_GROUPS_FAR,
     LAST_GROUPS_NEAR,

@@ -1,4 +1,4 @@
-"""What is due (flywheel.schedule): one fine-tune per label state, whoever asks, and none twice."""
+"""What is due (flywheel.loop.schedule): one fine-tune per label state, whoever asks, and none twice."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from flywheel import schedule
 from flywheel.catalog import Catalog
 from flywheel.config import FinetuneSettings
+from flywheel.loop import schedule
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 POLICY = FinetuneSettings(min_labels=100, every_new_labels=50, pending_timeout_s=3600)

@@ -234,7 +234,7 @@ def _tiny_image_folder(root: Path, per_class: int = 12) -> None:
 
 
 def test_cli_simulate_writes_report_and_plot(tmp_path, monkeypatch):
-    from flywheel.cli import app
+    from flywheel.app.cli import app
 
     _tiny_image_folder(tmp_path / "images")
     monkeypatch.chdir(tmp_path)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from flywheel.backbones import build_body
 from flywheel.errors import DataError, UnknownChoiceError
-from flywheel.transfer import (
+from flywheel.features.backbones import build_body
+from flywheel.training.transfer import (
     DomainProbe,
     available_backbones,
     knn_accuracy,

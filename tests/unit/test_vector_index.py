@@ -7,7 +7,7 @@ import pytest
 
 from flywheel.config import IndexSettings
 from flywheel.errors import ConfigError, DataError
-from flywheel.vector_index import (
+from flywheel.index.sharded import (
     ShardedIndex,
     auto_nlist,
     build_vector_index,

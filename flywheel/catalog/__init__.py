@@ -1,0 +1,58 @@
+"""The catalog: every sample, label, task and round, in SQLite or PostgreSQL (tables in `models`, queries in
+`store`, alembic migrations in `migrations`)."""
+
+from flywheel.catalog.models import (
+    POOL,
+    TEST,
+    Annotation,
+    Base,
+    ClassName,
+    ForecastRecord,
+    Label,
+    LabelChange,
+    LabelReview,
+    Meta,
+    Provenance,
+    Quarantine,
+    Review,
+    Round,
+    Sample,
+    Task,
+    UtcDateTime,
+    WebhookEvent,
+)
+from flywheel.catalog.store import (
+    Catalog,
+    ImportResult,
+    NewSample,
+    Quarantined,
+    SampleRow,
+    engine_for,
+)
+
+__all__ = [
+    "POOL",
+    "TEST",
+    "Annotation",
+    "Base",
+    "Catalog",
+    "ClassName",
+    "ForecastRecord",
+    "ImportResult",
+    "Label",
+    "LabelChange",
+    "LabelReview",
+    "Meta",
+    "NewSample",
+    "Provenance",
+    "Quarantine",
+    "Quarantined",
+    "Review",
+    "Round",
+    "Sample",
+    "SampleRow",
+    "Task",
+    "UtcDateTime",
+    "WebhookEvent",
+    "engine_for",
+]

@@ -1,0 +1,312 @@
+"""Embeddings: run a frozen body over images once, and keep the vectors on disk keyed by sample id.
+
+Every round reuses the pool's embeddings (for the linear head, FAISS and diversity strategies), so only
+new samples — or a new body (backbone, weights version, image size: the store key) — cost a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from flywheel import faults
+from flywheel.atomic import atomic_path, remove_with_sidecar, verify_checksum
+from flywheel.errors import BadImageError, CorruptFileError, DataError, FlywheelError
+from flywheel.features.backbones import BackboneSpec
+from flywheel.features.pipeline import EmbedOptions, embed_all, embed_stream
+from flywheel.sources.images import load_image
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# Images embedded between two saves in embed_samples: bounds the work lost to a crash, while keeping the
+# number of whole-file rewrites (each O(store size)) small.
+SAVE_EVERY = 8192
+
+ProgressFn = Callable[[int, int], None]
+"""Called as (images embedded so far, images to embed) after each batch, e.g. to update a Prefect artifact."""
+
+
+class MissingEmbeddingsError(FlywheelError, KeyError):
+    """Some requested ids have no vector in the store (embed them first with embed_samples)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto" to cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DataError(f"unknown device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {name!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def _progress(enabled: bool) -> AbstractContextManager[Progress | None]:
+    """A transient rich progress bar, or a null context yielding None."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+def embed_paths(
+    paths: Sequence[str],
+    body: nn.Module,
+    spec: BackboneSpec,
+    *,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+    on_progress: ProgressFn | None = None,
+    options: EmbedOptions | None = None,
+) -> npt.NDArray[np.float32]:
+    """Features of each image: (N, D) float32, row i for paths[i] (flywheel.features.pipeline does the work;
+    `options`, e.g. from the settings, replace batch_size and num_workers)."""
+    options = options or EmbedOptions(batch_size=batch_size, workers=num_workers)
+    with _progress(progress) as bar:
+        task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(paths)) if bar else None
+        on_batch = _batch_counter(bar, task, on_progress, len(paths))
+        return embed_all(paths, body, spec, image_size=image_size, device=device, options=options, on_batch=on_batch)
+
+
+def _batch_counter(bar: Any, task: Any, on_progress: ProgressFn | None, total: int) -> Callable[[int], None]:
+    """The pipeline's per-batch callback: advance the bar and report (done, total) to on_progress."""
+    done = 0
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if bar is not None:
+            bar.update(task, advance=n)
+        if on_progress is not None:
+            on_progress(done, total)
+
+    return on_batch
+
+
+def _atomic_save(path: Path, array: npt.NDArray[np.generic]) -> None:
+    """np.save to a temp file, then os.replace, with a sha256 sidecar: readers never see half a file, and a
+    file damaged later is recognised (atomic.py)."""
+    with atomic_path(path, checksum=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+class EmbeddingStore:
+    """Embeddings on disk per (backbone, weights version, image size), keyed by sample id; incremental and atomic.
+
+    Files: root/key/ids.npy (N,) int64 and root/key/vectors.npy (N, D) float32, each replaced atomically
+    with a sha256 sidecar. `add` writes vectors before ids and only ever appends rows, so a crash between
+    the two replaces leaves extra trailing vectors, which loading drops. A file that fails its checksum
+    (or cannot be read) makes the store discard itself: the vectors are recomputed, never trusted. One
+    writer per key at a time.
+    """
+
+    def __init__(self, root: Path, key: str):
+        self.dir = Path(root) / key
+        self.key = key
+        self._ids: npt.NDArray[np.int64] | None = None
+        self._vectors: npt.NDArray[np.float32] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # ids.npy (inode, size, mtime) when loaded
+
+    @staticmethod
+    def key_for(spec: BackboneSpec, weights_version: str, image_size: int) -> str:
+        """A filesystem-safe name: a different body or input size must never share cached vectors."""
+        raw = f"{spec.name}__{spec.weights_id}__{weights_version}__{image_size}px"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
+
+    # -- loading
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = (self.dir / "ids.npy").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _load(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
+        """The stored arrays, re-read when another writer (process or instance) replaced the files."""
+        stamp = self._file_stamp()
+        if self._ids is None or stamp != self._stamp:
+            ids_path, vec_path = self.dir / "ids.npy", self.dir / "vectors.npy"
+            try:
+                ids, vectors = self._read(ids_path, vec_path)
+            except (CorruptFileError, ValueError, OSError, EOFError) as exc:
+                log.warning(
+                    "embedding store %s is damaged (%s): discarded, its vectors will be recomputed", self.dir, exc
+                )
+                self.discard()
+                ids, vectors, stamp = np.empty(0, np.int64), None, None
+            self._ids, self._vectors, self._stamp = ids.astype(np.int64, copy=False), vectors, stamp
+        return self._ids, self._vectors
+
+    def _read(self, ids_path: Path, vec_path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
+        if not (ids_path.exists() and vec_path.exists()):
+            return np.empty(0, np.int64), None
+        verify_checksum(ids_path)
+        verify_checksum(vec_path)
+        ids, vectors = np.load(ids_path), np.load(vec_path)
+        if len(vectors) < len(ids):
+            raise CorruptFileError(f"{len(ids)} ids but only {len(vectors)} vectors")
+        return ids, vectors[: len(ids)]  # rows appended by an add whose ids never landed
+
+    def discard(self) -> None:
+        """Delete the stored files (and checksums): everything is embedded again on the next embed_samples."""
+        for name in ("ids.npy", "vectors.npy"):
+            remove_with_sidecar(self.dir / name)
+        self._ids = self._vectors = self._stamp = None
+
+    def __len__(self) -> int:
+        return len(self._load()[0])
+
+    def _positions(
+        self, ids: Sequence[int] | npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Row of each id in the store and a mask of which ids are present."""
+        stored, _ = self._load()
+        query = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(stored):
+            return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+        order = np.argsort(stored, kind="stable")
+        sorted_ids = stored[order]
+        at = np.clip(np.searchsorted(sorted_ids, query), 0, len(sorted_ids) - 1)
+        found = sorted_ids[at] == query
+        return order[at], found
+
+    # -- public API
+    def missing(self, ids: Sequence[int]) -> list[int]:
+        """The ids (in the given order, without repeats) that have no vector yet."""
+        _, found = self._positions(ids)
+        return list(dict.fromkeys(int(i) for i, ok in zip(np.asarray(ids).reshape(-1), found, strict=True) if not ok))
+
+    def get(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """(len(ids), D) float32, rows in the order of ids."""
+        rows, found = self._positions(ids)
+        if not found.all():
+            absent = np.asarray(ids, dtype=np.int64).reshape(-1)[~found]
+            raise MissingEmbeddingsError(
+                f"{len(absent)} of {len(found)} ids have no embedding under {self.key} "
+                f"(e.g. {absent[:5].tolist()}); run embed_samples first"
+            )
+        _, vectors = self._load()
+        if vectors is None:  # only reachable with an empty query
+            return np.empty((0, 0), np.float32)
+        return vectors[rows]
+
+    def add(self, ids: Sequence[int], vectors: npt.NDArray[np.floating[Any]]) -> None:
+        """Store vectors (N, D) for ids (N,); ids already stored are overwritten with the new vectors."""
+        new_ids: npt.NDArray[np.int64] = np.asarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(new_ids):
+            raise DataError(f"add: {len(new_ids)} ids but vectors of shape {vectors.shape}")
+        if len(np.unique(new_ids)) != len(new_ids):
+            raise DataError("add: ids contain duplicates")
+        if not len(new_ids):
+            return
+        stored, old = self._load()
+        if old is not None and old.shape[1] != vectors.shape[1]:
+            raise DataError(f"add: {vectors.shape[1]}-d vectors into a {old.shape[1]}-d store {self.dir}")
+        rows, found = self._positions(new_ids)
+        if old is None:
+            all_ids, all_vectors = new_ids, vectors
+        else:
+            old = old.copy()
+            old[rows[found]] = vectors[found]  # overwrite in place: row order of existing ids is kept
+            all_ids = np.concatenate([stored, new_ids[~found]])
+            all_vectors = np.concatenate([old, vectors[~found]])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(self.dir / "vectors.npy", all_vectors)  # vectors first: see the class docstring
+        faults.point("embed:after_vectors")
+        _atomic_save(self.dir / "ids.npy", all_ids)
+        self._ids, self._vectors, self._stamp = all_ids, all_vectors, self._file_stamp()
+
+
+def embed_samples(
+    store: EmbeddingStore,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    body: nn.Module,
+    spec: BackboneSpec,
+    *,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    num_workers: int = 0,
+    on_progress: ProgressFn | None = None,
+    options: EmbedOptions | None = None,
+) -> npt.NDArray[np.float32]:
+    """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order.
+
+    on_progress counts only the images embedded now. One stream of shards (`options.shard_size` images, each
+    stored as it completes): a crash loses at most one shard, and the rerun embeds only what is missing.
+    """
+    if len(ids) != len(paths):
+        raise DataError(f"embed_samples: {len(ids)} ids but {len(paths)} paths")
+    path_of = dict(zip((int(i) for i in ids), paths, strict=True))
+    todo = store.missing(ids)
+    options = options or EmbedOptions(batch_size=batch_size, workers=num_workers, shard_size=SAVE_EVERY)
+    with _progress(progress and bool(todo)) as bar:
+        task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(todo)) if bar else None
+        for start, vectors in embed_stream(  # one stream of shards, each saved as it completes
+            [path_of[i] for i in todo], body, spec, image_size=image_size, device=device, options=options,
+            on_batch=_batch_counter(bar, task, on_progress, len(todo)),
+        ):  # fmt: skip
+            store.add(todo[start : start + len(vectors)], vectors)
+    return store.get(ids)
+
+
+def embed_available(
+    store: EmbeddingStore,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    *args: Any,
+    on_bad: Callable[[int, BadImageError], None],
+    **kwargs: Any,
+) -> tuple[npt.NDArray[np.float32], list[int]]:
+    """`embed_samples`, except that images which cannot be decoded are reported to `on_bad(id, error)` and
+    left out, so one bad file does not stop the rest. Returns (vectors, the ids they belong to).
+
+    The happy path costs nothing extra: only when embedding fails are the images not yet embedded decoded
+    one by one to find the culprits (if none is found, the original error propagates).
+    """
+    try:
+        return embed_samples(store, ids, paths, *args, **kwargs), [int(i) for i in ids]
+    except Exception:
+        path_of = dict(zip((int(i) for i in ids), paths, strict=True))
+        broken: dict[int, BadImageError] = {}
+        for i in store.missing(ids):
+            try:
+                load_image(path_of[i])
+            except BadImageError as exc:
+                broken[i] = exc
+        if not broken:
+            raise
+    for i, error in broken.items():
+        on_bad(i, error)
+    keep = [k for k, i in enumerate(ids) if int(i) not in broken]
+    return embed_available(store, [ids[k] for k in keep], [paths[k] for k in keep], *args, on_bad=on_bad, **kwargs)

@@ -1,0 +1,1 @@
+"""What people read: provenance, label review, the label-budget forecast, reports and pictures."""

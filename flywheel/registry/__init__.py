@@ -1,0 +1,1 @@
+"""MLflow: every model a run and a registered version; the champion moves only on a win."""
