@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import socket
+import sys
 import time
 from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from typing import Annotated, Any, ParamSpec, TypeVar
+from uuid import UUID
 
+import httpx
 from prefect import Task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -22,13 +28,17 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.blocks.system import Secret
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.concurrency._leases import maintain_concurrency_lease  # the lease renewal prefect's own slots use
 from prefect.events import emit_event
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from prefect.filesystems import LocalFileSystem
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.variables import Variable
 from pydantic import AfterValidator, SecretStr
 
 from flywheel.catalog import Round
@@ -57,7 +67,7 @@ def _valid_overrides(value: dict[str, Any]) -> dict[str, Any]:
     try:
         load_settings(**value)
     except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(str(exc)) from exc
     return value
 
 
@@ -82,7 +92,7 @@ def with_secret_blocks(settings: Settings) -> Settings:
             raise ConfigError(
                 f"secret_blocks: {name} names Prefect Secret block {block!r}, which cannot be read "
                 f"({type(exc).__name__}: {exc})"
-            ) from None
+            ) from exc
         sections.setdefault(section, {})[field] = SecretStr(str(value))
     updates = {section: getattr(settings, section).model_copy(update=values) for section, values in sections.items()}
     return settings.model_copy(update=updates) if updates else settings
@@ -105,9 +115,84 @@ def project_slot(settings: Settings) -> Iterator[None]:
 
     The library refuses a second writer at once (flywheel.locking); the deployments' runs instead wait here for
     the slot, so a scheduled round or sync queues behind a fine-tune rather than failing on the project lock.
+    The slot is a lease renewed while its holder lives; the holder is recorded in a Prefect variable, so a run
+    that waits says who holds it, and releases it at once when that holder was a process on this host that is
+    gone (killed mid-run). A holder elsewhere that died frees it when its lease lapses (`prefect.slot_lease_s`).
     """
-    with concurrency(ensure_project_limit(settings), occupy=1, strict=True):
-        yield
+    name, lease_s = ensure_project_limit(settings), settings.prefect.slot_lease_s
+    with get_client(sync_client=True) as client:
+        lease_id = _acquire_slot(client, name, lease_s, settings.prefect.slot_report_s)
+        try:
+            Variable.set(_holder_variable(name), _holder(lease_id), overwrite=True)
+            with maintain_concurrency_lease(lease_id, lease_s, raise_on_lease_renewal_failure=True):
+                yield
+        finally:
+            client.release_concurrency_slots_with_lease(lease_id)
+
+
+def _acquire_slot(client: SyncPrefectClient, name: str, lease_s: float, report_every_s: float) -> UUID:
+    """Take the slot, waiting as long as it takes; every `report_every_s` say who holds it."""
+    began = reported = time.monotonic()
+    while True:
+        try:
+            response = client.increment_concurrency_slots_with_lease([name], 1, "concurrency", lease_s)
+            return ConcurrencyLimitWithLeaseResponse.model_validate(response.json()).lease_id
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != httpx.codes.LOCKED:
+                raise
+            retry_after = float(exc.response.headers.get("Retry-After", 1))
+        holder = Variable.get(_holder_variable(name), default=None)
+        if _died_here(holder):
+            assert isinstance(holder, dict)  # _died_here checked it
+            _say(f"the project slot {name} was {_described(holder)}, which is gone: releasing it")
+            with suppress(PrefectHTTPStatusError):  # its lease may have lapsed meanwhile
+                client.release_concurrency_slots_with_lease(UUID(holder["lease_id"]))
+            continue
+        if time.monotonic() - reported >= report_every_s:
+            reported = time.monotonic()
+            _say(f"waiting {reported - began:.0f} s for the project slot {name}: {_described(holder)}")
+        time.sleep(min(max(retry_after, 0.5), report_every_s))
+
+
+def _holder_variable(slot: str) -> str:
+    return f"{slot}-holder".lower()
+
+
+def _holder(lease_id: UUID) -> dict[str, str]:
+    """Who holds the slot: the flow run (when in one), the process, its lease and when it took the slot."""
+    return {"flow_run": str(flow_run.get_name() or "none (called outside a flow run)"), "pid": str(os.getpid()),
+            "host": socket.gethostname(), "lease_id": str(lease_id),
+            "since": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+
+
+def _described(holder: object) -> str:
+    if not isinstance(holder, dict):
+        return "its holder is not recorded (a run of an older flywheel, or one that is just starting)"
+    return (
+        f"held by flow run {holder.get('flow_run')} (pid {holder.get('pid')} on {holder.get('host')}) since "
+        f"{holder.get('since')}"
+    )
+
+
+def _died_here(holder: object) -> bool:
+    """The recorded holder is a process of this host that no longer exists."""
+    if not isinstance(holder, dict) or holder.get("host") != socket.gethostname() or "lease_id" not in holder:
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def _say(message: str) -> None:
+    """To the flow run's log inside a run, else to stderr (the command line calls flows directly)."""
+    try:
+        get_run_logger().info(message)
+    except MissingContextError:
+        print(message, file=sys.stderr, flush=True)
 
 
 def ensure_project_limit(settings: Settings) -> str:

@@ -113,7 +113,7 @@ def _round_schedule(settings: Settings) -> Schedule:
         ZoneInfo(pf.timezone)
         return Cron(pf.round_cron, timezone=pf.timezone)
     except (ValueError, ZoneInfoNotFoundError) as exc:
-        raise ConfigError(f"prefect.round_cron {pf.round_cron!r} in prefect.timezone {pf.timezone!r}: {exc}") from None
+        raise ConfigError(f"prefect.round_cron {pf.round_cron!r} in prefect.timezone {pf.timezone!r}: {exc}") from exc
 
 
 def build_deployments(settings: Settings, *, code_dir: Path = REPO) -> list[RunnerDeployment]:

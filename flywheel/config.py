@@ -134,6 +134,11 @@ class PrefectSettings(_Section):
     task_retries: int = Field(3, ge=0, description="retries of every network task (Label Studio, MLflow)")
     retry_delay_s: float = Field(2.0, ge=0, description="first retry delay; doubles each retry")
     worker_poll_s: float = Field(5.0, gt=0, description="how often the worker asks for runs")
+    slot_lease_s: float = Field(
+        60.0, ge=60, description="the project slot's lease (the server's minimum is 60), renewed while its holder "
+        "lives: a holder on another host that died frees the slot this long (plus a 15 s sweep) after"
+    )  # fmt: skip
+    slot_report_s: float = Field(10.0, gt=0, description="a run waiting for the project slot says so this often")
     database_url: str = Field(
         "",
         description="the server's database, e.g. postgresql+asyncpg://user@host/prefect; empty: Prefect's SQLite "
@@ -457,9 +462,9 @@ def load_settings(**overrides: Any) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{toml_file.absolute()}: invalid TOML: {exc}") from exc
     except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {'; '.join(_explain(err) for err in exc.errors())}") from None
+        raise ConfigError(f"invalid settings: {'; '.join(_explain(err) for err in exc.errors())}") from exc
     except SettingsError as exc:  # a dict setting whose variable is not JSON
-        raise ConfigError(f"invalid settings: {_not_json(exc)}") from None
+        raise ConfigError(f"invalid settings: {_not_json(exc)}") from exc
 
 
 def _settings_file() -> Path:

@@ -15,9 +15,9 @@ def require_healthy(service: str, base_url: str, *, path: str = "/health", timeo
     try:
         response = httpx.get(f"{base_url}{path}", timeout=timeout)
     except httpx.ConnectError as exc:  # refused, or no such host: nothing to wait for
-        raise ServiceUnavailableError(service, base_url, f"{type(exc).__name__}: {exc}", retryable=False) from None
+        raise ServiceUnavailableError(service, base_url, f"{type(exc).__name__}: {exc}", retryable=False) from exc
     except httpx.HTTPError as exc:
-        raise ServiceUnavailableError(service, base_url, f"{type(exc).__name__}: {exc}") from None
+        raise ServiceUnavailableError(service, base_url, f"{type(exc).__name__}: {exc}") from exc
     if response.status_code != 200:
         raise ServiceUnavailableError(service, base_url, f"GET {path} answered HTTP {response.status_code}")
 

@@ -64,13 +64,13 @@ def _acquire(path: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as exc:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said who it is"
         os.close(fd)
         raise ProjectBusyError(
             f"this project is being run by another process ({holder}); wait for it to finish, "
             f"or stop it (lock file {path})"
-        ) from None
+        ) from exc
     command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n".encode(), 0)

@@ -6,7 +6,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import wraps
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,7 +20,12 @@ from flywheel.errors import FlywheelError
 from flywheel.health import require_healthy
 
 if TYPE_CHECKING:  # the loop imports torch: only the commands that run it load it
+    import numpy as np
+    import numpy.typing as npt
+    from mlflow import MlflowClient
+
     from flywheel.loop import FinetuneReport
+    from flywheel.simulation.datasets import Dataset
 
 app = typer.Typer(
     help="Active-learning data flywheel: label less, learn more, trace every model.", no_args_is_help=True
@@ -40,7 +46,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except FlywheelError as exc:
             console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(1) from exc
 
     return wrapper
 
@@ -387,17 +393,17 @@ def simulate(
     mlflow: Annotated[bool, typer.Option(help="log one MLflow run per strategy")] = True,
 ) -> None:
     """Active learning with an oracle on labelled images: learning curves per strategy, mean over seeds."""
-    from pathlib import Path
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from flywheel.registry import tracking
-    from flywheel.simulation import datasets, publish, resolve_strategies
-    from flywheel.simulation import simulate as run_simulation
+    from flywheel.simulation import datasets
 
     settings = load_settings(backbone=backbone) if backbone else _settings()
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
-    resolve_strategies(names)  # a bad name fails before any embedding work
+    plan = _simulation_plan(
+        strategies,
+        seeds=seeds,
+        initial_per_class=initial_per_class,
+        budget_per_class=budget_per_class,
+        batch_size=batch_size,
+    )
     client = tracking.connect(settings) if mlflow else None  # a down server fails before the work too
     began = time.monotonic()
     dataset = datasets.embed_dataset(datasets.load_dataset(data, settings, pool_size=pool_size), settings)
@@ -408,33 +414,82 @@ def simulate(
         f"{settings.backbone} {settings.image_size}px features {features.shape[1]}-d "
         f"({time.monotonic() - began:.0f} s)"
     )
-    n_classes = len(dataset.classes)
-    rounds = len(range(n_classes * initial_per_class, n_classes * budget_per_class, batch_size or n_classes)) + 1
+    report = _simulate_with_progress(dataset, features, plan, l2=settings.head_l2)
+    report["backbone"] = settings.backbone
+    report["image_size"] = settings.image_size
+    report["seconds"] = round(time.monotonic() - began, 1)
+    _print_curves(report)
+    _publish_simulation(report, plot=plot, out=out, client=client, backbone=settings.backbone)
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """What `flywheel simulate` runs on the embedded images: the strategies and the labelling schedule."""
+
+    strategies: list[str]
+    seeds: int
+    initial_per_class: int
+    budget_per_class: int
+    batch_size: int | None  # None: one label per class and round
+
+    def evaluations(self, n_classes: int) -> int:
+        """Test evaluations the run makes (seeds x strategies x budgets): the progress bar's total."""
+        start, stop = n_classes * self.initial_per_class, n_classes * self.budget_per_class
+        rounds = len(range(start, stop, self.batch_size or n_classes)) + 1
+        return self.seeds * len(self.strategies) * rounds
+
+
+def _simulation_plan(
+    strategies: str, *, seeds: int, initial_per_class: int, budget_per_class: int, batch_size: int | None
+) -> SimulationPlan:
+    """The plan from the command's options; a bad strategy name fails here, before any embedding work."""
+    from flywheel.simulation import resolve_strategies
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    resolve_strategies(names)
+    return SimulationPlan(
+        strategies=names,
+        seeds=seeds,
+        initial_per_class=initial_per_class,
+        budget_per_class=budget_per_class,
+        batch_size=batch_size,
+    )
+
+
+def _simulate_with_progress(
+    dataset: Dataset, features: npt.NDArray[np.float32], plan: SimulationPlan, *, l2: float
+) -> dict[str, Any]:
+    """Run the plan on the embedded dataset, with a progress bar advancing at each test evaluation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flywheel.simulation import simulate as run_simulation
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        task = progress.add_task("simulating", total=seeds * len(names) * rounds)
+        task = progress.add_task("simulating", total=plan.evaluations(len(dataset.classes)))
 
         def step(name: str, seed: int, budget: int) -> None:
             progress.update(task, advance=1, description=f"seed {seed} {name}: {budget} labels")
 
-        report = run_simulation(
+        return run_simulation(
             features,
             dataset.targets,
             dataset.classes,
-            strategies=names,
-            seeds=seeds,
-            initial_per_class=initial_per_class,
-            budget_per_class=budget_per_class,
-            batch_size=batch_size,
-            l2=settings.head_l2,
+            strategies=plan.strategies,
+            seeds=plan.seeds,
+            initial_per_class=plan.initial_per_class,
+            budget_per_class=plan.budget_per_class,
+            batch_size=plan.batch_size,
+            l2=l2,
             dataset=dataset.name,
             on_step=step,
         )
-    report["backbone"] = settings.backbone
-    report["image_size"] = settings.image_size
-    report["seconds"] = round(time.monotonic() - began, 1)
-    table = Table(title=f"flywheel simulate: {dataset.name} (all labels: {_pct(report['full_label_accuracy'])})")
+
+
+def _print_curves(report: Mapping[str, Any]) -> None:
+    """One table row per strategy: the report's summary of its learning curve."""
+    table = Table(title=f"flywheel simulate: {report['dataset']} (all labels: {_pct(report['full_label_accuracy'])})")
     for column in ("strategy", "AULC", "balanced AULC", "final accuracy", "labels to 95% of all-label"):
         table.add_column(column)
     for name, curve in report["strategies"].items():
@@ -447,6 +502,16 @@ def simulate(
             "-" if reached is None else str(reached),
         )
     console.print(table)
+
+
+def _publish_simulation(
+    report: Mapping[str, Any], *, plot: str | None, out: str | None, client: MlflowClient | None, backbone: str
+) -> None:
+    """Write the plot and the JSON report where asked, and log the runs to MLflow when connected."""
+    from pathlib import Path
+
+    from flywheel.simulation import publish
+
     figure = publish.plot_curves(report)
     if plot:
         publish.save_plot(figure, Path(plot))
@@ -455,8 +520,8 @@ def simulate(
         publish.write_report(report, Path(out))
         console.print(f"report: {out}")
     if client is not None:
-        runs = publish.log_runs(client, report, figure, backbone=settings.backbone)
-        console.print(f"MLflow: {len(runs)} runs in experiment {publish.experiment_name(dataset.name)}")
+        runs = publish.log_runs(client, report, figure, backbone=backbone)
+        console.print(f"MLflow: {len(runs)} runs in experiment {publish.experiment_name(report['dataset'])}")
 
 
 @app.command()

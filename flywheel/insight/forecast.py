@@ -201,10 +201,7 @@ def make_forecast(
     window / stop_threshold: stop is recommended when `window` more labels are forecast to add less than
     `stop_threshold` accuracy.
     """
-    if not 0 < target <= 1:
-        raise DataError(f"target accuracy must lie in (0, 1], got {target}")
-    if batch < 1 or window < 1:
-        raise DataError(f"batch and window must be at least 1 label, got {batch} and {window}")
+    _check_request(target, batch=batch, window=window)
     x = np.asarray(labels, dtype=np.float64)
     y = np.asarray(accuracy, dtype=np.float64)
     fit = fit_power_law(x, y)
@@ -213,12 +210,7 @@ def make_forecast(
     def at(f: PowerLaw, n: float) -> float:
         return float(f(n))
 
-    def more_labels(f: PowerLaw) -> float:
-        return max(0.0, f.labels_for(target) - current_labels)
-
-    needed = more_labels(fit)
-    boot_needed = np.array([more_labels(f) for f in fits])
-    low, high = np.percentile(boot_needed, BAND, method="nearest")  # no interpolation with inf
+    to_target = _labels_to_target(fit, fits, target=target, current_labels=current_labels)
     now = at(fit, current_labels)
     gains = np.array([at(f, current_labels + batch) - at(f, current_labels) for f in fits])
     window_gain = at(fit, current_labels + window) - now
@@ -232,9 +224,9 @@ def make_forecast(
         current_labels=int(current_labels),
         current_accuracy=now,
         target_accuracy=float(target),
-        labels_to_target=_count(needed),
-        labels_to_target_band=(_count(float(low)), _count(float(high))),
-        reachable_share=float(np.isfinite(boot_needed).mean()),
+        labels_to_target=to_target.labels,
+        labels_to_target_band=to_target.band,
+        reachable_share=to_target.reachable_share,
         batch=int(batch),
         batch_gain=at(fit, current_labels + batch) - now,
         batch_gain_band=(float(np.percentile(gains, BAND[0])), float(np.percentile(gains, BAND[1]))),
@@ -247,6 +239,38 @@ def make_forecast(
         grid=grid.tolist(),
         band_low=low_band.tolist(),
         band_high=high_band.tolist(),
+    )
+
+
+def _check_request(target: float, *, batch: int, window: int) -> None:
+    """DataError unless the target is an accuracy in (0, 1] and batch and window are label counts."""
+    if not 0 < target <= 1:
+        raise DataError(f"target accuracy must lie in (0, 1], got {target}")
+    if batch < 1 or window < 1:
+        raise DataError(f"batch and window must be at least 1 label, got {batch} and {window}")
+
+
+@dataclass(frozen=True)
+class _ToTarget:
+    """More labels needed to reach the target accuracy (None: unreachable), as in Forecast."""
+
+    labels: int | None  # by the fit
+    band: tuple[int | None, int | None]  # BAND percentiles over the bootstrap fits
+    reachable_share: float  # share of bootstrap fits whose plateau lies above the target
+
+
+def _labels_to_target(fit: PowerLaw, fits: Sequence[PowerLaw], *, target: float, current_labels: int) -> _ToTarget:
+    """Labels beyond `current_labels` at which the fit, and each bootstrap fit, reaches `target` (0: reached)."""
+
+    def more_labels(f: PowerLaw) -> float:
+        return max(0.0, f.labels_for(target) - current_labels)
+
+    boot_needed = np.array([more_labels(f) for f in fits])
+    low, high = np.percentile(boot_needed, BAND, method="nearest")  # no interpolation with inf
+    return _ToTarget(
+        labels=_count(more_labels(fit)),
+        band=(_count(float(low)), _count(float(high))),
+        reachable_share=float(np.isfinite(boot_needed).mean()),
     )
 
 

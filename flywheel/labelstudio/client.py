@@ -42,10 +42,10 @@ def connect(settings: Settings) -> LabelStudio:
                 f"{SERVICE} at {url} refused the API token (HTTP {exc.status_code}); set "
                 "FLYWHEEL_LABEL_STUDIO__TOKEN (label_studio.token) to the legacy API token "
                 "of a user of that server"
-            ) from None
-        raise ServiceUnavailableError(SERVICE, url, f"GET /api/current-user/whoami -> HTTP {exc.status_code}") from None
+            ) from exc
+        raise ServiceUnavailableError(SERVICE, url, f"GET /api/current-user/whoami -> HTTP {exc.status_code}") from exc
     except httpx.HTTPError as exc:
-        raise ServiceUnavailableError(SERVICE, url, f"{type(exc).__name__}: {exc}") from None
+        raise ServiceUnavailableError(SERVICE, url, f"{type(exc).__name__}: {exc}") from exc
     return client
 
 

@@ -130,16 +130,7 @@ def _in_chunks(session: Session, make: Callable[[list[Any]], Any], values: Itera
 def apply(session: Session, observations: Sequence[Observation], *, classes: Sequence[str], mode: LabelMode) -> Applied:
     """Upsert `observations` (in order) into the ledger and re-derive the labels of the samples they change."""
     result = Applied()
-    # Bulk deliveries (ANNOTATIONS_CREATED) carry no task data: find the sample through the task we recorded.
-    bare = {o.task_id for o in observations if o.sample_id is None and o.task_id is not None and not o.deleted}
-    if bare:
-        by_task = dict(
-            _in_chunks(session, lambda c: select(Task.ls_task_id, Task.sample_id).where(Task.ls_task_id.in_(c)), bare)
-        )
-        observations = [
-            replace(o, sample_id=by_task[o.task_id]) if o.sample_id is None and o.task_id in by_task else o
-            for o in observations
-        ]
+    observations = _with_samples(session, observations)
     ids = {o.annotation_id for o in observations}
     rows: dict[int, Annotation] = {
         row.ls_annotation_id: row
@@ -152,29 +143,10 @@ def apply(session: Session, observations: Sequence[Observation], *, classes: Seq
     )
     changed: set[int] = set()
     for obs in observations:
-        row = rows.get(obs.annotation_id)
         if obs.deleted:
-            if row is not None and row.state == DELETED:
-                result.outcomes.append(DUPLICATE)
-                continue
-            if row is None:  # deleted before we saw it: a tombstone, so a late creation cannot revive it
-                row = Annotation(ls_annotation_id=obs.annotation_id, annotator="", choices="[]")
-                row.ls_updated_at = datetime.min
-                rows[obs.annotation_id] = row
-                session.add(row)
-            row.state, row.seen_at = DELETED, now()
-            if row.sample_id is not None:
-                changed.add(row.sample_id)
-            result.outcomes.append(APPLIED)
+            result.outcomes.append(_delete(session, rows, obs, changed=changed))
             continue
-        if obs.sample_id is None:
-            problem = f"task {obs.task_id}: no data.sample_id (not a flywheel task)"
-        elif obs.sample_id not in known:
-            problem = f"task {obs.task_id}: sample {obs.sample_id} is not in the catalog"
-        elif sent.get(obs.sample_id, obs.task_id) != obs.task_id:
-            problem = f"{_where(obs)}: the sample was sent as task {sent[obs.sample_id]}; this task is a duplicate"
-        else:
-            problem = None
+        problem = _unattached(obs, known=known, sent=sent)
         if problem is not None:  # nothing to attach it to: reported, not stored
             result.problems.append(problem)
             result.outcomes.append(f"rejected: {problem}")
@@ -186,24 +158,80 @@ def apply(session: Session, observations: Sequence[Observation], *, classes: Seq
         state = SKIPPED if obs.cancelled else (REJECTED if invalid else SUBMITTED)
         if state == SUBMITTED:
             result.touched.add(obs.sample_id)
-        if row is None:
-            row = Annotation(ls_annotation_id=obs.annotation_id)
-            rows[obs.annotation_id] = row
-            session.add(row)
-        elif row.state == DELETED:
-            result.outcomes.append(f"{STALE}: annotation {obs.annotation_id} was deleted")
-            continue
-        elif obs.updated_at <= row.ls_updated_at:
-            result.outcomes.append(DUPLICATE if obs.updated_at == row.ls_updated_at else STALE)
-            continue
-        row.ls_task_id, row.ls_project_id, row.sample_id = obs.task_id, obs.project_id, obs.sample_id
-        row.ls_user_id, row.annotator, row.choices = obs.user_id, obs.annotator[:256], json.dumps(list(obs.choices))
-        row.state, row.problem, row.ls_updated_at, row.seen_at = state, invalid, obs.updated_at, now()
-        changed.add(obs.sample_id)
-        result.outcomes.append(APPLIED)
+        result.outcomes.append(_upsert(session, rows, obs, state=state, problem=invalid, changed=changed))
     session.flush()
     result.changes = _derive_labels(session, changed, classes=classes, mode=mode)
     return result
+
+
+def _with_samples(session: Session, observations: Sequence[Observation]) -> Sequence[Observation]:
+    """Bulk deliveries (ANNOTATIONS_CREATED) carry no task data: find the sample through the task we recorded."""
+    bare = {o.task_id for o in observations if o.sample_id is None and o.task_id is not None and not o.deleted}
+    if not bare:
+        return observations
+    by_task = dict(
+        _in_chunks(session, lambda c: select(Task.ls_task_id, Task.sample_id).where(Task.ls_task_id.in_(c)), bare)
+    )
+    return [
+        replace(o, sample_id=by_task[o.task_id]) if o.sample_id is None and o.task_id in by_task else o
+        for o in observations
+    ]
+
+
+def _delete(session: Session, rows: dict[int, Annotation], obs: Observation, *, changed: set[int]) -> str:
+    """Mark the annotation deleted (final) and its sample `changed`; returns the outcome."""
+    row = rows.get(obs.annotation_id)
+    if row is not None and row.state == DELETED:
+        return DUPLICATE
+    if row is None:  # deleted before we saw it: a tombstone, so a late creation cannot revive it
+        row = Annotation(ls_annotation_id=obs.annotation_id, annotator="", choices="[]")
+        row.ls_updated_at = datetime.min
+        rows[obs.annotation_id] = row
+        session.add(row)
+    row.state, row.seen_at = DELETED, now()
+    if row.sample_id is not None:
+        changed.add(row.sample_id)
+    return APPLIED
+
+
+def _unattached(obs: Observation, *, known: set[int], sent: Mapping[int, int]) -> str | None:
+    """Why `obs` has no catalog sample to attach it to (not a flywheel task, an unknown sample, a duplicate
+    task of a sample sent before), or None when it has one."""
+    if obs.sample_id is None:
+        return f"task {obs.task_id}: no data.sample_id (not a flywheel task)"
+    if obs.sample_id not in known:
+        return f"task {obs.task_id}: sample {obs.sample_id} is not in the catalog"
+    if sent.get(obs.sample_id, obs.task_id) != obs.task_id:
+        return f"{_where(obs)}: the sample was sent as task {sent[obs.sample_id]}; this task is a duplicate"
+    return None
+
+
+def _upsert(
+    session: Session,
+    rows: dict[int, Annotation],
+    obs: Observation,
+    *,
+    state: str,
+    problem: str | None,
+    changed: set[int],
+) -> str:
+    """Store `obs` as its annotation's latest state unless the stored one is as new or deleted (a deletion is
+    final), marking its sample `changed`; returns the outcome."""
+    assert obs.sample_id is not None  # only attached observations are stored
+    row = rows.get(obs.annotation_id)
+    if row is None:
+        row = Annotation(ls_annotation_id=obs.annotation_id)
+        rows[obs.annotation_id] = row
+        session.add(row)
+    elif row.state == DELETED:
+        return f"{STALE}: annotation {obs.annotation_id} was deleted"
+    elif obs.updated_at <= row.ls_updated_at:
+        return DUPLICATE if obs.updated_at == row.ls_updated_at else STALE
+    row.ls_task_id, row.ls_project_id, row.sample_id = obs.task_id, obs.project_id, obs.sample_id
+    row.ls_user_id, row.annotator, row.choices = obs.user_id, obs.annotator[:256], json.dumps(list(obs.choices))
+    row.state, row.problem, row.ls_updated_at, row.seen_at = state, problem, obs.updated_at, now()
+    changed.add(obs.sample_id)
+    return APPLIED
 
 
 @dataclass(frozen=True)
@@ -247,6 +275,8 @@ def decide(ballots: Mapping[str, Annotation], mode: LabelMode, classes: Sequence
 def _derive_labels(
     session: Session, sample_ids: set[int], *, classes: Sequence[str], mode: LabelMode
 ) -> list[tuple[int, str | None, str]]:
+    """Re-derive the labels and reviews of `sample_ids` from their submitted annotations; returns the label
+    changes (sample id, label, reason), each also written to label_history."""
     if not sample_ids:
         return []
     submitted = _in_chunks(
@@ -269,30 +299,7 @@ def _derive_labels(
         current = labels.get(sample_id)
         previous = current.label if current is not None else None
         votes = json.dumps(decision.votes, sort_keys=True)
-        reason = None
-        if decision.label is not None:
-            if current is None:
-                session.add(
-                    Label(
-                        sample_id=sample_id,
-                        label=decision.label,
-                        annotator=", ".join(decision.annotators)[:256],
-                        origin="labelstudio",
-                        ls_annotation_id=decision.annotation_id,
-                    )
-                )
-                reason = "labelled"
-            else:
-                if previous != decision.label:
-                    reason = "relabelled"
-                current.label, current.origin = decision.label, "labelstudio"
-                current.annotator = ", ".join(decision.annotators)[:256]
-                current.ls_annotation_id = decision.annotation_id
-        elif current is not None:
-            session.delete(current)
-            reason = "review" if decision.review else "retracted"
-        elif decision.review and sample_id not in reviews:
-            reason = "review"
+        reason = _set_label(session, sample_id, decision, current, in_review=sample_id in reviews)
         if decision.review:
             if sample_id in reviews:
                 reviews[sample_id].votes = votes
@@ -306,6 +313,35 @@ def _derive_labels(
             )
             changes.append((sample_id, decision.label, reason))
     return changes
+
+
+def _set_label(
+    session: Session, sample_id: int, decision: Decision, current: Label | None, *, in_review: bool
+) -> str | None:
+    """Make the sample's Label row say what `decision` says. Returns why its label changed (the reason
+    label_history records), or None when it did not (a tie already in review is not news)."""
+    if decision.label is not None:
+        annotator = ", ".join(decision.annotators)[:256]
+        if current is None:
+            session.add(
+                Label(
+                    sample_id=sample_id,
+                    label=decision.label,
+                    annotator=annotator,
+                    origin="labelstudio",
+                    ls_annotation_id=decision.annotation_id,
+                )
+            )
+            return "labelled"
+        reason = "relabelled" if current.label != decision.label else None
+        current.label, current.origin = decision.label, "labelstudio"
+        current.annotator = annotator
+        current.ls_annotation_id = decision.annotation_id
+        return reason
+    if current is not None:
+        session.delete(current)
+        return "review" if decision.review else "retracted"
+    return "review" if decision.review and not in_review else None
 
 
 def missing_since(session: Session, project_id: int, present: set[int], before: datetime) -> list[Observation]:

@@ -142,7 +142,7 @@ def _create_storage(client: LabelStudio, project_id: int, folder: Path) -> None:
         raise ConfigError(
             f"{SERVICE} refused a Local Storage for {str(folder)!r} (HTTP {exc.status_code}: {exc.body}); "
             "the folder must exist on the server's machine below its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
-        ) from None
+        ) from exc
     log.info("Label Studio project %s now serves files below %s", project_id, folder)
 
 

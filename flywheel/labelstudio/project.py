@@ -72,7 +72,7 @@ def ensure_project(client: LabelStudio, settings: Settings, catalog: Catalog, cl
                     f"{SERVICE} project {stored} recorded in the catalog ({catalog.url}) no longer exists at "
                     f"{settings.label_studio.url}, and {sent} samples were sent to it; point the settings at "
                     "the server that holds it, or start a fresh workspace"
-                ) from None
+                ) from exc
             log.warning("Label Studio project %s is gone; looking for %r instead", stored, title)
     if project is None:
         # annotated: the SDK's list() override drops the item type
@@ -131,7 +131,7 @@ def ensure_webhook(client: LabelStudio, settings: Settings, project_id: int) -> 
             f"{SERVICE} refused the webhook to {url} (HTTP {exc.status_code}); set webhook.url "
             "(FLYWHEEL_WEBHOOK__URL) to an address the server can reach, and start Label Studio with "
             "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false for loopback targets"
-        ) from None
+        ) from exc
     return _hook_id(hook)
 
 

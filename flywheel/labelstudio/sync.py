@@ -123,13 +123,19 @@ def sync_annotations(
             if on_page is not None and how == "pages":
                 on_page(n)
     except httpx.TransportError as exc:  # the server went away mid-sync: what was committed stays
-        raise unavailable(client, exc) from None
+        raise unavailable(client, exc) from exc
 
     def retract(session: Session) -> ledger.Applied:
         gone = ledger.missing_since(session, project_id, present, started)
         return ledger.apply(session, gone, classes=classes, mode=mode)
 
     _add(totals, ledger.with_retries(catalog, retract))
+    return _report(catalog, totals, skipped=skipped, how=how, mode=mode)
+
+
+def _report(catalog: Catalog, totals: ledger.Applied, *, skipped: int, how: str, mode: LabelMode) -> SyncReport:
+    """The report of a finished sync: what its ledger applies changed, and the catalog's review queue and
+    annotator agreement after it."""
     reasons = [reason for _, _, reason in totals.changes]
     labelled = set(catalog.labels())
     changed = {sample for sample, _, reason in totals.changes if reason in ("labelled", "relabelled")}

@@ -107,9 +107,26 @@ def push_tasks(
                 raise UnknownChoiceError("predicted class", task.predicted, allowed)
     payloads = {sid: _task_payload(task, settings, model_version) for sid, task in todo.items()}  # checks paths
 
+    ensure_storages_for(client, project_id, (task.path for task in todo.values()), settings)
+    recorded = _import_tasks(client, project_id, payloads)
+    faults.point("push:before_record")
+    with catalog.transaction() as session:
+        catalog.record_tasks(
+            session,
+            ls_project_id=project_id,
+            task_ids=recorded,
+            round_id=round_id,
+            model_version=model_version,
+            scores={sid: float(todo[sid].score) for sid in recorded},
+        )
+    return {**reconciled, **recorded}
+
+
+def _import_tasks(client: LabelStudio, project_id: int, payloads: Mapping[int, dict[str, Any]]) -> dict[int, int]:
+    """Import the task payloads (sample id -> payload) in chunks, each checked to have created its tasks in
+    order; returns sample id -> task id. A failure leaves what was created for the next push to reconcile."""
     recorded: dict[int, int] = {}
-    to_import = list(todo)
-    ensure_storages_for(client, project_id, (todo[sid].path for sid in to_import), settings)
+    to_import = list(payloads)
     for start in range(0, len(to_import), IMPORT_CHUNK):
         chunk = to_import[start : start + IMPORT_CHUNK]
         request = cast(list[ImportApiRequest], [payloads[sid] for sid in chunk])  # the SDK sends dicts as they are
@@ -134,18 +151,7 @@ def push_tasks(
             )
         recorded.update(zip(chunk, task_ids, strict=True))
         faults.point("push:after_import")
-
-    faults.point("push:before_record")
-    with catalog.transaction() as session:
-        catalog.record_tasks(
-            session,
-            ls_project_id=project_id,
-            task_ids=recorded,
-            round_id=round_id,
-            model_version=model_version,
-            scores={sid: float(todo[sid].score) for sid in recorded},
-        )
-    return {**reconciled, **recorded}
+    return recorded
 
 
 def reconcile_tasks(client: LabelStudio, catalog: Catalog, project_id: int, *, round_id: int | None) -> dict[int, int]:
@@ -214,6 +220,20 @@ def refresh_predictions(
             refreshed[task_id] = sample_id
     if not requests:
         return 0
+    _replace_predictions(client, project_id, requests, model_version=model_version)
+    client.projects.update(project_id, model_version=model_version)
+    with catalog.transaction() as session:
+        for row in session.scalars(select(Task).where(Task.ls_task_id.in_(list(refreshed)))):
+            row.model_version = model_version
+    log.info("refreshed predictions of %d open tasks to model version %s", len(refreshed), model_version)
+    return len(refreshed)
+
+
+def _replace_predictions(
+    client: LabelStudio, project_id: int, requests: Mapping[int, dict[str, Any]], *, model_version: str
+) -> None:
+    """Swap the predictions of the tasks in `requests` (task id -> new prediction) for the new ones, checking
+    that Label Studio created every one (it drops some without an error)."""
     # One data-manager action clears the old predictions of these tasks (deleting them one by one costs
     # ~0.1 s each: 4 minutes for 2,000 open tasks); the new ones follow at once, and a rerun completes a
     # call that died in between.
@@ -230,9 +250,3 @@ def refresh_predictions(
                 f"{SERVICE} created {created} of {len(chunk)} predictions of model version {model_version} in "
                 f"project {project_id}; rerun the refresh (the tasks still without it get it then)"
             )
-    client.projects.update(project_id, model_version=model_version)
-    with catalog.transaction() as session:
-        for row in session.scalars(select(Task).where(Task.ls_task_id.in_(list(refreshed)))):
-            row.model_version = model_version
-    log.info("refreshed predictions of %d open tasks to model version %s", len(refreshed), model_version)
-    return len(refreshed)

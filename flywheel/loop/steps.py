@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from label_studio_sdk.client import LabelStudio
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from torch import nn
@@ -36,10 +37,10 @@ from flywheel.registry import tracking
 from flywheel.sources import quarantine
 from flywheel.strategies import MODEL_FREE, PoolView, get_strategy
 from flywheel.training import transfer
-from flywheel.training.finetune import evaluate, finetune
+from flywheel.training.finetune import FinetuneResult, evaluate, finetune
 from flywheel.training.finetune import predict_proba as finetune_predict_proba
 from flywheel.training.head import accuracy, predict_proba, train_head
-from flywheel.training.policy import choose_depth
+from flywheel.training.policy import DepthDecision, choose_depth
 
 VALIDATION_FOLDS = 15  # share (of 100 folds) of the training labels kept for early stopping in fine-tunes
 
@@ -147,7 +148,17 @@ def bootstrap(
     return BootstrapReport(len(pool.ids), len(test.ids), int(pool.vectors.shape[1]), str(path), project_id)
 
 
-State = tuple[list[str], str, nn.Module, embedded.SplitFeatures, dict[int, str], LabelledSplit]
+@dataclass(frozen=True)
+class State:
+    """What a round or a fine-tune starts from: the classes, the body embedding the pool (its version and
+    module), the pool's features, the labels and their split."""
+
+    classes: list[str]
+    body_version: str
+    body: nn.Module
+    pool: embedded.SplitFeatures
+    labels: dict[int, str]
+    split: LabelledSplit
 
 
 def _current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> State:
@@ -157,7 +168,7 @@ def _current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> S
     body = embedded.load_body(settings, version)
     pool = embedded.split_features(settings, catalog, POOL, body, version, progress=progress)
     labels = catalog.labels()
-    return classes, version, body, pool, labels, split_labels(pool, labels, classes, settings.holdout_fraction)
+    return State(classes, version, body, pool, labels, split_labels(pool, labels, classes, settings.holdout_fraction))
 
 
 @locking.locked
@@ -176,7 +187,8 @@ def run_round(
     round id: tasks its push left in Label Studio are recorded, and only the rest of its batch is selected.
     """
     settings = embedded.active_settings(settings, catalog)
-    classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
+    current = _current_state(settings, catalog, progress=progress)
+    classes, labels, pool, split = current.classes, current.labels, current.pool, current.split
     round_id = catalog.start_round(strategy=settings.strategy, n_labels=len(labels))
     report = RoundReport(
         round_id=round_id,
@@ -188,21 +200,12 @@ def run_round(
     probs = None  # the newest model's view of the pool: selection reads it
     state, previous = schedule.label_state(labels), schedule.last_round_model(catalog)
     new_labels = schedule.labels_at_last_round(catalog) != state
-    trained_classes = np.unique(split.targets[split.train])
-    if len(trained_classes) < 2:
-        report.model_note = _no_model_yet(classes, [int(c) for c in trained_classes], len(split.train))
-    elif previous is not None and (previous.digest, previous.body) == (state.digest, version):
-        report.model_note = (
-            f"no new labels since version {previous.version} ({state.n_labels} labels, same body): "
-            "nothing trained or registered"
-        )
-    else:
+    report.model_note = _why_no_model(classes, split, state=state, previous=previous, body_version=current.body_version)
+    if not report.model_note:
         with health.unavailable_as("MLflow", settings.mlflow.url):  # a server gone mid-round is named as such
-            probs = _train_and_register(
-                settings, catalog, mlflow_client, body, version, pool, split, classes, report, progress
-            )
+            probs = _train_and_register(settings, catalog, mlflow_client, current, report, progress=progress)
         assert report.model_version is not None and report.run_id is not None  # _train_and_register registered it
-        schedule.record_round_model(catalog, state, version, report.model_version, now=schedule.utc_now())
+        schedule.record_round_model(catalog, state, current.body_version, report.model_version, now=schedule.utc_now())
         trained = after_round.TrainedRound(
             round_id, report.run_id, report.model_version, report.n_labels, report.test_accuracy,
             report.holdout_accuracy,
@@ -213,41 +216,67 @@ def run_round(
         )  # fmt: skip
     if select:
         with health.unavailable_as("MLflow", settings.mlflow.url):
-            champion = _champion_view(settings, mlflow_client, pool, version, classes, report, probs)
+            champion = _champion_view(settings, mlflow_client, pool, current.body_version, classes, report, probs)
         with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
-            _select_and_push(settings, catalog, ls_client, pool, split, probs, champion, classes, report, new_labels)
+            _select_and_push(settings, catalog, ls_client, current, probs, champion, report, new_labels)
     report.quarantine = asdict(quarantine.write_report(settings, catalog))
     faults.point("round:before_finish")
     schedule.record_round_labels(catalog, state)
+    _finish_round(catalog, report)
+    return report
+
+
+def _why_no_model(
+    classes: list[str],
+    split: LabelledSplit,
+    *,
+    state: schedule.LabelState,
+    previous: schedule.Mark | None,
+    body_version: str,
+) -> str:
+    """Why this round trains no model, "" when it does: a classifier needs training labels of two classes, and
+    a head on the labels and body the last round's model was trained on would only register it again."""
+    trained_classes = np.unique(split.targets[split.train])
+    if len(trained_classes) < 2:
+        return _no_model_yet(classes, [int(c) for c in trained_classes], len(split.train))
+    if previous is not None and (previous.digest, previous.body) == (state.digest, body_version):
+        return (
+            f"no new labels since version {previous.version} ({state.n_labels} labels, same body): "
+            "nothing trained or registered"
+        )
+    return ""
+
+
+def _finish_round(catalog: Catalog, report: RoundReport) -> None:
+    """Mark the round finished in the catalog; an accuracy no model measured (nan) is stored as none."""
     catalog.finish_round(
-        round_id,
+        report.round_id,
         strategy=report.strategy,
         n_selected=len(report.selected),
         model_version=report.model_version,
         holdout_accuracy=None if np.isnan(report.holdout_accuracy) else report.holdout_accuracy,
         test_accuracy=None if np.isnan(report.test_accuracy) else report.test_accuracy,
     )
-    return report
 
 
 def _train_and_register(
     settings: Settings,
     catalog: Catalog,
     mlflow_client: MlflowClient,
-    body: nn.Module,
-    body_version: str,
-    pool: embedded.SplitFeatures,
-    split: LabelledSplit,
-    classes: list[str],
+    current: State,
     report: RoundReport,
+    *,
     progress: bool,
 ) -> npt.NDArray[np.float32]:
+    """Fit the head, score it (held-out labels, test split), register it and promote it when it beats the
+    champion on the same held-out labels; returns its view of the pool."""
+    pool, split, classes = current.pool, current.split, current.classes
     head = _fit_head(settings, pool, split.train, split.targets, len(classes))
     probs = predict_proba(head, pool.vectors)
     faults.point("round:after_train")
     report.holdout_accuracy = accuracy(probs[split.holdout], split.targets[split.holdout])
     figures, test_metrics = {}, {}
-    test = embedded.split_features(settings, catalog, TEST, body, body_version, progress=progress)
+    test = embedded.split_features(settings, catalog, TEST, current.body, current.body_version, progress=progress)
     test_targets = _targets(test.truths, classes)
     if len(test_targets):
         test_probs = predict_proba(head, test.vectors[test_targets >= 0])
@@ -255,27 +284,14 @@ def _train_and_register(
         test_metrics["test_accuracy"] = report.test_accuracy
         matrix = confusion_matrix(test_targets[test_targets >= 0], test_probs.argmax(1), len(classes))
         figures["confusion_test.png"] = confusion_figure(matrix, classes, f"round {report.round_id}, test split")
-    classifier = Classifier(settings.backbone, body, head, classes, settings.image_size)
+    classifier = Classifier(settings.backbone, current.body, head, classes, settings.image_size)
     champion_acc = _champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
     logged = tracking.log_classifier(
         mlflow_client,
         settings,
         classifier,
         run_name=f"round-{report.round_id}-head",
-        params={
-            "kind": "head",
-            "round": report.round_id,
-            "backbone": settings.backbone,
-            "body_version": body_version,
-            "image_size": settings.image_size,
-            "strategy": settings.strategy,
-            "k_per_round": settings.k_per_round,
-            "n_labels": report.n_labels,
-            "n_train": report.n_train,
-            "n_holdout": report.n_holdout,
-            "seed": settings.seed,
-            "trainable": "head",
-        },
+        params=_head_params(settings, report, body_version=current.body_version),
         metrics={
             "holdout_accuracy": report.holdout_accuracy,
             "labels": float(report.n_labels),
@@ -284,7 +300,7 @@ def _train_and_register(
         tags={
             "kind": "head",
             "round": str(report.round_id),
-            "body_version": body_version,
+            "body_version": current.body_version,
             "backbone": settings.backbone,
         },
         figures=figures,
@@ -301,6 +317,24 @@ def _train_and_register(
     report.model_version, report.run_url, report.run_id = logged.version, logged.run_url, logged.run_id
     report.promoted, report.promotion_reason = decision.promoted, decision.reason
     return probs
+
+
+def _head_params(settings: Settings, report: RoundReport, *, body_version: str) -> dict[str, object]:
+    """A round's head run params: what it was trained on and with which settings, so runs compare."""
+    return {
+        "kind": "head",
+        "round": report.round_id,
+        "backbone": settings.backbone,
+        "body_version": body_version,
+        "image_size": settings.image_size,
+        "strategy": settings.strategy,
+        "k_per_round": settings.k_per_round,
+        "n_labels": report.n_labels,
+        "n_train": report.n_train,
+        "n_holdout": report.n_holdout,
+        "seed": settings.seed,
+        "trainable": "head",
+    }
 
 
 def _champion_holdout_accuracy(
@@ -371,21 +405,70 @@ def _select_and_push(
     settings: Settings,
     catalog: Catalog,
     ls_client: LabelStudio | None,
-    pool: embedded.SplitFeatures,
-    split: LabelledSplit,
+    current: State,
     probs: npt.NDArray[np.float32] | None,
     champion: ChampionView | None,
-    classes: list[str],
     report: RoundReport,
     new_labels: bool,
 ) -> None:
     """Select by the newest model (else the champion, else without a model) and push with the champion's
     predictions, so annotators never see a model that lost."""
+    pool, classes = current.pool, current.classes
     if ls_client is not None:  # tasks a crashed push left in Label Studio are recorded first: never sent twice
         project_id = labelstudio.ensure_project(ls_client, settings, catalog, classes)
         reconcile_tasks(ls_client, catalog, project_id, round_id=report.round_id)
         if report.promoted and champion is not None:  # a new champion: open tasks show its predictions
             _refresh_open_tasks(ls_client, catalog, project_id, pool.ids, champion.probs, classes, champion.version)
+    batch = _select_batch(
+        settings, catalog, current=current, report=report, probs=probs, champion=champion, new_labels=new_labels
+    )
+    if batch is None or ls_client is None:
+        return
+    pushed = labelstudio.push_tasks(
+        ls_client, catalog, settings, project_id, batch.tasks, model_version=batch.shown_version,
+        round_id=report.round_id,
+    )  # fmt: skip
+    provenance.record_selection(
+        catalog,
+        round_id=report.round_id,
+        strategy=report.strategy,
+        params={
+            "description": report.description,
+            "k_per_round": settings.k_per_round,
+            "seed": settings.seed,
+            "rng": [settings.seed, report.round_id],
+            "candidates": batch.n_candidates,
+            "labelled": batch.n_labelled,
+        },
+        model_version=batch.scorer,
+        picks=[(t.sample_id, t.score) for t in batch.tasks if t.sample_id in pushed],
+    )
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A round's selected tasks, with what the push and the selection's provenance record about them."""
+
+    tasks: list[labelstudio.TaskToPush]
+    shown_version: str | None  # the model whose predictions the tasks show; None: no model yet
+    scorer: str | None  # the model whose predictions the strategy read; None: selected without one
+    n_candidates: int
+    n_labelled: int
+
+
+def _select_batch(
+    settings: Settings,
+    catalog: Catalog,
+    *,
+    current: State,
+    report: RoundReport,
+    probs: npt.NDArray[np.float32] | None,
+    champion: ChampionView | None,
+    new_labels: bool,
+) -> _Batch | None:
+    """Pick as many unlabelled, never-sent samples as there is room for, by the newest model's predictions
+    (else the champion's, else a model-free strategy), and list them in the report; None when none fit."""
+    pool, split = current.pool, current.split
     scorer = report.model_version if probs is not None else None
     if probs is None and champion is not None:
         probs, scorer = champion.probs, champion.version
@@ -396,7 +479,7 @@ def _select_and_push(
     n = min(_room_for_tasks(settings, catalog, report, new_labels), len(candidates))
     if n <= 0:
         report.description = report.description or "nothing left to select"
-        return
+        return None
     name = settings.strategy if probs is not None or settings.strategy in MODEL_FREE else "random"
     labelled = np.flatnonzero(split.targets >= 0)
     view = PoolView(
@@ -411,34 +494,14 @@ def _select_and_push(
     report.description = selection.description + ("" if probs is not None else " (cold start: no model yet)")
     shown = champion or (ChampionView(scorer, probs) if scorer is not None and probs is not None else None)
     tasks = [
-        _task(pool, int(position), float(score), shown, classes)
+        _task(pool, int(position), float(score), shown, current.classes)
         for position, score in zip(selection.positions[keep], selection.scores[keep], strict=True)
     ]
     report.selected = [
         {"sample_id": t.sample_id, "score": t.score, "predicted": t.predicted, "confidence": t.confidence}
         for t in tasks
     ]
-    if ls_client is None:
-        return
-    pushed = labelstudio.push_tasks(
-        ls_client, catalog, settings, project_id, tasks, model_version=shown.version if shown else None,
-        round_id=report.round_id,
-    )  # fmt: skip
-    provenance.record_selection(
-        catalog,
-        round_id=report.round_id,
-        strategy=name,
-        params={
-            "description": report.description,
-            "k_per_round": settings.k_per_round,
-            "seed": settings.seed,
-            "rng": [settings.seed, report.round_id],
-            "candidates": len(candidates),
-            "labelled": len(labelled),
-        },
-        model_version=scorer,
-        picks=[(t.sample_id, t.score) for t in tasks if t.sample_id in pushed],
-    )
+    return _Batch(tasks, shown.version if shown else None, scorer, len(candidates), len(labelled))
 
 
 def _task(
@@ -492,30 +555,110 @@ def run_finetune(
     """
     configured = embedded.configured_backbone(settings, catalog)
     settings = embedded.active_settings(settings, catalog)
-    ft = settings.finetune
-    classes, version, body, pool, labels, split = _current_state(settings, catalog, progress=progress)
-    if len(np.unique(split.targets[split.train])) < 2:
-        raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(labels)} labels")
-    state = schedule.label_state(labels)
+    current = _current_state(settings, catalog, progress=progress)
+    if len(np.unique(current.split.targets[current.split.train])) < 2:
+        raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(current.labels)} labels")
+    state = schedule.label_state(current.labels)
     schedule.start_finetune(catalog, state, now=schedule.utc_now())  # refused when these labels had one
-    # The guard's baseline: a head alone on the features the project uses now.
-    baseline = _fit_head(settings, pool, split.train, split.targets, len(classes))
-    baseline_acc = accuracy(predict_proba(baseline, pool.vectors[split.holdout]), split.targets[split.holdout])
-    device = resolve_device(ft.device)
+    baseline_acc = _baseline_accuracy(settings, current)
+    device = resolve_device(settings.finetune.device)
+    start = _starting_point(settings, catalog, current, device=device, progress=progress)
+    settings, current = start.settings, start.state
+    tuned = _tune(settings, current, device=device, progress=progress)
+    classifier = tuned.result.classifier
+    holdout = _score_holdout(
+        classifier,
+        current,
+        device=settings.finetune.device,
+        title=f"fine-tune ({tuned.decision.label}), held-out labels",
+    )
+    champion_acc = _champion_holdout_accuracy(settings, mlflow_client, current.pool, current.split, current.classes)
+    logged = _log_finetune(mlflow_client, start, tuned, holdout=holdout, baseline_acc=baseline_acc)
+    promotion = tracking.decide_promotion(
+        holdout.accuracy, champion_acc, margin=settings.promotion_margin, baseline=baseline_acc
+    )
+    tracking.apply_promotion(mlflow_client, settings, logged.version, promotion)
+    provenance.log_training_set(
+        mlflow_client, catalog, run_id=logged.run_id, model_name=settings.registered_model_name,
+        version=logged.version, labels=current.labels,
+        roles=after_round.roles(current.pool.ids, tuned.train, current.split.holdout, tuned.val),
+    )  # fmt: skip
+    test_acc = _test_accuracy(
+        settings, catalog, classifier, body_version=logged.version, classes=current.classes, progress=progress
+    )
+    if not np.isnan(test_acc):  # nan: no test truth known
+        mlflow_client.log_metric(logged.run_id, "test_accuracy", test_acc)
+    if promotion.promoted:
+        switch_body(settings, catalog, logged.version, classifier.body, progress=progress)
+        embedded.record_backbone(catalog, configured=configured, in_use=settings.backbone)
+    schedule.finish_finetune(catalog, state, logged.version, now=schedule.utc_now())
+    return _finetune_report(
+        start, tuned, logged, promotion, holdout_acc=holdout.accuracy, champion_acc=champion_acc,
+        baseline_acc=baseline_acc, test_acc=test_acc,
+    )  # fmt: skip
+
+
+def _baseline_accuracy(settings: Settings, current: State) -> float:
+    """The guard's baseline: a head alone on the features the project uses now, on the held-out labels."""
+    split = current.split
+    baseline = _fit_head(settings, current.pool, split.train, split.targets, len(current.classes))
+    return accuracy(predict_proba(baseline, current.pool.vectors[split.holdout]), split.targets[split.holdout])
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a fine-tune starts: its backbone's settings and the state that body embeds; when candidate
+    backbones were scored, their table and the choice, for the MLflow run."""
+
+    settings: Settings
+    state: State
+    tables: dict[str, tracking.Table]
+    params: dict[str, object]
+
+
+def _starting_point(
+    settings: Settings, catalog: Catalog, current: State, *, device: torch.device, progress: bool
+) -> _Start:
+    """The current body, or a candidate backbone's pretrained one when it transfers better (_pick_backbone)."""
     tables: dict[str, tracking.Table] = {}
-    extra_params: dict[str, object] = {}
-    picked = _pick_backbone(settings, catalog, pool, split, body, device, tables, extra_params)
-    if picked != settings.backbone:  # start from the candidate's pretrained body, on its own embeddings
-        settings = settings.model_copy(update={"backbone": picked})
-        version = embedded.IMAGENET
-        body = embedded.load_body(settings, version)
-        pool = embedded.split_features(settings, catalog, POOL, body, version, progress=progress)
-        split = split_labels(pool, labels, classes, settings.holdout_fraction)
+    params: dict[str, object] = {}
+    picked = _pick_backbone(settings, catalog, current.pool, current.split, current.body, device, tables, params)
+    if picked == settings.backbone:
+        return _Start(settings, current, tables, params)
+    # Start from the candidate's pretrained body, on its own embeddings; the same labels, split on its rows.
+    settings = settings.model_copy(update={"backbone": picked})
+    version = embedded.IMAGENET
+    body = embedded.load_body(settings, version)
+    pool = embedded.split_features(settings, catalog, POOL, body, version, progress=progress)
+    split = split_labels(pool, current.labels, current.classes, settings.holdout_fraction)
+    return _Start(settings, State(current.classes, version, body, pool, current.labels, split), tables, params)
+
+
+@dataclass(frozen=True)
+class _Tuned:
+    """A fine-tune's result and what decided it (the domain read, the policy's depth), with the training rows
+    it learnt from and those it stopped early on."""
+
+    result: FinetuneResult
+    decision: DepthDecision
+    n_groups: int
+    far_domain: bool
+    domain_reason: str
+    probe: transfer.DomainProbe | None
+    labels_per_class: float
+    train: npt.NDArray[np.intp]
+    val: npt.NDArray[np.intp]
+
+
+def _tune(settings: Settings, current: State, *, device: torch.device, progress: bool) -> _Tuned:
+    """Keep a validation share of the training labels for early stopping, read the domain, let the policy
+    choose the depth, then fine-tune a copy of the body under a head fitted on the rest."""
+    ft, pool, split, classes = settings.finetune, current.pool, current.split, current.classes
     holdout_folds = round(settings.holdout_fraction * 100)
     is_val = pool.folds[split.train] < holdout_folds + VALIDATION_FOLDS
     train, val = split.train[~is_val], split.train[is_val]
     head = _fit_head(settings, pool, train, split.targets, len(classes))
-    classifier = Classifier(settings.backbone, copy.deepcopy(body), head, classes, settings.image_size)
+    classifier = Classifier(settings.backbone, copy.deepcopy(current.body), head, classes, settings.image_size)
     labels_per_class = len(split.train) / len(classes)
     labelled_paths = [pool.paths[i] for i in split.train]
 
@@ -542,123 +685,175 @@ def run_finetune(
         checkpoint_dir=settings.checkpoints_dir,
         resume=ft.resume,
     )
-    holdout_paths, holdout_targets = [pool.paths[i] for i in split.holdout], split.targets[split.holdout]
-    holdout_probs = finetune_predict_proba(result.classifier, holdout_paths, device=ft.device)
+    return _Tuned(result, decision, n_groups, far_domain, domain_reason, probe, labels_per_class, train, val)
+
+
+@dataclass(frozen=True)
+class _HoldoutScore:
+    """A fine-tuned model on the held-out labels: its accuracy and, when there are any, its confusion matrix
+    (a figure) and per-class report (a table) for the MLflow run."""
+
+    accuracy: float
+    figures: dict[str, Figure]
+    tables: dict[str, tracking.Table]
+
+
+def _score_holdout(classifier: Classifier, current: State, *, device: str, title: str) -> _HoldoutScore:
+    """Score the fine-tuned model on the held-out images themselves: its body is not the one that embedded
+    the pool."""
+    split, classes = current.split, current.classes
+    holdout_paths, holdout_targets = [current.pool.paths[i] for i in split.holdout], split.targets[split.holdout]
+    holdout_probs = finetune_predict_proba(classifier, holdout_paths, device=device)
     holdout_acc = accuracy(holdout_probs, holdout_targets)
-    figures = {}
+    figures: dict[str, Figure] = {}
+    tables: dict[str, tracking.Table] = {}
     if len(holdout_targets):
         matrix = confusion_matrix(holdout_targets, holdout_probs.argmax(1), len(classes))
-        figures["confusion_holdout.png"] = confusion_figure(
-            matrix, classes, f"fine-tune ({decision.label}), held-out labels"
-        )
+        figures["confusion_holdout.png"] = confusion_figure(matrix, classes, title)
         tables["per_class_holdout.json"] = tracking.per_class_table(matrix, classes)
-    champion_acc = _champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
-    aug = result.augmentation
-    logged = tracking.log_classifier(
+    return _HoldoutScore(holdout_acc, figures, tables)
+
+
+def _log_finetune(
+    mlflow_client: MlflowClient, start: _Start, tuned: _Tuned, *, holdout: _HoldoutScore, baseline_acc: float
+) -> tracking.LoggedModel:
+    """Register the fine-tuned model under a run that explains it: the params, the guard's accuracies, the
+    epochs, the holdout confusion matrix and per-class report, the backbone scores."""
+    settings, current, decision = start.settings, start.state, tuned.decision
+    return tracking.log_classifier(
         mlflow_client,
         settings,
-        result.classifier,
-        run_name=f"finetune-{decision.label}-{len(labels)}-labels",
-        params={
-            "kind": "finetune",
-            "backbone": settings.backbone,
-            "body_version": version,
-            "image_size": settings.image_size,
-            "strategy": settings.strategy,
-            "depth": decision.label,
-            "depth_setting": ft.depth,
-            "trainable_groups": decision.trainable_groups,
-            "body_groups": n_groups,
-            "depth_reason": decision.reason,
-            "domain_setting": ft.domain,
-            "far_domain": far_domain,
-            "domain_reason": domain_reason,
-            **(probe.as_params() if probe is not None else {}),
-            "labels_per_class": round(labels_per_class, 2),
-            "n_labels": len(labels),
-            "n_train": len(train),
-            "n_val": len(val),
-            "n_holdout": len(split.holdout),
-            "epochs": ft.epochs,
-            "head_epochs": ft.head_epochs,
-            "gradual_unfreeze": ft.gradual_unfreeze,
-            "patience": ft.patience,
-            "head_lr": ft.head_lr,
-            "weight_decay": ft.weight_decay,
-            "batch_size": ft.batch_size,
-            **(aug.as_params() if aug is not None else {}),
-            "augment_reason": aug.reason if aug is not None else "",
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "stopped_early": result.stopped_early,
-            "resumed_from_epoch": result.resumed_from if result.resumed_from is not None else "",
-            "device": result.device,
-            "compile": ft.compile,
-            "seed": settings.seed,
-            **extra_params,
-            **{f"lr_{name}": lr for name, lr in result.lr_by_group.items()},
-        },
+        tuned.result.classifier,
+        run_name=f"finetune-{decision.label}-{len(current.labels)}-labels",
+        params=_finetune_params(start, tuned),
         metrics={
-            "holdout_accuracy": holdout_acc,
+            "holdout_accuracy": holdout.accuracy,
             "baseline_holdout_accuracy": baseline_acc,
-            "labels": float(len(labels)),
-            "seconds": result.seconds,
-            **(
-                {
-                    "domain_probe_middle_acc": probe.middle_acc,
-                    "domain_probe_last_acc": probe.last_acc,
-                    "domain_probe_knn_acc": probe.knn_acc,
-                    "domain_probe_seconds": probe.seconds,
-                }
-                if probe is not None
-                else {}
-            ),
-        },  # fmt: skip
-        tags={"kind": "finetune", "depth": decision.label, "body_version": version, "backbone": settings.backbone},
-        history=[{k: v for k, v in row.items() if k != "phase"} for row in result.history],
-        figures=figures,
-        tables=tables,
+            "labels": float(len(current.labels)),
+            "seconds": tuned.result.seconds,
+            **_probe_metrics(tuned.probe),
+        },
+        tags={
+            "kind": "finetune",
+            "depth": decision.label,
+            "body_version": current.body_version,
+            "backbone": settings.backbone,
+        },
+        history=[{k: v for k, v in row.items() if k != "phase"} for row in tuned.result.history],
+        figures=holdout.figures,
+        tables={**start.tables, **holdout.tables},
     )
-    decision_promote = tracking.decide_promotion(
-        holdout_acc, champion_acc, margin=settings.promotion_margin, baseline=baseline_acc
-    )
-    tracking.apply_promotion(mlflow_client, settings, logged.version, decision_promote)
-    provenance.log_training_set(
-        mlflow_client, catalog, run_id=logged.run_id, model_name=settings.registered_model_name,
-        version=logged.version, labels=labels, roles=after_round.roles(pool.ids, train, split.holdout, val),
-    )  # fmt: skip
-    new_body = result.classifier.body
-    test = embedded.split_features(settings, catalog, TEST, new_body, logged.version, progress=progress)
+
+
+def _finetune_params(start: _Start, tuned: _Tuned) -> dict[str, object]:
+    """The fine-tune run's params: the settings it ran with, the policy's choice and its inputs (depth,
+    domain, probe), the augmentation, how training went and each group's learning rate."""
+    settings, ft, result, decision = start.settings, start.settings.finetune, tuned.result, tuned.decision
+    probe, aug = tuned.probe, result.augmentation
+    return {
+        "kind": "finetune",
+        "backbone": settings.backbone,
+        "body_version": start.state.body_version,
+        "image_size": settings.image_size,
+        "strategy": settings.strategy,
+        "depth": decision.label,
+        "depth_setting": ft.depth,
+        "trainable_groups": decision.trainable_groups,
+        "body_groups": tuned.n_groups,
+        "depth_reason": decision.reason,
+        "domain_setting": ft.domain,
+        "far_domain": tuned.far_domain,
+        "domain_reason": tuned.domain_reason,
+        **(probe.as_params() if probe is not None else {}),
+        "labels_per_class": round(tuned.labels_per_class, 2),
+        "n_labels": len(start.state.labels),
+        "n_train": len(tuned.train),
+        "n_val": len(tuned.val),
+        "n_holdout": len(start.state.split.holdout),
+        "epochs": ft.epochs,
+        "head_epochs": ft.head_epochs,
+        "gradual_unfreeze": ft.gradual_unfreeze,
+        "patience": ft.patience,
+        "head_lr": ft.head_lr,
+        "weight_decay": ft.weight_decay,
+        "batch_size": ft.batch_size,
+        **(aug.as_params() if aug is not None else {}),
+        "augment_reason": aug.reason if aug is not None else "",
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from if result.resumed_from is not None else "",
+        "device": result.device,
+        "compile": ft.compile,
+        "seed": settings.seed,
+        **start.params,
+        **{f"lr_{name}": lr for name, lr in result.lr_by_group.items()},
+    }
+
+
+def _probe_metrics(probe: transfer.DomainProbe | None) -> dict[str, float]:
+    """The domain probe's accuracies and time as run metrics; none without a probe."""
+    if probe is None:
+        return {}
+    return {
+        "domain_probe_middle_acc": probe.middle_acc,
+        "domain_probe_last_acc": probe.last_acc,
+        "domain_probe_knn_acc": probe.knn_acc,
+        "domain_probe_seconds": probe.seconds,
+    }
+
+
+def _test_accuracy(
+    settings: Settings,
+    catalog: Catalog,
+    classifier: Classifier,
+    *,
+    body_version: str,
+    classes: list[str],
+    progress: bool,
+) -> float:
+    """The fine-tuned model on the test split, embedded by its own body; nan when no test truth is known."""
+    test = embedded.split_features(settings, catalog, TEST, classifier.body, body_version, progress=progress)
     test_targets = _targets(test.truths, classes)
-    test_acc = float("nan")
-    if (test_targets >= 0).any():
-        known = test_targets >= 0
-        test_acc = accuracy(predict_proba(result.classifier.head, test.vectors[known]), test_targets[known])
-        mlflow_client.log_metric(logged.run_id, "test_accuracy", test_acc)
-    if decision_promote.promoted:
-        switch_body(settings, catalog, logged.version, new_body, progress=progress)
-        embedded.record_backbone(catalog, configured=configured, in_use=settings.backbone)
-    schedule.finish_finetune(catalog, state, logged.version, now=schedule.utc_now())
+    known = test_targets >= 0
+    if not known.any():
+        return float("nan")
+    return accuracy(predict_proba(classifier.head, test.vectors[known]), test_targets[known])
+
+
+def _finetune_report(
+    start: _Start,
+    tuned: _Tuned,
+    logged: tracking.LoggedModel,
+    promotion: tracking.PromotionDecision,
+    *,
+    holdout_acc: float,
+    champion_acc: float | None,
+    baseline_acc: float,
+    test_acc: float,
+) -> FinetuneReport:
+    """What the fine-tune did and decided, for the CLI, the flows and their artifacts."""
+    result, decision = tuned.result, tuned.decision
     return FinetuneReport(
         model_version=logged.version,
         run_url=logged.run_url,
         depth=decision.label,
         depth_reason=decision.reason,
         lr_by_group=result.lr_by_group,
-        labels_per_class=labels_per_class,
+        labels_per_class=tuned.labels_per_class,
         holdout_accuracy=holdout_acc,
         champion_holdout_accuracy=champion_acc,
         baseline_holdout_accuracy=baseline_acc,
         test_accuracy=test_acc,
-        promoted=decision_promote.promoted,
-        promotion_reason=decision_promote.reason,
+        promoted=promotion.promoted,
+        promotion_reason=promotion.reason,
         seconds=result.seconds,
-        far_domain=far_domain,
-        domain_reason=domain_reason,
-        domain_probe=probe,
-        backbone_scores=tables.get("backbone_scores.json"),
-        backbone=settings.backbone,
-        backbone_choice=str(extra_params.get("backbone_choice", "")),
+        far_domain=tuned.far_domain,
+        domain_reason=tuned.domain_reason,
+        domain_probe=tuned.probe,
+        backbone_scores=start.tables.get("backbone_scores.json"),
+        backbone=start.settings.backbone,
+        backbone_choice=str(start.params.get("backbone_choice", "")),
         best_epoch=result.best_epoch,
         stopped_early=result.stopped_early,
         resumed_from=result.resumed_from,

@@ -160,9 +160,9 @@ def model_version(client: MlflowClient, settings: Settings, version: str) -> Mod
     name = settings.registered_model_name
     try:
         return client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
         known = sorted((v.version for v in client.search_model_versions(f"name='{name}'")), key=int)
-        raise UnknownChoiceError(f"version of {name}", str(version), [str(v) for v in known]) from None
+        raise UnknownChoiceError(f"version of {name}", str(version), [str(v) for v in known]) from exc
 
 
 def champion_version(client: MlflowClient, settings: Settings) -> str | None:

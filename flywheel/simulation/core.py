@@ -240,9 +240,7 @@ def simulate(
     batch_size = n_classes if batch_size is None else batch_size
     _check_inputs(features, targets, classes, initial_per_class, budget_per_class, batch_size)
     resolved = resolve_strategies(strategies)
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list:
-        raise FlywheelError("need at least one seed")
+    seed_list = _seed_list(seeds)
 
     splits = {
         seed: make_split(targets, seed, initial_per_class=initial_per_class, test_fraction=test_fraction)
@@ -254,16 +252,68 @@ def simulate(
     budgets = budget_schedule(
         len(first.initial), batch_size=batch_size, max_budget=n_classes * budget_per_class, n_train=len(first.train)
     )
+    runs = _run_seeds(
+        resolved, features, targets, seed_list, splits, budgets, n_classes=n_classes, l2=l2, on_step=on_step
+    )
+    full_accuracy = float(np.mean(runs.full))
+    return {
+        "dataset": dataset,
+        "n_pool": int(len(targets)),
+        "classes": list(classes),
+        "full_label_accuracy": full_accuracy,
+        "n_train": int(len(first.train)),
+        "n_test": int(len(first.test)),
+        "seeds": seed_list,
+        "initial_per_class": initial_per_class,
+        "budget_per_class": budget_per_class,
+        "batch_size": batch_size,
+        "class_counts": np.bincount(targets, minlength=n_classes).tolist(),
+        "strategies": {
+            name: summarize(runs.curves[name], budgets, full_accuracy, runs.seconds[name]) for name in resolved
+        },
+    }
+
+
+def _seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """A count n means seeds 0..n-1; explicit seeds are taken in order."""
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise FlywheelError("need at least one seed")
+    return seed_list
+
+
+@dataclass(frozen=True)
+class SeedRuns:
+    """Every strategy on every seed, before the mean over seeds."""
+
+    full: list[float]  # per seed: test accuracy of a head trained on all its training labels
+    curves: dict[str, list[SeedCurve]]  # strategy -> one curve per seed
+    seconds: dict[str, float]  # strategy -> time spent in its curves
+
+
+def _run_seeds(
+    strategies: Mapping[str, Strategy],
+    features: npt.NDArray[np.floating[Any]],
+    targets: npt.NDArray[np.integer[Any]],
+    seeds: Sequence[int],
+    splits: Mapping[int, Split],
+    budgets: Sequence[int],
+    *,
+    n_classes: int,
+    l2: float,
+    on_step: StepCallback | None,
+) -> SeedRuns:
+    """Per seed (in order), the all-label reference accuracy and then each strategy's curve on its split."""
     full: list[float] = []
-    curves: dict[str, list[SeedCurve]] = {name: [] for name in resolved}
-    seconds = dict.fromkeys(resolved, 0.0)
+    curves: dict[str, list[SeedCurve]] = {name: [] for name in strategies}
+    seconds = dict.fromkeys(strategies, 0.0)
     with single_threaded_torch():
-        for seed in seed_list:
+        for seed in seeds:
             split = splits[seed]
             x_train = features[split.train]
             head = train_head(x_train, targets[split.train], n_classes, l2=l2, seed=seed)
             full.append(float((predict_proba(head, features[split.test]).argmax(1) == targets[split.test]).mean()))
-            for name, strategy in resolved.items():
+            for name, strategy in strategies.items():
                 began = time.perf_counter()
                 curves[name].append(
                     run_curve(
@@ -281,21 +331,7 @@ def simulate(
                     )
                 )
                 seconds[name] += time.perf_counter() - began
-    full_accuracy = float(np.mean(full))
-    return {
-        "dataset": dataset,
-        "n_pool": int(len(targets)),
-        "classes": list(classes),
-        "full_label_accuracy": full_accuracy,
-        "n_train": int(len(first.train)),
-        "n_test": int(len(first.test)),
-        "seeds": seed_list,
-        "initial_per_class": initial_per_class,
-        "budget_per_class": budget_per_class,
-        "batch_size": batch_size,
-        "class_counts": np.bincount(targets, minlength=n_classes).tolist(),
-        "strategies": {name: summarize(curves[name], budgets, full_accuracy, seconds[name]) for name in resolved},
-    }
+    return SeedRuns(full=full, curves=curves, seconds=seconds)
 
 
 def summarize(

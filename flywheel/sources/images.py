@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from flywheel.errors import BadImageError, DataError
 from flywheel.features.backbones import BackboneSpec
 
-# Train-time augmentation (TRANSFER.md: augmentation is one answer to label scarcity). Mild crops only:
+# Train-time augmentation (docs/transfer.md: augmentation is one answer to label scarcity). Mild crops only:
 # the crop must keep the object, and pretrained features expect objects at roughly their usual scale.
 CROP_SCALE = (0.7, 1.0)
 
@@ -60,11 +60,11 @@ def read_header(path: str, *, max_pixels: int = HARD_MAX_PIXELS) -> ImageHeader:
             with Image.open(path) as im:
                 header = ImageHeader(str(im.format), im.mode, im.width, im.height, bool(im.has_transparency_data))
     except Image.DecompressionBombError as exc:
-        raise BadImageError(path, "too many pixels", str(exc)) from None
-    except UnidentifiedImageError:
-        raise BadImageError(path, "not an image", "no known image format") from None
+        raise BadImageError(path, "too many pixels", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise BadImageError(path, "not an image", "no known image format") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(path, "truncated or corrupt", f"header: {exc}") from None
+        raise BadImageError(path, "truncated or corrupt", f"header: {exc}") from exc
     if header.width * header.height > max_pixels:
         raise BadImageError(
             path, "too many pixels", f"{header.width} x {header.height} is above the limit of {max_pixels:,} pixels"
@@ -89,7 +89,7 @@ def load_image(path: str) -> torch.Tensor:
         else:
             image = _decode_with_pil(path)
     except (RuntimeError, ValueError, OSError, SyntaxError) as exc:
-        raise BadImageError(path, "truncated or corrupt", _decoder_message(exc)) from None
+        raise BadImageError(path, "truncated or corrupt", _decoder_message(exc)) from exc
     if image.dtype == torch.uint16:  # 16-bit PNG: keep the high byte
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     if image.shape[0] == 4:

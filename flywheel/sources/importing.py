@@ -111,7 +111,7 @@ def import_records(
         try:
             digest = file_sha256(record.path)
         except OSError as exc:
-            raise DataError(f"cannot read {record.path}: {exc.strerror}") from None
+            raise DataError(f"cannot read {record.path}: {exc.strerror}") from exc
         try:
             read_header(record.path, max_pixels=settings.max_image_pixels)
         except BadImageError as exc:

@@ -126,7 +126,7 @@ def _decoded(manifest: Path) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(f"{manifest}:{line}:{column}: not UTF-8 ({exc.reason}, byte {data[exc.start]:#04x})") from None
+        raise DataError(f"{manifest}:{line}:{column}: not UTF-8 ({exc.reason}, byte {data[exc.start]:#04x})") from exc
 
 
 def _rows(manifest: Path) -> list[tuple[int, dict[str, Any], dict[str, int]]]:
@@ -147,7 +147,7 @@ def _jsonl_rows(manifest: Path, text: str) -> list[tuple[int, dict[str, Any], di
         try:
             row = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{manifest}:{line}:{exc.colno}: invalid JSON: {exc.msg}") from None
+            raise DataError(f"{manifest}:{line}:{exc.colno}: invalid JSON: {exc.msg}") from exc
         if not isinstance(row, dict):
             raise DataError(f"{manifest}:{line}:1: expected a JSON object, got {type(row).__name__}")
         columns = {key: raw.find(json.dumps(key)) + 1 for key in row}  # where the key starts
@@ -180,7 +180,7 @@ def _csv_rows(manifest: Path, text: str) -> list[tuple[int, dict[str, Any], dict
             rows.append((start, dict(zip(names, (v.strip() for v in values), strict=True)), columns))
         return rows
     except csv.Error as exc:
-        raise DataError(f"{manifest}:{reader.line_num}: invalid CSV: {exc}") from None
+        raise DataError(f"{manifest}:{reader.line_num}: invalid CSV: {exc}") from exc
 
 
 def _localize(location: str, base: Path, cache_dir: Path, roots: Roots, where: str) -> str:
@@ -219,7 +219,7 @@ def _fetch(url: str, cache_dir: Path, where: str) -> Path:
             )
         response.raise_for_status()
     except httpx.HTTPError as exc:
-        raise DataError(f"{where}: cannot fetch {url}: {exc}") from None
+        raise DataError(f"{where}: cannot fetch {url}: {exc}") from exc
     with atomic_path(target) as tmp:
         Path(tmp).write_bytes(response.content)
     return target

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
@@ -30,7 +29,7 @@ from flywheel.atomic import atomic_path
 from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
 from flywheel.features import embedded
-from flywheel.index.flat import build_index, load_or_build, radius_search
+from flywheel.index.sharded import ShardedIndex
 
 NEAR_DUPLICATE = "near duplicate"
 REPORT_COLUMNS = ("uri", "reason", "stage", "sample_id", "duplicate_of", "created_at", "detail")
@@ -61,7 +60,7 @@ def write_report(settings: Settings, catalog: Catalog) -> QuarantineSummary:
 
 
 def near_duplicates(
-    index: faiss.Index,
+    index: ShardedIndex,
     vectors: npt.NDArray[np.floating[Any]],
     picked: Sequence[int],
     known: set[int],
@@ -74,7 +73,7 @@ def near_duplicates(
     """
     kept: set[int] = set()
     out: dict[int, tuple[int, float]] = {}
-    for sample_id, (ids, scores) in zip(picked, radius_search(index, vectors, min_cosine), strict=True):
+    for sample_id, (ids, scores) in zip(picked, index.radius_search(vectors, min_cosine), strict=True):
         twin = next(
             (
                 (int(o), float(s))
@@ -98,11 +97,9 @@ def drop_near_duplicates(
     known: set[int],
 ) -> tuple[npt.NDArray[np.bool_], list[dict[str, int | float]]]:
     """A mask over `positions` (pool rows, best first) of the picks to keep; the others are quarantined as
-    near-duplicates and returned as report rows. The pool's FAISS index is loaded (checksum verified) or
-    rebuilt when missing, damaged or stale (a sharded index directory is not read here: a flat one is built
-    in memory instead)."""
-    path = embedded.index_path(settings, embedded.body_version(settings, catalog))
-    index = build_index(pool.vectors, pool.ids) if path.is_dir() else load_or_build(path, pool.vectors, pool.ids)
+    near-duplicates and returned as report rows. The question goes to the pool's saved index (the one
+    bootstrap and promotions write), brought up to date first when samples were imported since."""
+    index = embedded.pool_index(settings, catalog, pool)
     picked = [int(pool.ids[p]) for p in positions]
     twins = near_duplicates(index, pool.vectors[positions], picked, known, settings.near_duplicate_cosine)
     if twins:

@@ -127,6 +127,36 @@ def _chord(similarity: npt.NDArray[np.floating[Any]] | float) -> npt.NDArray[np.
 # ------------------------------------------------------------------------------------------------ k-center
 
 
+def _inverse_norms(
+    embeddings: npt.NDArray[np.floating[Any]], positions: npt.NDArray[np.integer[Any]]
+) -> npt.NDArray[np.float32]:
+    """1 / |row| of embeddings[positions] (float32), streamed in blocks: turns row products into cosines."""
+    m = len(positions)
+    inv_norms = np.empty(m, dtype=np.float32)
+    for start in range(0, m, _CHUNK):
+        norms = np.linalg.norm(_rows(embeddings, positions, start, min(start + _CHUNK, m)), axis=1)
+        inv_norms[start : start + len(norms)] = 1.0 / np.maximum(norms, 1e-12)
+    return inv_norms
+
+
+def _most_central(
+    embeddings: npt.NDArray[np.floating[Any]],
+    positions: npt.NDArray[np.integer[Any]],
+    *,
+    inv_norms: npt.NDArray[np.float32],
+) -> int:
+    """Index into positions of the row nearest the mean direction of them all: the most central point,
+    where k-center starts when nothing is labelled (its farthest-first rule would start at an outlier)."""
+    m = len(positions)
+    mean = np.zeros(embeddings.shape[1], dtype=np.float64)
+    for start in range(0, m, _CHUNK):
+        stop = min(start + _CHUNK, m)
+        mean += (_rows(embeddings, positions, start, stop) * inv_norms[start:stop, None]).sum(axis=0)
+    toward_mean = np.full(m, -np.inf, dtype=np.float32)
+    _update_nearest(embeddings, positions, inv_norms, unit_rows(mean[None, :].astype(np.float32)), toward_mean)
+    return int(np.argmax(toward_mean))
+
+
 def kcenter_greedy(
     embeddings: npt.NDArray[np.floating[Any]],
     candidates: npt.NDArray[np.integer[Any]],
@@ -147,10 +177,7 @@ def kcenter_greedy(
     fails, then the whole pool is updated once with all of them (one matrix product, streamed in blocks).
     """
     m = len(candidates)
-    inv_norms = np.empty(m, dtype=np.float32)
-    for start in range(0, m, _CHUNK):
-        norms = np.linalg.norm(_rows(embeddings, candidates, start, min(start + _CHUNK, m)), axis=1)
-        inv_norms[start : start + len(norms)] = 1.0 / np.maximum(norms, 1e-12)
+    inv_norms = _inverse_norms(embeddings, candidates)
     best = np.full(m, -np.inf, dtype=np.float32)  # cosine similarity to the nearest centre
     for start in range(0, len(labelled), 4096):
         _update_nearest(embeddings, candidates, inv_norms, unit_rows(embeddings[labelled[start : start + 4096]]), best)
@@ -158,14 +185,7 @@ def kcenter_greedy(
     picks: list[int] = []
     scores: list[float] = []
     if not len(labelled):
-        mean = np.zeros(embeddings.shape[1], dtype=np.float64)
-        for start in range(0, m, _CHUNK):
-            stop = min(start + _CHUNK, m)
-            mean += (_rows(embeddings, candidates, start, stop) * inv_norms[start:stop, None]).sum(axis=0)
-        toward_mean = np.full(m, -np.inf, dtype=np.float32)
-        _update_nearest(embeddings, candidates, inv_norms, unit_rows(mean[None, :].astype(np.float32)), toward_mean)
-        first = int(np.argmax(toward_mean))
-        picks.append(first)
+        picks.append(_most_central(embeddings, candidates, inv_norms=inv_norms))
         scores.append(2.0)
     pending = list(picks)
     while len(picks) < n:

@@ -1,4 +1,4 @@
-"""Fine-tuning a Classifier end to end, the way TRANSFER.md prescribes (LP-FT).
+"""Fine-tuning a Classifier end to end, the way docs/transfer.md prescribes (LP-FT).
 
 1. Head phase (`settings.head_epochs`): body frozen, only the new head trains, at head_lr/10: a fresh head is
    random and its large early errors would wreck pretrained weights if they could move, and ours starts as
@@ -25,13 +25,13 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,14 +42,11 @@ from torch.utils.data import DataLoader
 from flywheel.atomic import atomic_path, verify_checksum
 from flywheel.config import FinetuneSettings
 from flywheel.errors import CorruptFileError, DataError
-from flywheel.features.backbones import Classifier, get_spec
+from flywheel.features.backbones import BackboneSpec, Classifier, get_spec
 from flywheel.features.pipeline import Forward, auto_workers
 from flywheel.features.store import resolve_device
 from flywheel.sources.images import Augmentation, ImageDataset, ImageItem, choose_augmentation, forked_worker_init
 from flywheel.training.policy import DepthDecision, param_groups, set_frozen_eval
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
 
 LABEL_SMOOTHING = 0.1
 WARMUP_FRACTION = 0.1  # of each phase's optimizer steps; at least one step
@@ -233,7 +230,7 @@ def _train_epoch(
 def unfrozen_count(body_epoch: int, body_epochs: int, n_groups: int, *, gradual: bool) -> int:
     """How many of the policy's body groups (from the top) train in body epoch `body_epoch` (0-based).
 
-    Gradual unfreezing (ULMFiT-style, TRANSFER.md's "fine-tuning continues transfer") spreads the groups
+    Gradual unfreezing (ULMFiT-style, docs/transfer.md: head first, then the body) spreads the groups
     over the first half of the body phase, one or more per epoch, so the whole chosen depth trains for at
     least the second half: 4 body epochs, 4 groups -> 2, 4, 4, 4; 4 body epochs, 9 groups -> 5, 9, 9, 9.
     """
@@ -357,7 +354,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise CorruptFileError(
             f"fine-tune checkpoint refused: {exc}; delete {path.parent} (or set finetune.resume=false, "
             "FLYWHEEL_FINETUNE__RESUME=false) to start this fine-tune over"
-        ) from None
+        ) from exc
     checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     return checkpoint
 
@@ -372,6 +369,336 @@ class EpochEnd:
     model: Classifier
     optimizer: torch.optim.Optimizer
     checkpoint: Path | None
+
+
+@dataclass(frozen=True)
+class _Trainer:
+    """The copy being tuned and the data every epoch feeds it: built once per run, under the run's seeded RNG."""
+
+    model: Classifier
+    forward: Forward  # model or its compiled form
+    loader: DataLoader[ImageItem]  # the training images, shuffled by `generator`
+    generator: torch.Generator  # the loader's own stream: checkpointed and restored with the run
+    val_batches: Iterable[torch.Tensor | list[torch.Tensor]]  # in memory when small (VAL_CACHE_BYTES)
+    val_y: torch.Tensor
+    loss_fn: nn.Module
+    device: torch.device
+
+    def validate(self) -> tuple[float, float]:
+        """(accuracy, loss) of the model as it is now on the validation images."""
+        logits = _logits(self.model, self.val_batches, self.device, self.forward)
+        accuracy = float((logits.argmax(1) == self.val_y).float().mean())
+        return accuracy, float(nn.functional.cross_entropy(logits, self.val_y))
+
+
+def _make_trainer(
+    classifier: Classifier,
+    settings: FinetuneSettings,
+    *,
+    spec: BackboneSpec,
+    train_paths: Sequence[str],
+    train_targets: npt.NDArray[np.int64],
+    val_paths: Sequence[str],
+    val_targets: npt.NDArray[np.int64],
+    augmentation: Augmentation,
+    seed: int,
+    device: torch.device,
+) -> _Trainer:
+    """A copy of `classifier` on the device with its training loader and validation batches. Call it under the
+    run's seeded RNG: every pass over a loader (caching the validation set is one) draws a seed from it."""
+    model = copy.deepcopy(classifier).to(device).to(memory_format=torch.channels_last)
+    # compiled once; freezing changes recompile it a few times (one per unfreeze step), weights are shared
+    forward = torch.compile(model) if settings.compile else model
+    generator = torch.Generator().manual_seed(seed)
+    n_train = len(train_targets)
+    loader = DataLoader(
+        ImageDataset(train_paths, spec, classifier.image_size, train_targets, augment=augmentation),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=_num_workers(device),
+        worker_init_fn=forked_worker_init,
+        pin_memory=device.type == "cuda",
+        # BatchNorm cannot train on a batch of one: drop such a trailing batch.
+        drop_last=n_train % settings.batch_size == 1 and n_train > 1,
+    )
+    val_loader = _batches(model, val_paths, val_targets, _eval_batch_size(len(val_targets), device), device)
+    val_batches: Iterable[torch.Tensor | list[torch.Tensor]] = val_loader
+    if len(val_targets) * 3 * classifier.image_size**2 * 4 <= VAL_CACHE_BYTES:
+        val_batches = [x for x, _ in val_loader]  # decode and resize the validation set once
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    return _Trainer(model, forward, loader, generator, val_batches, torch.as_tensor(val_targets), loss_fn, device)
+
+
+def _phase_plan(settings: FinetuneSettings, decision: DepthDecision) -> list[str]:
+    """Each epoch's phase ("head" or "body"): LP-FT's head epochs first, then the body epochs."""
+    head_epochs = min(settings.head_epochs, settings.epochs)
+    if decision.trainable_groups == 0:
+        head_epochs = settings.epochs  # the decision is "head only": every epoch is a head epoch
+    return ["head"] * head_epochs + ["body"] * (settings.epochs - head_epochs)
+
+
+@dataclass
+class _RunState:
+    """What a run carries from epoch to epoch. Its checkpoints hold all of it but the `resumed_*` fields and
+    the notes (a resumed run starts its own)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: tuple[float, float] | None = None  # (val_accuracy, -val_loss) of the best weights so far
+    best_state: dict[str, torch.Tensor] | None = None  # those weights, on the CPU
+    best_epoch: int = 0
+    lr_by_group: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
+    notes: list[str] = field(default_factory=list)
+    resumed_from: int | None = None  # epochs done by the checkpoint this run resumed
+    resumed_optimizer: dict[str, Any] | None = None  # that checkpoint's "optimizer" and "scheduler" states
+
+
+def _checkpoint(run: _RunState, trainer: _Trainer, *, phase: _Phase, epoch: int) -> dict[str, Any]:
+    """Everything a resume needs after `epoch` epochs (`_restore` reads it back): the weights, the optimizer
+    and its schedule, the random number streams, and the run's state."""
+    return {
+        "epoch": epoch,
+        "model": trainer.model.state_dict(),
+        "optimizer": phase.optimizer.state_dict(),
+        "scheduler": phase.scheduler.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_loader": trainer.generator.get_state(),
+        "rng_cuda": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None,
+        "history": run.history,
+        "best": list(run.best) if run.best is not None else None,
+        "best_state": run.best_state,
+        "best_epoch": run.best_epoch,
+        "lr_by_group": run.lr_by_group,
+        "stopped": run.stopped,
+    }
+
+
+def _restore(run: _RunState, saved: dict[str, Any], *, trainer: _Trainer) -> None:
+    """Put the model, the run's state and the random number streams back where a `_checkpoint` left them."""
+    trainer.model.load_state_dict(saved["model"])
+    run.history, run.best_epoch, run.lr_by_group = saved["history"], saved["best_epoch"], saved["lr_by_group"]
+    run.best = tuple(saved["best"]) if saved["best"] is not None else None
+    run.best_state, run.stopped, run.resumed_from = saved["best_state"], saved["stopped"], saved["epoch"]
+    run.resumed_optimizer = {"optimizer": saved["optimizer"], "scheduler": saved["scheduler"]}
+    torch.set_rng_state(saved["rng_torch"])
+    trainer.generator.set_state(saved["rng_loader"])
+    if trainer.device.type == "cuda" and saved.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng_cuda"], trainer.device)
+
+
+def _start_run(
+    trainer: _Trainer, plan: Sequence[str], *, decision: DepthDecision, checkpoint: Path | None, resume: bool
+) -> _RunState:
+    """The run's state before its first epoch: restored from `checkpoint` when resuming one, else fresh."""
+    run = _RunState()
+    if decision.trainable_groups != 0 and "head" not in plan:
+        run.notes.append("head_epochs=0: body unfrozen with a random head (no LP-FT warm start)")
+    if checkpoint is not None and resume and checkpoint.exists():
+        _restore(run, _load_checkpoint(checkpoint), trainer=trainer)
+        run.notes.append(f"resumed from {checkpoint} after epoch {run.resumed_from}")
+    if not run.resumed_from and len(trainer.val_y):
+        # The starting weights (the champion's body, the LP head) are a candidate too: a fine-tune whose
+        # every epoch scores worse on validation returns what it was given (best_epoch 0).
+        start_accuracy, start_loss = trainer.validate()
+        run.best, run.best_state = (start_accuracy, -start_loss), _cpu_copy(trainer.model.state_dict())
+    return run
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """A phase's optimizer: AdamW over its parameter groups, under a fresh warmup + cosine schedule."""
+
+    name: str  # "head" | "body"
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    body_groups: list[dict[str, Any]]  # the body groups it trains, from the output end inwards
+    lr_by_group: dict[str, float]  # each group's peak learning rate
+    adapt_bn: bool  # BatchNorm statistics train too
+
+
+def _start_phase(
+    model: Classifier,
+    name: str,
+    *,
+    decision: DepthDecision,
+    settings: FinetuneSettings,
+    total_steps: int,
+    resume: dict[str, Any] | None,
+) -> _Phase:
+    """The phase's parameter groups with their per-stage learning rates (the head phase: the head alone, at
+    HEAD_PHASE_LR_FACTOR of head_lr) and its optimizer. `resume`: the states of a checkpoint taken mid-phase,
+    from which the optimizer and its schedule go on."""
+    head_phase = name == "head"
+    groups = param_groups(
+        model,
+        HEAD_PHASE if head_phase else decision,
+        settings.head_lr * (HEAD_PHASE_LR_FACTOR if head_phase else 1.0),
+        settings.weight_decay,
+    )
+    lr_by_group = {g["name"]: g["lr"] for g in groups}  # before the schedule scales them
+    adapt_bn = name == "body" and decision.label == "all" and settings.adapt_batchnorm
+    if adapt_bn:
+        for bn in _batchnorms(model.body):
+            bn.momentum = max(bn.momentum or 0.0, BN_MOMENTUM)
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = _warmup_cosine(optimizer, total_steps)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+    return _Phase(name, optimizer, scheduler, groups[1:], lr_by_group, adapt_bn)
+
+
+def _unfreeze(body_groups: Sequence[dict[str, Any]], n: int) -> None:
+    """Gradual unfreezing: the first `n` body groups (from the output end inwards) train, the rest stay frozen."""
+    for i, group in enumerate(body_groups):
+        for p in group["params"]:
+            p.requires_grad_(i < n)
+
+
+def _epoch(trainer: _Trainer, phase: _Phase, *, run: _RunState, epoch: int, trainable_groups: int) -> dict[str, Any]:
+    """Train one epoch and score it on validation, keeping its weights when they are the best so far (accuracy
+    first, ties to the lower loss); returns its history entry."""
+    t0 = time.perf_counter()
+    train_loss = _train_epoch(
+        trainer.model, trainer.loader, phase.optimizer, phase.scheduler, trainer.loss_fn, trainer.device,
+        adapt_bn=phase.adapt_bn, forward=trainer.forward,
+    )  # fmt: skip
+    entry: dict[str, Any] = {
+        "epoch": epoch,
+        "phase": phase.name,
+        "trainable_groups": trainable_groups,
+        "train_loss": train_loss,
+        "val_accuracy": None,
+        "val_loss": None,
+    }
+    if len(trainer.val_y):
+        entry["val_accuracy"], entry["val_loss"] = trainer.validate()
+        score = (entry["val_accuracy"], -entry["val_loss"])
+        if run.best is None or score > run.best:
+            run.best, run.best_epoch = score, epoch
+            run.best_state = _cpu_copy(trainer.model.state_dict())
+    entry["seconds"] = time.perf_counter() - t0
+    return entry
+
+
+def _record(run: _RunState, entry: dict[str, Any], *, patience: int) -> None:
+    """Add the epoch to the history, and stop early when it is the `patience`-th body epoch without a better score."""
+    run.history.append(entry)
+    run.stopped = should_stop(run.history, patience)
+    if run.stopped:
+        run.notes.append(f"early stop after epoch {entry['epoch']}: no better validation score for {patience} epochs")
+
+
+@contextmanager
+def _epoch_bar(show: bool, *, total: int, completed: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A transient progress bar over the epochs (rich is imported only to show one); yields the update to call
+    with each epoch's history entry, which does nothing when the bar is not shown."""
+    if not show:
+        yield lambda entry: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("fine-tune", total=total, completed=completed)
+
+        def update(entry: dict[str, Any]) -> None:
+            acc = entry["val_accuracy"]
+            bar.update(
+                task,
+                advance=1,
+                description=f"fine-tune {entry['phase']} "
+                f"loss {entry['train_loss']:.3f}" + (f" val {acc:.3f}" if acc is not None else ""),
+            )
+
+        yield update
+
+
+def _run_epochs(
+    trainer: _Trainer,
+    run: _RunState,
+    *,
+    plan: Sequence[str],
+    decision: DepthDecision,
+    settings: FinetuneSettings,
+    checkpoint: Path | None,
+    progress: bool,
+    on_epoch_end: Callable[[EpochEnd], None] | None,
+) -> None:
+    """The planned epochs left after `run.resumed_from`, up to an early stop: a new optimizer at each phase, the
+    body groups unfrozen on schedule, a checkpoint after every epoch but the last, then `on_epoch_end`."""
+    start = run.resumed_from or 0
+    phase: _Phase | None = None
+    with _epoch_bar(progress, total=settings.epochs, completed=start) as show, _CheckpointWriter(checkpoint) as writer:
+        for e in range(start, len(plan)):
+            if run.stopped:
+                break
+            if phase is None or plan[e] != phase.name:
+                mid_phase = e == start and e > 0 and plan[e - 1] == plan[e]  # the resumed phase goes on
+                phase = _start_phase(
+                    trainer.model, plan[e], decision=decision, settings=settings,
+                    total_steps=plan.count(plan[e]) * len(trainer.loader),
+                    resume=run.resumed_optimizer if mid_phase else None,
+                )  # fmt: skip
+                run.lr_by_group.update(phase.lr_by_group)
+            n_trainable = 0
+            if phase.name == "body":
+                body_epoch, body_epochs = e - plan.count("head"), plan.count("body")
+                n_trainable = unfrozen_count(
+                    body_epoch, body_epochs, len(phase.body_groups), gradual=settings.gradual_unfreeze
+                )
+                _unfreeze(phase.body_groups, n_trainable)
+            entry = _epoch(trainer, phase, run=run, epoch=e + 1, trainable_groups=n_trainable)
+            _record(run, entry, patience=settings.patience)
+            if checkpoint is not None and not run.stopped and e + 1 < len(plan):  # after the last epoch the run ends
+                writer.save(_checkpoint(run, trainer, phase=phase, epoch=e + 1))
+            if on_epoch_end is not None:
+                writer.wait()
+                on_epoch_end(EpochEnd(e + 1, entry, trainer.model, phase.optimizer, checkpoint))
+            show(entry)
+
+
+def _finish(
+    run: _RunState,
+    trainer: _Trainer,
+    *,
+    decision: DepthDecision,
+    augmentation: Augmentation,
+    checkpoint: Path | None,
+    started: float,
+) -> FinetuneResult:
+    """The result: the best epoch's weights (the starting ones when no epoch beat them, the last epoch's without
+    validation) on the CPU in eval mode. A completed run's checkpoint is removed."""
+    if run.best_state is None:
+        run.notes.append("no validation images: returning the last epoch's weights")
+        run.best_epoch = len(run.history)
+    elif run.best_epoch == 0:
+        assert run.best is not None  # set with best_state
+        run.notes.append(
+            f"no epoch beat the starting weights on validation (accuracy {run.best[0]:.3f}): returning them unchanged"
+        )
+    model = trainer.model.to("cpu").to(memory_format=torch.contiguous_format)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # complete: the model goes to MLflow, not here
+    return FinetuneResult(
+        classifier=model,
+        decision=decision,
+        history=run.history,
+        lr_by_group=run.lr_by_group,
+        seconds=time.perf_counter() - started,
+        device=str(trainer.device),
+        best_epoch=run.best_epoch,
+        notes=run.notes,
+        augmentation=augmentation,
+        stopped_early=any(n.startswith("early stop") for n in run.notes),
+        resumed_from=run.resumed_from,
+    )
 
 
 def finetune(
@@ -409,8 +736,6 @@ def finetune(
         raise DataError("fine-tune needs at least one training image, got 0")
     device = resolve_device(settings.device)
     spec = get_spec(classifier.backbone)
-    cuda = device.type == "cuda"
-    notes: list[str] = []
     if augmentation is None:
         augmentation = choose_augmentation(train_paths, hflip=settings.hflip)
     ckpt: Path | None = None
@@ -421,205 +746,16 @@ def finetune(
         )  # fmt: skip
         ckpt = Path(checkpoint_dir) / key / "last.pt"
 
-    with torch.random.fork_rng(devices=[device] if cuda else []):  # leave the caller's RNG untouched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
-        model = copy.deepcopy(classifier).to(device).to(memory_format=torch.channels_last)
-        # compiled once; freezing changes recompile it a few times (one per unfreeze step), weights are shared
-        forward = torch.compile(model) if settings.compile else model
-        gen = torch.Generator().manual_seed(seed)
-        n_train = len(train_targets)
-        loader = DataLoader(
-            ImageDataset(train_paths, spec, classifier.image_size, train_targets, augment=augmentation),
-            batch_size=settings.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=_num_workers(device),
-            worker_init_fn=forked_worker_init,
-            pin_memory=cuda,
-            # BatchNorm cannot train on a batch of one: drop such a trailing batch.
-            drop_last=n_train % settings.batch_size == 1 and n_train > 1,
-        )
-        val_loader = _batches(model, val_paths, val_targets, _eval_batch_size(len(val_targets), device), device)
-        val_cache: list[torch.Tensor] | None = None
-        if len(val_targets) * 3 * classifier.image_size**2 * 4 <= VAL_CACHE_BYTES:
-            val_cache = [x for x, _ in val_loader]  # decode and resize the validation set once
-        val_y = torch.as_tensor(val_targets)
-
-        def validate() -> tuple[float, float]:
-            """(accuracy, loss) of the model as it is now on the validation images."""
-            logits = _logits(model, val_cache if val_cache is not None else val_loader, device, forward)
-            return float((logits.argmax(1) == val_y).float().mean()), float(nn.functional.cross_entropy(logits, val_y))
-
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
-        steps = len(loader)
-
-        head_epochs = min(settings.head_epochs, settings.epochs)
-        if decision.trainable_groups == 0:
-            head_epochs = settings.epochs  # the decision is "head only": every epoch is a head epoch
-        elif head_epochs == 0:
-            notes.append("head_epochs=0: body unfrozen with a random head (no LP-FT warm start)")
-        body_epochs = settings.epochs - head_epochs
-        plan = ["head"] * head_epochs + ["body"] * body_epochs
-
-        history: list[dict[str, Any]] = []
-        best: tuple[float, float] | None = None
-        best_state: dict[str, torch.Tensor] | None = None
-        best_epoch = 0
-        lr_by_group: dict[str, float] = {}
-        stopped = False
-        start = 0
-        saved: dict[str, Any] | None = None
-        if ckpt is not None and resume and ckpt.exists():
-            saved = _load_checkpoint(ckpt)
-            model.load_state_dict(saved["model"])
-            history, best_epoch, lr_by_group = saved["history"], saved["best_epoch"], saved["lr_by_group"]
-            best = tuple(saved["best"]) if saved["best"] is not None else None
-            best_state, stopped, start = saved["best_state"], saved["stopped"], saved["epoch"]
-            torch.set_rng_state(saved["rng_torch"])
-            gen.set_state(saved["rng_loader"])
-            if cuda and saved.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(saved["rng_cuda"], device)
-            notes.append(f"resumed from {ckpt} after epoch {start}")
-
-        if start == 0 and len(val_targets):
-            # The starting weights (the champion's body, the LP head) are a candidate too: a fine-tune whose
-            # every epoch scores worse on validation returns what it was given (best_epoch 0).
-            start_accuracy, start_loss = validate()
-            best = (start_accuracy, -start_loss)
-            best_state = _cpu_copy(model.state_dict())
-
-        bar_ctx: AbstractContextManager[Progress | None] = nullcontext(None)
-        if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            bar_ctx = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                transient=True,
-            )
-        with bar_ctx as bar, _CheckpointWriter(ckpt) as writer:
-            task = bar.add_task("fine-tune", total=settings.epochs, completed=start) if bar else None
-            phase_now: str | None = None
-            optimizer = scheduler = None
-            body_groups: list[dict[str, Any]] = []
-            adapt_bn = False
-            for e in range(start, len(plan)):
-                if stopped:
-                    break
-                phase = plan[e]
-                if phase != phase_now:
-                    phase_now = phase
-                    head_phase = phase == "head"
-                    groups = param_groups(
-                        model,
-                        HEAD_PHASE if head_phase else decision,
-                        settings.head_lr * (HEAD_PHASE_LR_FACTOR if head_phase else 1.0),
-                        settings.weight_decay,
-                    )
-                    body_groups = groups[1:]  # from the output end inwards
-                    lr_by_group.update({g["name"]: g["lr"] for g in groups})
-                    adapt_bn = phase == "body" and decision.label == "all" and settings.adapt_batchnorm
-                    if adapt_bn:
-                        for bn in _batchnorms(model.body):
-                            bn.momentum = max(bn.momentum or 0.0, BN_MOMENTUM)
-                    optimizer = torch.optim.AdamW(groups)
-                    scheduler = _warmup_cosine(optimizer, plan.count(phase) * steps)
-                    if saved is not None and e == start and e > 0 and plan[e - 1] == phase:
-                        optimizer.load_state_dict(saved["optimizer"])
-                        scheduler.load_state_dict(saved["scheduler"])
-                n_trainable = 0
-                if phase == "body":
-                    body_epoch = e - head_epochs
-                    n_trainable = unfrozen_count(
-                        body_epoch, body_epochs, len(body_groups), gradual=settings.gradual_unfreeze
-                    )
-                    for i, group in enumerate(body_groups):
-                        for p in group["params"]:
-                            p.requires_grad_(i < n_trainable)
-                assert optimizer is not None and scheduler is not None  # made when the first epoch's phase starts
-                t0 = time.perf_counter()
-                train_loss = _train_epoch(
-                    model, loader, optimizer, scheduler, loss_fn, device, adapt_bn=adapt_bn, forward=forward
-                )
-                entry: dict[str, Any] = {
-                    "epoch": e + 1,
-                    "phase": phase,
-                    "trainable_groups": n_trainable,
-                    "train_loss": train_loss,
-                    "val_accuracy": None,
-                    "val_loss": None,
-                }
-                if len(val_targets):
-                    entry["val_accuracy"], entry["val_loss"] = validate()
-                    score = (entry["val_accuracy"], -entry["val_loss"])
-                    if best is None or score > best:  # accuracy first; ties go to the lower loss
-                        best, best_epoch = score, entry["epoch"]
-                        best_state = _cpu_copy(model.state_dict())
-                entry["seconds"] = time.perf_counter() - t0
-                history.append(entry)
-                stopped = should_stop(history, settings.patience)
-                if stopped:
-                    notes.append(
-                        f"early stop after epoch {e + 1}: no better validation score for {settings.patience} epochs"
-                    )
-                if ckpt is not None and not stopped and e + 1 < len(plan):  # after the last epoch the run ends
-                    writer.save(
-                        {
-                            "epoch": e + 1,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "rng_torch": torch.get_rng_state(),
-                            "rng_loader": gen.get_state(),
-                            "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None,
-                            "history": history,
-                            "best": list(best) if best is not None else None,
-                            "best_state": best_state,
-                            "best_epoch": best_epoch,
-                            "lr_by_group": lr_by_group,
-                            "stopped": stopped,
-                        }
-                    )
-                if on_epoch_end is not None:
-                    writer.wait()
-                    on_epoch_end(EpochEnd(e + 1, entry, model, optimizer, ckpt))
-                if bar is not None and task is not None:
-                    acc = entry["val_accuracy"]
-                    bar.update(
-                        task,
-                        advance=1,
-                        description=f"fine-tune {phase} "
-                        f"loss {train_loss:.3f}" + (f" val {acc:.3f}" if acc is not None else ""),
-                    )
-
-    if best_state is None:
-        notes.append("no validation images: returning the last epoch's weights")
-        best_epoch = len(history)
-    elif best_epoch == 0:
-        assert best is not None  # set with best_state
-        notes.append(
-            f"no epoch beat the starting weights on validation (accuracy {best[0]:.3f}): returning them unchanged"
-        )
-    model = model.to("cpu").to(memory_format=torch.contiguous_format)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    if ckpt is not None:
-        shutil.rmtree(ckpt.parent, ignore_errors=True)  # complete: the model goes to MLflow, not here
-    return FinetuneResult(
-        classifier=model,
-        decision=decision,
-        history=history,
-        lr_by_group=lr_by_group,
-        seconds=time.perf_counter() - started,
-        device=str(device),
-        best_epoch=best_epoch,
-        notes=notes,
-        augmentation=augmentation,
-        stopped_early=any(n.startswith("early stop") for n in notes),
-        resumed_from=start if saved is not None else None,
-    )
+        trainer = _make_trainer(
+            classifier, settings, spec=spec, train_paths=train_paths, train_targets=train_targets,
+            val_paths=val_paths, val_targets=val_targets, augmentation=augmentation, seed=seed, device=device,
+        )  # fmt: skip
+        plan = _phase_plan(settings, decision)
+        run = _start_run(trainer, plan, decision=decision, checkpoint=ckpt, resume=resume)
+        _run_epochs(
+            trainer, run, plan=plan, decision=decision, settings=settings,
+            checkpoint=ckpt, progress=progress, on_epoch_end=on_epoch_end,
+        )  # fmt: skip
+    return _finish(run, trainer, decision=decision, augmentation=augmentation, checkpoint=ckpt, started=started)

@@ -1,6 +1,6 @@
 """The transfer-learning decision table as pure functions: when to fine-tune, how deep, at what rates.
 
-Everything here encodes /work/shared/TRANSFER.md ("How deep to go"): little data -> train only the head
+Everything here encodes docs/transfer.md ("How deep to go"): little data -> train only the head
 (the body is a fixed feature extractor); some data -> fine-tune the last layers, more of them when the
 domain is far from ImageNet; much data -> unfreeze everything. Trainable layers closer to the input get
 smaller learning rates (1/10, 1/100 of the head's) so pretrained weights are specialised, not overwritten.
@@ -17,7 +17,7 @@ from flywheel.errors import UnknownChoiceError
 from flywheel.features.backbones import Classifier, layer_groups
 
 HEAD_ONLY_BELOW = 100.0
-"""Labels per class below which only the head trains (TRANSFER.md: "small dataset -> feature extractor").
+"""Labels per class below which only the head trains (docs/transfer.md: few labels, the head alone).
 Measured (bench/finetune.py, Fashion-MNIST, Lite0 at 64 px, 2,000 test images, CPU, 8 epochs, head lr 1e-2,
 2026-11-26): at 10 labels/class the linear probe gives 72.1%, the last stage and the whole body 70.8%; at
 50/class 78.8% vs 78.5% for both (neither fine-tune beat its starting weights on validation). At 500/class

@@ -1,12 +1,12 @@
 """Measure transfer before paying for it: how far the domain is, and which backbone transfers best.
 
-TRANSFER.md: "'Very different' and 'earlier stages' are measurable: probe linear classifiers on features from
-several stages of the frozen network with the labels you have; if an earlier stage probes as well or better
-than the last one, the domain is far from the pretraining data." `probe_domain` does exactly that (forward
+docs/transfer.md: "far" and "earlier stage" are measured, not assumed: probe linear classifiers on features from
+several stages of the frozen network with the labels at hand; if an earlier stage probes as well as the last
+one, the domain is far from the pretraining data. `probe_domain` does exactly that (forward
 hooks on the layer groups, pooled features, `head.train_head` under stratified k-fold cross-validation), and
 its verdict feeds `policy.choose_depth(far_domain=...)`.
 
-"Choosing the source model" is the other risk named there: `score_backbones` ranks candidate bodies on the
+"Choosing the source model" is another risk named there: `score_backbones` ranks candidate bodies on the
 current labels by LogME (You et al. 2021, "LogME: Practical Assessment of Pre-trained Models for Transfer
 Learning") and by leave-one-out kNN accuracy, both on frozen features, before any fine-tune is paid for.
 """
@@ -37,7 +37,7 @@ from flywheel.sources.images import ImageDataset
 from flywheel.training.head import train_head
 
 FAR_TOLERANCE = 0.0
-"""An earlier stage within this many accuracy points of the last one counts as "as well" (TRANSFER.md)."""
+"""An earlier stage within this many accuracy points of the last one counts as "as well" (docs/transfer.md)."""
 
 PROBE_FOLDS = 3
 PROBE_MAX_IMAGES = 2000  # a stratified subsample keeps the probe at a few seconds on CPU
@@ -207,7 +207,7 @@ def probe_domain(
     max_images: int = PROBE_MAX_IMAGES,
     device: torch.device | str = "cpu",
 ) -> DomainProbe:
-    """Probe a middle stage and the last stage of the frozen body on the labelled images (TRANSFER.md).
+    """Probe a middle stage and the last stage of the frozen body on the labelled images (docs/transfer.md).
 
     far = middle_acc >= last_acc - tolerance. With fewer than 2 labels in some class the probe cannot
     cross-validate; it then reports NaN accuracies and far=False (the table's default column), saying why.

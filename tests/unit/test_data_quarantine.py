@@ -20,11 +20,11 @@ from sqlalchemy import create_engine, text
 
 from flywheel import atomic, loop
 from flywheel.catalog import POOL, Base, Catalog
-from flywheel.config import load_settings
+from flywheel.config import IndexSettings, load_settings
 from flywheel.errors import CorruptFileError, ProjectBusyError
 from flywheel.features import embedded
 from flywheel.features.backbones import build_body
-from flywheel.index.flat import build_index
+from flywheel.index.sharded import build_vector_index
 from flywheel.locking import lock_path, project_lock
 from flywheel.sources.importing import import_source
 from flywheel.sources.quarantine import near_duplicates, report_path, write_report
@@ -111,11 +111,36 @@ def test_near_duplicates_of_known_or_better_ranked_picks_are_found():
     vectors[4] = vectors[1] + 1e-3  # 4 nearly duplicates 1 (labelled)
     vectors[5] = vectors[2] * 3  # 5 duplicates 2 (a better-ranked pick)
     ids = np.array([10, 11, 12, 13, 14, 15])
-    index = build_index(vectors, ids)
+    index = build_vector_index(vectors, ids, IndexSettings(kind="flat", shard_size=4))  # two shards
     picked = [12, 14, 5 + 10, 13]  # ranked best first
     twins = near_duplicates(index, vectors[[2, 4, 5, 3]], picked, known={11}, min_cosine=0.99)
     assert set(twins) == {14, 15}
     assert twins[14][0] == 11 and twins[15][0] == 12 and twins[15][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_round_asks_the_saved_pool_index(tmp_path):
+    """Near-duplicates are looked up in the index bootstrap saved: new samples are added to it, quarantined ones
+    stay (no rebuild), and a damaged shard is rebuilt rather than trusted."""
+    settings = load_settings(workspace=tmp_path, index={"kind": "flat", "shard_size": 8})
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(20, 16)).astype(np.float32)
+
+    def pool(rows: slice) -> embedded.SplitFeatures:
+        ids = np.arange(100, 120)[rows]
+        return embedded.SplitFeatures(ids, [f"{i}.png" for i in ids], [None] * len(ids), ids % 100, vectors[rows])
+
+    path = embedded.rebuild_index(settings, pool(slice(0, 12)), embedded.body_version(settings, catalog))
+    saved = (path / "shard-00000.faiss").stat().st_mtime_ns
+    index = embedded.pool_index(settings, catalog, pool(slice(2, 20)))  # 2 quarantined, 8 imported since
+    assert sorted(index.ids.tolist()) == list(range(100, 120))
+    assert (path / "shard-00000.faiss").stat().st_mtime_ns == saved  # only the changed shards were written
+    assert index.radius_search(vectors[[15]], 0.999)[0][0].tolist() == [115]
+
+    shard = path / "shard-00001.faiss"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"damaged!")
+    rebuilt = embedded.pool_index(settings, catalog, pool(slice(2, 20)))
+    assert sorted(rebuilt.ids.tolist()) == list(range(102, 120))
 
 
 def test_old_catalogs_gain_the_new_column_and_a_crashed_round_is_resumed(tmp_path):
