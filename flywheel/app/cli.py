@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import wraps
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # the loop imports torch: only the commands that run it load 
     import numpy.typing as npt
     from mlflow import MlflowClient
 
+    from flywheel.catalog import Catalog
     from flywheel.loop import FinetuneReport
     from flywheel.simulation.datasets import Dataset
 
@@ -153,6 +155,7 @@ def import_(
         raise ConfigError(f"--split must be one of: {POOL}, {TEST}; got {split!r}")
     settings = _settings()
     catalog = Catalog(settings.catalog_url)
+    already_held = {row.id for row in catalog.quarantined()}
     results = import_source(
         catalog,
         settings,
@@ -163,7 +166,11 @@ def import_(
         test_size=test_size,
     )
     for name, result in results.items():
-        console.print(f"{name}: {result.added} added, {result.skipped} already known, {result.labelled} labelled")
+        console.print(
+            f"{name}: {result.added} added, {result.skipped} already known, {result.labelled} labelled, "
+            f"{result.quarantined} kept out"
+        )
+    _print_quarantined(settings, catalog, since=already_held)
     classes = catalog.classes()
     console.print(f"classes ({len(classes)}): {', '.join(classes)}", highlight=False)
     if len(classes) < 2:
@@ -172,6 +179,26 @@ def import_(
             "has another (import images of one, or name the classes with FLYWHEEL_CLASSES)",
             highlight=False,
         )
+
+
+def _print_quarantined(settings: Settings, catalog: Catalog, *, since: set[int] | None = None, shown: int = 10) -> None:
+    """The files kept out of the pool (all, or those not in `since`) by reason, a few by name, and the report."""
+    from flywheel.sources import quarantine
+
+    summary = quarantine.write_report(settings, catalog)
+    rows = [row for row in catalog.quarantined() if since is None or row.id not in since]
+    if not rows:
+        return
+    reasons = Counter(row.reason for row in rows)
+    console.print(
+        f"kept out of the pool: {len(rows)} files ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())}); "
+        f"every one with its reason in {summary.report}",
+        highlight=False,
+    )
+    for row in rows[:shown]:
+        console.print(f"  {row.uri}: {row.reason}" + (f" ({row.detail})" if row.detail else ""), highlight=False)
+    if 0 < shown < len(rows):
+        console.print(f"  ... and {len(rows) - shown} more", highlight=False)
 
 
 @app.command()
@@ -550,6 +577,7 @@ def status() -> None:
             _pct(r.test_accuracy),
         )
     console.print(table)
+    _print_quarantined(settings, catalog, shown=0)
     console.print(_champion_line(settings), highlight=False)
     from flywheel.devservers import services
 

@@ -56,8 +56,14 @@ def _one_line_error(output: str) -> str:
 
 def test_a_wrong_token_or_port_is_one_line_at_once(tmp_path: Path, services: object):
     draw_shapes(tmp_path / "shapes", per_class=4, seed=0)
+    broken = next((tmp_path / "shapes").iterdir())
+    (broken / "empty.png").write_bytes(b"")
+    (broken / "notes.png").write_text("not an image at all")
     user = User(tmp_path / "ws")
-    user.ok("import", str(tmp_path / "shapes"))
+    imported = user.ok("import", str(tmp_path / "shapes"))
+    assert "2 kept out" in imported and "kept out of the pool: 2 files (" in imported  # what and why, not just a count
+    assert f"{broken / 'empty.png'}: empty file (0 bytes)" in imported and "notes.png: not an image" in imported
+    assert "kept out of the pool: 2 files" in user.ok("status")
 
     code, output, seconds = User(tmp_path / "ws", FLYWHEEL_LABEL_STUDIO__TOKEN="wrong-token-123").run("round")
     line = _one_line_error(output)

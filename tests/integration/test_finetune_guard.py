@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from flywheel import loop
+from flywheel.loop import finetune as finetune_step
+from flywheel.loop import state
 from flywheel.registry import tracking
 from tests.integration.catalog_support import labelled_catalog
 
@@ -37,16 +39,19 @@ def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypa
     champion = tracking.champion_version(mlflow_client, settings)
     assert champion == first.model_version
 
-    real_split = loop.split_labels
+    real_split, shuffled = state.split_labels, []
 
     def shuffled_split(pool, labels, classes, holdout_fraction):
         split = real_split(pool, labels, classes, holdout_fraction)
         targets = split.targets.copy()
         targets[split.train] = np.random.default_rng(0).permutation(targets[split.train])  # held-out stays true
+        shuffled.append(len(split.train))
         return loop.LabelledSplit(train=split.train, holdout=split.holdout, targets=targets)
 
-    monkeypatch.setattr(loop, "split_labels", shuffled_split)
+    for module in (state, finetune_step):  # every step that splits the labels: the fine-tune must train on noise
+        monkeypatch.setattr(module, "split_labels", shuffled_split)
     report = loop.run_finetune(settings, catalog, mlflow_client, progress=False)
+    assert len(shuffled) >= 2  # the run's state and the fine-tune's own split were both shuffled
 
     assert not report.promoted and report.holdout_accuracy < first.holdout_accuracy
     assert tracking.champion_version(mlflow_client, settings) == champion  # the champion did not move
