@@ -17,6 +17,7 @@ from tests.shapes import draw_shapes
 pytestmark = pytest.mark.integration
 
 CLI = str(Path(sys.executable).parent / "flywheel")
+RETRY_DELAY_S = 120.0
 
 
 class User:
@@ -65,15 +66,20 @@ def test_a_wrong_token_or_port_is_one_line_at_once(tmp_path: Path, services: obj
     assert f"{broken / 'empty.png'}: empty file (0 bytes)" in imported and "notes.png: not an image" in imported
     assert "kept out of the pool: 2 files" in user.ok("status")
 
-    code, output, seconds = User(tmp_path / "ws", FLYWHEEL_LABEL_STUDIO__TOKEN="wrong-token-123").run("round")
+    # A first retry would wait RETRY_DELAY_S, a second twice that: a run that ends well before shows none happened
+    # (however slowly a busy machine imports torch).
+    slow_retries = {"FLYWHEEL_PREFECT__RETRY_DELAY_S": str(RETRY_DELAY_S)}
+    code, output, seconds = User(tmp_path / "ws", FLYWHEEL_LABEL_STUDIO__TOKEN="wrong-token-123", **slow_retries).run(
+        "round"
+    )
     line = _one_line_error(output)
     assert code == 1 and "refused the API token (HTTP 401)" in line and "FLYWHEEL_LABEL_STUDIO__TOKEN" in line
-    assert seconds < 20  # not retried: a refused token stays refused
+    assert seconds < RETRY_DELAY_S  # not retried: a refused token stays refused
 
-    code, output, seconds = User(tmp_path / "ws", FLYWHEEL_MLFLOW__PORT="1").run("round")
+    code, output, seconds = User(tmp_path / "ws", FLYWHEEL_MLFLOW__PORT="1", **slow_retries).run("round")
     line = _one_line_error(output)
     assert code == 1 and "MLflow is not reachable at http://127.0.0.1:1" in line and "ConnectError" in line
-    assert seconds < 20
+    assert seconds < RETRY_DELAY_S
 
     database = "postgresql+psycopg://flywheel@127.0.0.1:1/flywheel"
     code, output, _ = User(tmp_path / "ws", FLYWHEEL_CATALOG_URL=database).run("status")
