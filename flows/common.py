@@ -280,7 +280,8 @@ def artifact_key(settings: Settings, kind: str) -> str:
     return f"{safe}-{kind}"
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """An accuracy as people read it: 80.8%, or n/a when there is none (no test split, no model)."""
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
@@ -300,7 +301,8 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         f"# Round {report.round_id}\n\n"
         f"- labels: **{report.n_labels}** ({report.n_train} train / {report.n_holdout} held out)\n"
         f"- labels per class: {per_class}\n"
-        f"- held-out accuracy: **{_pct(report.holdout_accuracy)}**, test accuracy: **{_pct(report.test_accuracy)}**\n"
+        f"- held-out accuracy: **{percent(report.holdout_accuracy)}**, "
+        f"test accuracy: **{percent(report.test_accuracy)}**\n"
         f"- {model}\n"
         f"- selection: `{report.strategy}`: {report.description}\n"
     )
@@ -318,8 +320,8 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         markdown += "\n## Accuracy so far\n\n| round | labels | model version | held-out | test |\n"
         markdown += "|---|---|---|---|---|\n"
         markdown += "".join(
-            f"| {r.id} | {r.n_labels} | {r.model_version or '-'} | {_pct(r.holdout_accuracy)} "
-            f"| {_pct(r.test_accuracy)} |\n"
+            f"| {r.id} | {r.n_labels} | {r.model_version or '-'} | {percent(r.holdout_accuracy)} "
+            f"| {percent(r.test_accuracy)} |\n"
             for r in history
         )
     if report.selected:
@@ -351,15 +353,15 @@ def publish_sync_report(settings: Settings, outcome: SyncOutcome, next_step: str
 
 def publish_finetune_report(settings: Settings, report: FinetuneReport) -> None:
     lrs = ", ".join(f"{group}: {lr:.2g}" for group, lr in report.lr_by_group.items())
-    champion = _pct(report.champion_holdout_accuracy) if report.champion_holdout_accuracy is not None else "none"
+    champion = percent(report.champion_holdout_accuracy) if report.champion_holdout_accuracy is not None else "none"
     markdown = (
         f"# Fine-tune: model version {report.model_version}\n\n"
         f"- backbone: **{report.backbone}** {report.backbone_choice}\n"
         f"- depth: **{report.depth}**: {report.depth_reason}\n"
         f"- learning rates: {lrs}\n"
-        f"- held-out accuracy {_pct(report.holdout_accuracy)} vs champion {champion} and head-only "
-        f"{_pct(report.baseline_holdout_accuracy)} on the same labels; "
-        f"test accuracy {_pct(report.test_accuracy)}\n"
+        f"- held-out accuracy {percent(report.holdout_accuracy)} vs champion {champion} and head-only "
+        f"{percent(report.baseline_holdout_accuracy)} on the same labels; "
+        f"test accuracy {percent(report.test_accuracy)}\n"
         f"- **{'promoted' if report.promoted else 'not promoted'}**: {report.promotion_reason}\n"
         f"- [MLflow run]({report.run_url}), {report.seconds:.0f} s\n"
     )

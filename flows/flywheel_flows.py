@@ -24,6 +24,7 @@ from flows.common import (
     Overrides,
     ProgressArtifact,
     emit_threshold_reached,
+    percent,
     project_slot,
     publish_finetune_report,
     publish_finetune_skipped,
@@ -113,7 +114,7 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
         embed(settings, POOL)  # samples imported since the last round
         report = task(cache_policy=NO_CACHE)(loop.run_round)(settings, catalog, ls_client, mlflow_client, select=select)
     publish_round_report(settings, report, catalog.rounds())
-    print(f"round {report.round_id}: {report.n_labels} labels, test accuracy {report.test_accuracy:.3f}")
+    print(f"round {report.round_id}: {report.n_labels} labels, test accuracy {percent(report.test_accuracy)}")
     return report
 
 

@@ -30,7 +30,7 @@ from prefect.events.filters import (
 from prefect.events.schemas.events import ReceivedEvent
 
 from flows import deploy, worker
-from flows.common import THRESHOLD_REACHED, project_resource_id, synchronously
+from flows.common import THRESHOLD_REACHED, percent, project_resource_id, synchronously
 from flywheel.catalog import Catalog
 from flywheel.config import Settings, load_settings
 from flywheel.devservers import services
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             noise_rate=args.noise_rate,
         )  # fmt: skip
     for r in Catalog(settings.catalog_url).rounds():
-        test = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.1f}%"
-        print(f"round {r.id}: {r.n_labels} labels, model version {r.model_version or '-'}, test accuracy {test}")
+        print(f"round {r.id}: {r.n_labels} labels, model version {r.model_version or '-'}, "
+              f"test accuracy {percent(r.test_accuracy)}")  # fmt: skip
     for f in finetunes:
         print(f"fine-tune run {f.name}: {f.state_name}")
     print(f"done in {time.monotonic() - began:.0f} s. In the Prefect UI ({ui_url(settings)}):")

@@ -73,7 +73,7 @@ class BadImageError(DataError):
     """An image that cannot be used: `reason` is a short category for reports, the message has the details."""
 
     def __init__(self, path: str, reason: str, detail: str = ""):
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.detail = path, reason, detail
         super().__init__(f"{reason}: {path}{': ' + detail if detail else ''}")
 
 

@@ -143,7 +143,7 @@ def split_features(
         options=options_from_settings(settings),
     )
     if bad:  # undecodable images leave the pool (flywheel.sources.quarantine) instead of stopping the round
-        catalog.quarantine_samples({i: Quarantined(e.path, e.reason, str(e)) for i, e in bad.items()}, stage="embed")
+        catalog.quarantine_samples({i: Quarantined(e.path, e.reason, e.detail) for i, e in bad.items()}, stage="embed")
         rows = [r for r in rows if r.id not in bad]
         ids, paths = np.array([r.id for r in rows], dtype=np.int64), [r.uri for r in rows]
     return SplitFeatures(

@@ -115,7 +115,7 @@ def import_records(
         try:
             read_header(record.path, max_pixels=settings.max_image_pixels)
         except BadImageError as exc:
-            quarantined.append(Quarantined(record.path, exc.reason, str(exc), digest))
+            quarantined.append(Quarantined(record.path, exc.reason, exc.detail, digest))
             continue
         samples.append(NewSample(uri=record.path, content_hash=digest, truth=record.label))
     return catalog.add_samples(
