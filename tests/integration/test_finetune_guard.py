@@ -51,7 +51,7 @@ def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypa
     for module in (state, finetune_step):  # every step that splits the labels: the fine-tune must train on noise
         monkeypatch.setattr(module, "split_labels", shuffled_split)
     report = loop.run_finetune(settings, catalog, mlflow_client, progress=False)
-    assert len(shuffled) >= 2  # the run's state and the fine-tune's own split were both shuffled
+    assert shuffled  # the fine-tune trained on the shuffled split (its own, when it switched backbone)
 
     assert not report.promoted and report.holdout_accuracy < first.holdout_accuracy
     assert tracking.champion_version(mlflow_client, settings) == champion  # the champion did not move
