@@ -7,9 +7,10 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # the loop imports torch: only the commands that run it load 
     import numpy.typing as npt
     from mlflow import MlflowClient
 
-    from flywheel.catalog import Catalog
+    from flywheel.catalog import Quarantine
     from flywheel.loop import FinetuneReport
     from flywheel.simulation.datasets import Dataset
 
@@ -149,6 +150,7 @@ def import_(
     """Add samples to the catalog (content-hashed; already-known files are skipped)."""
     from flywheel.catalog import POOL, TEST, Catalog
     from flywheel.errors import ConfigError
+    from flywheel.sources import quarantine
     from flywheel.sources.importing import import_source
 
     if split not in (POOL, TEST):
@@ -170,7 +172,8 @@ def import_(
             f"{name}: {result.added} added, {result.skipped} already known, {result.labelled} labelled, "
             f"{result.quarantined} kept out"
         )
-    _print_quarantined(settings, catalog, since=already_held)
+    report = quarantine.write_report(settings, catalog).report  # the new rows are in the report from now on
+    _print_quarantined([row for row in catalog.quarantined() if row.id not in already_held], report)
     classes = catalog.classes()
     console.print(f"classes ({len(classes)}): {', '.join(classes)}", highlight=False)
     if len(classes) < 2:
@@ -181,18 +184,14 @@ def import_(
         )
 
 
-def _print_quarantined(settings: Settings, catalog: Catalog, *, since: set[int] | None = None, shown: int = 10) -> None:
-    """The files kept out of the pool (all, or those not in `since`) by reason, a few by name, and the report."""
-    from flywheel.sources import quarantine
-
-    summary = quarantine.write_report(settings, catalog)
-    rows = [row for row in catalog.quarantined() if since is None or row.id not in since]
+def _print_quarantined(rows: Sequence[Quarantine], report: Path | str, *, shown: int = 10) -> None:
+    """Files kept out of the pool, by reason, the first `shown` by name, and the report that lists them all."""
     if not rows:
         return
     reasons = Counter(row.reason for row in rows)
     console.print(
         f"kept out of the pool: {len(rows)} files ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())}); "
-        f"every one with its reason in {summary.report}",
+        f"every one with its reason in {report}",
         highlight=False,
     )
     for row in rows[:shown]:
@@ -535,8 +534,6 @@ def _publish_simulation(
     report: Mapping[str, Any], *, plot: str | None, out: str | None, client: MlflowClient | None, backbone: str
 ) -> None:
     """Write the plot and the JSON report where asked, and log the runs to MLflow when connected."""
-    from pathlib import Path
-
     from flywheel.simulation import publish
 
     figure = publish.plot_curves(report)
@@ -556,6 +553,7 @@ def _publish_simulation(
 def status() -> None:
     """Samples, labels, rounds and the champion, from the catalog."""
     from flywheel.catalog import POOL, TEST, Catalog
+    from flywheel.sources import quarantine
 
     settings = _settings()
     catalog = Catalog(settings.catalog_url)
@@ -577,7 +575,7 @@ def status() -> None:
             _pct(r.test_accuracy),
         )
     console.print(table)
-    _print_quarantined(settings, catalog, shown=0)
+    _print_quarantined(catalog.quarantined(), quarantine.report_path(settings), shown=0)  # status writes nothing
     console.print(_champion_line(settings), highlight=False)
     from flywheel.devservers import services
 
