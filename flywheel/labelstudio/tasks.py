@@ -149,9 +149,30 @@ def _import_tasks(client: LabelStudio, project_id: int, payloads: Mapping[int, d
                 f"the tasks {SERVICE} returned for project {project_id} do not match the samples pushed "
                 f"(task id -> sample id {found}, expected {ends}); the next push reconciles what was created"
             )
+        _complete_predictions(client, project_id, dict(zip(task_ids, (payloads[sid] for sid in chunk), strict=True)),
+                              created=getattr(response, "prediction_count", None))  # fmt: skip
         recorded.update(zip(chunk, task_ids, strict=True))
         faults.point("push:after_import")
     return recorded
+
+
+def _complete_predictions(
+    client: LabelStudio, project_id: int, payloads: Mapping[int, dict[str, Any]], *, created: int | None
+) -> None:
+    """Give the just-imported tasks (task id -> payload) the predictions their import dropped.
+
+    Label Studio's bulk task import drops every prediction of a request, without an error, when it fails to
+    build one of them; it says so only in the `prediction_count` it returns. The predictions are then sent
+    again through the predictions import, which checks each was created."""
+    wanted = {task_id: payload["predictions"][0] for task_id, payload in payloads.items() if payload.get("predictions")}
+    if not wanted or created is None or created >= len(wanted):
+        return
+    version = str(next(iter(wanted.values()))["model_version"])
+    log.warning(
+        "%s kept %d of %d predictions of model version %s in project %d; sending them again",
+        SERVICE, created, len(wanted), version, project_id,
+    )  # fmt: skip
+    _replace_predictions(client, project_id, {t: {"task": t, **p} for t, p in wanted.items()}, model_version=version)
 
 
 def reconcile_tasks(client: LabelStudio, catalog: Catalog, project_id: int, *, round_id: int | None) -> dict[int, int]:

@@ -35,6 +35,7 @@ from flywheel.labelstudio import (
     sync_annotations,
 )
 from flywheel.labelstudio.annotator import annotate_open_tasks
+from flywheel.labelstudio.tasks import _complete_predictions
 from tests.integration.labelstudio_support import CLASSES, make_images
 
 pytestmark = pytest.mark.integration
@@ -131,6 +132,28 @@ def test_push_creates_tasks_with_predictions_once(client, settings, catalog, pro
     again = push_tasks(client, catalog, settings, project_id, _to_push(catalog), model_version="m-8", round_id=None)
     assert again == {}
     assert _task_count(client, project_id) == len(samples)
+
+
+def test_predictions_a_bulk_import_dropped_are_sent_again(client, settings, catalog, project_id):
+    # Label Studio's task import may keep the tasks and drop their predictions, saying so only in its
+    # prediction_count: the push then sends them through the predictions import, which counts each one.
+    samples = catalog.samples()[:3]
+    payloads = [{"data": {"image": image_url(s.uri, settings), "sample_id": s.id}} for s in samples]
+    response = client.projects.import_tasks(project_id, request=payloads, return_task_ids=True, commit_to_project=True)
+    task_ids = [int(t) for t in response.task_ids]
+    assert response.prediction_count == 0
+    wanted = {
+        task_id: {**payload, "predictions": [{"model_version": "m-3", "score": 0.25, "result": choice_result("dog")}]}
+        for task_id, payload in zip(task_ids, payloads, strict=True)
+    }
+    _complete_predictions(client, project_id, wanted, created=0)
+    tasks = {t.id: t for t in list_tasks(client, project_id, fields="all")}
+    for task_id in task_ids:
+        (prediction,) = tasks[task_id].predictions
+        prediction = prediction if isinstance(prediction, dict) else prediction.model_dump()
+        assert prediction["model_version"] == "m-3" and prediction["result"][0]["value"]["choices"] == ["dog"]
+    _complete_predictions(client, project_id, wanted, created=len(wanted))  # all kept: nothing is sent again
+    assert len(list(client.predictions.list(project=project_id))) == len(task_ids)
 
 
 def test_cold_start_push_has_no_prediction(client, settings, catalog, project_id):

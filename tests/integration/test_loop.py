@@ -63,7 +63,7 @@ def test_round_push_annotate_sync_then_finetune_registers_and_guards(settings):
     project_id = labelstudio.ensure_project(ls_client, settings, catalog, [])
     tasks = labelstudio.list_tasks(ls_client, project_id, fields="all")
     versions = {p.model_version for t in tasks for p in (t.predictions or [])}
-    assert second.model_version in versions  # annotators see this model's pre-annotations
+    assert second.model_version in versions, (second.description, len(tasks))  # annotators see its pre-annotations
 
     _, outcome = _answer_and_sync(settings, catalog, ls_client)
     assert outcome.n_labels == 80 and outcome.finetune_due
