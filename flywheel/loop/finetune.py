@@ -28,13 +28,13 @@ from flywheel.loop.state import (
     VALIDATION_FOLDS,
     LabelledSplit,
     State,
-    champion_holdout_accuracy,
+    champion_holdout,
     current_state,
     fit_head,
     split_labels,
     truth_targets,
 )
-from flywheel.registry import tracking
+from flywheel.registry import guard, tracking
 from flywheel.training import transfer
 from flywheel.training.finetune import FinetuneResult, finetune
 from flywheel.training.finetune import predict_proba as finetune_predict_proba
@@ -89,7 +89,7 @@ def run_finetune(
         raise DataError(f"fine-tuning needs labels of at least 2 classes; the catalog has {len(current.labels)} labels")
     state = schedule.label_state(current.labels)
     schedule.start_finetune(catalog, state, now=schedule.utc_now())  # refused when these labels had one
-    baseline_acc = _baseline_accuracy(settings, current)
+    baseline = _baseline_correct(settings, current)
     device = resolve_device(settings.finetune.device)
     start = _starting_point(settings, catalog, current, device=device, progress=progress)
     settings, current = start.settings, start.state
@@ -101,11 +101,12 @@ def run_finetune(
         device=settings.finetune.device,
         title=f"fine-tune ({tuned.decision.label}), held-out labels",
     )
-    champion_acc = champion_holdout_accuracy(settings, mlflow_client, current.pool, current.split, current.classes)
-    logged = _log_finetune(mlflow_client, start, tuned, holdout=holdout, baseline_acc=baseline_acc)
-    promotion = tracking.decide_promotion(
-        holdout.accuracy, champion_acc, margin=settings.promotion_margin, baseline=baseline_acc
-    )
+    compared = _compare(settings, mlflow_client, current, holdout, baseline)
+    logged = _log_finetune(mlflow_client, start, tuned, holdout=holdout, compared=compared)
+    promotion = guard.decide_promotion(
+        compared.vs_champion, n_holdout=len(current.split.holdout), margin=settings.promotion_margin,
+        rule="better", vs_baseline=compared.vs_baseline,
+    )  # fmt: skip
     tracking.apply_promotion(mlflow_client, settings, logged.version, promotion)
     provenance.log_training_set(
         mlflow_client, catalog, run_id=logged.run_id, model_name=settings.registered_model_name,
@@ -122,16 +123,40 @@ def run_finetune(
         embedded.record_backbone(catalog, configured=configured, in_use=settings.backbone)
     schedule.finish_finetune(catalog, state, logged.version, now=schedule.utc_now())
     return _finetune_report(
-        start, tuned, logged, promotion, holdout_acc=holdout.accuracy, champion_acc=champion_acc,
-        baseline_acc=baseline_acc, test_acc=test_acc,
+        start, tuned, logged, promotion, holdout_acc=holdout.accuracy, champion_acc=compared.champion_accuracy,
+        baseline_acc=compared.vs_baseline.other, test_acc=test_acc,
     )  # fmt: skip
 
 
-def _baseline_accuracy(settings: Settings, current: State) -> float:
-    """The guard's baseline: a head alone on the features the project uses now, on the held-out labels."""
+@dataclass(frozen=True)
+class _Compared:
+    """The fine-tune against a head on the same labels and against the champion, image by image."""
+
+    vs_baseline: guard.PairedDifference
+    vs_champion: guard.PairedDifference | None
+    champion_accuracy: float | None
+
+
+def _compare(
+    settings: Settings, mlflow_client: MlflowClient, current: State, holdout: _HoldoutScore, baseline: dict[int, bool]
+) -> _Compared:
+    champion = champion_holdout(settings, mlflow_client, current.pool, current.split, current.classes)
+    baseline_correct = [baseline[int(i)] for i in current.pool.ids[current.split.holdout]]
+    return _Compared(
+        guard.paired_difference(holdout.correct, baseline_correct),
+        None if champion is None else guard.paired_difference(holdout.correct, champion.correct),
+        None if champion is None else champion.accuracy,
+    )
+
+
+def _baseline_correct(settings: Settings, current: State) -> dict[int, bool]:
+    """The guard's baseline: a head alone on the features the project uses now; held-out sample id -> whether
+    it is right (by id: a fine-tune that switches backbone scores the same samples from another pool)."""
     split = current.split
     baseline = fit_head(settings, current.pool, split.train, split.targets, len(current.classes))
-    return accuracy(predict_proba(baseline, current.pool.vectors[split.holdout]), split.targets[split.holdout])
+    predicted = predict_proba(baseline, current.pool.vectors[split.holdout]).argmax(1)
+    right = predicted == split.targets[split.holdout]
+    return {int(i): bool(r) for i, r in zip(current.pool.ids[split.holdout], right, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,7 @@ class _HoldoutScore:
     (a figure) and per-class report (a table) for the MLflow run."""
 
     accuracy: float
+    correct: npt.NDArray[np.bool_]  # per held-out image, for the guard's paired comparison
     figures: dict[str, Figure]
     tables: dict[str, tracking.Table]
 
@@ -240,11 +266,16 @@ def _score_holdout(classifier: Classifier, current: State, *, device: str, title
         matrix = confusion_matrix(holdout_targets, holdout_probs.argmax(1), len(classes))
         figures["confusion_holdout.png"] = confusion_figure(matrix, classes, title)
         tables["per_class_holdout.json"] = tracking.per_class_table(matrix, classes)
-    return _HoldoutScore(holdout_acc, figures, tables)
+    return _HoldoutScore(holdout_acc, holdout_probs.argmax(1) == holdout_targets, figures, tables)
 
 
 def _log_finetune(
-    mlflow_client: MlflowClient, start: _Start, tuned: _Tuned, *, holdout: _HoldoutScore, baseline_acc: float
+    mlflow_client: MlflowClient,
+    start: _Start,
+    tuned: _Tuned,
+    *,
+    holdout: _HoldoutScore,
+    compared: _Compared,
 ) -> tracking.LoggedModel:
     """Register the fine-tuned model under a run that explains it: the params, the guard's accuracies, the
     epochs, the holdout confusion matrix and per-class report, the backbone scores."""
@@ -257,7 +288,9 @@ def _log_finetune(
         params=_finetune_params(start, tuned),
         metrics={
             "holdout_accuracy": holdout.accuracy,
-            "baseline_holdout_accuracy": baseline_acc,
+            "baseline_holdout_accuracy": compared.vs_baseline.other,
+            **guard.metrics(compared.vs_baseline, "vs_baseline"),
+            **guard.metrics(compared.vs_champion, "vs_champion"),
             "labels": float(len(current.labels)),
             "seconds": tuned.result.seconds,
             **_probe_metrics(tuned.probe),
@@ -354,7 +387,7 @@ def _finetune_report(
     start: _Start,
     tuned: _Tuned,
     logged: tracking.LoggedModel,
-    promotion: tracking.PromotionDecision,
+    promotion: guard.PromotionDecision,
     *,
     holdout_acc: float,
     champion_acc: float | None,

@@ -13,7 +13,7 @@ from flywheel.catalog import POOL, Catalog
 from flywheel.config import Settings
 from flywheel.features import embedded
 from flywheel.loop.state import load, model_body_version, project_classes, refresh_task_predictions
-from flywheel.registry import tracking
+from flywheel.registry import guard, tracking
 from flywheel.training.head import predict_proba
 
 
@@ -42,7 +42,7 @@ def promote(
     model = tracking.model_version(mlflow_client, settings, version)
     in_use = model.tags.get("backbone") or load(mlflow_client, settings, version).backbone
     tracking.apply_promotion(
-        mlflow_client, settings, version, tracking.PromotionDecision(True, "promoted by hand (flywheel promote)")
+        mlflow_client, settings, version, guard.PromotionDecision(True, "promoted by hand (flywheel promote)")
     )
     body_version = model_body_version(model)
     model_settings = settings.model_copy(update={"backbone": in_use})

@@ -24,7 +24,7 @@ from flywheel.loop import schedule
 from flywheel.loop.state import (
     LabelledSplit,
     State,
-    champion_holdout_accuracy,
+    champion_holdout,
     current_state,
     fit_head,
     load,
@@ -32,7 +32,7 @@ from flywheel.loop.state import (
     refresh_task_predictions,
     truth_targets,
 )
-from flywheel.registry import tracking
+from flywheel.registry import guard, tracking
 from flywheel.sources import quarantine
 from flywheel.strategies import MODEL_FREE, PoolView, get_strategy
 from flywheel.training.head import accuracy, predict_proba
@@ -175,7 +175,7 @@ def _train_and_register(
         matrix = confusion_matrix(test_targets[test_targets >= 0], test_probs.argmax(1), len(classes))
         figures["confusion_test.png"] = confusion_figure(matrix, classes, f"round {report.round_id}, test split")
     classifier = Classifier(settings.backbone, current.body, head, classes, settings.image_size)
-    champion_acc = champion_holdout_accuracy(settings, mlflow_client, pool, split, classes)
+    vs_champion, rule = _against_champion(settings, mlflow_client, current, probs)
     logged = tracking.log_classifier(
         mlflow_client,
         settings,
@@ -186,27 +186,37 @@ def _train_and_register(
             "holdout_accuracy": report.holdout_accuracy,
             "labels": float(report.n_labels),
             **test_metrics,
+            **guard.metrics(vs_champion, "vs_champion"),
         },
         tags={
-            "kind": "head",
-            "round": str(report.round_id),
-            "body_version": current.body_version,
+            "kind": "head", "round": str(report.round_id), "body_version": current.body_version,
             "backbone": settings.backbone,
         },
         figures=figures,
-        tables={
-            "labels_per_class.json": {
-                "class": classes,
-                "labels": [report.labels_per_class[c] for c in classes],
-            }
-        },
+        tables={"labels_per_class.json": {"class": classes, "labels": [report.labels_per_class[c] for c in classes]}},
+    )  # fmt: skip
+    decision = guard.decide_promotion(
+        vs_champion, n_holdout=len(split.holdout), margin=settings.promotion_margin, rule=rule
     )
-    decision = tracking.decide_promotion(report.holdout_accuracy, champion_acc, margin=settings.promotion_margin)
     tracking.apply_promotion(mlflow_client, settings, logged.version, decision)
     faults.point("round:after_register")
     report.model_version, report.run_url, report.run_id = logged.version, logged.run_url, logged.run_id
     report.promoted, report.promotion_reason = decision.promoted, decision.reason
     return probs
+
+
+def _against_champion(
+    settings: Settings, mlflow_client: MlflowClient, current: State, probs: npt.NDArray[np.float32]
+) -> tuple[guard.PairedDifference | None, guard.Rule]:
+    """The head against the champion on the same held-out labels, and the rule that applies: a head retrained
+    on more labels of the champion's body need only not be worse beyond noise; on another body, better."""
+    split = current.split
+    champion = champion_holdout(settings, mlflow_client, current.pool, split, current.classes)
+    if champion is None:
+        return None, "better"
+    right = probs[split.holdout].argmax(1) == split.targets[split.holdout]
+    rule: guard.Rule = "not_worse" if champion.body_version == current.body_version else "better"
+    return guard.paired_difference(right, champion.correct), rule
 
 
 def _head_params(settings: Settings, report: RoundReport, *, body_version: str) -> dict[str, object]:

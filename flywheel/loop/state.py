@@ -1,6 +1,6 @@
 """What every step reads: the project's classes, the body embedding the pool, the pool's features and the labels
 split by their stable fold into training and held-out; and the helpers more than one step shares (a head on
-those features, a registered model and the body it reads, the champion on today's held-out labels)."""
+those features, a registered model and the body it reads, the champion's answers on today's held-out labels)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from flywheel.errors import DataError
 from flywheel.features import embedded
 from flywheel.features.backbones import Classifier
 from flywheel.registry import tracking
-from flywheel.training.finetune import evaluate
+from flywheel.training.finetune import predict_proba as finetune_predict_proba
 from flywheel.training.head import train_head
 
 VALIDATION_FOLDS = 15  # share (of 100 folds) of the training labels kept for early stopping in fine-tunes
@@ -68,21 +68,40 @@ def current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> St
     return State(classes, version, body, pool, labels, split_labels(pool, labels, classes, settings.holdout_fraction))
 
 
-def champion_holdout_accuracy(
+@dataclass(frozen=True)
+class ChampionHoldout:
+    """The champion's answers on today's held-out labels (right or wrong per image), and the body it reads."""
+
+    version: str
+    body_version: str
+    correct: npt.NDArray[np.bool_]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else float("nan")
+
+
+def champion_holdout(
     settings: Settings,
     mlflow_client: MlflowClient,
     pool: embedded.SplitFeatures,
     split: LabelledSplit,
     classes: list[str],
-) -> float | None:
-    """The champion scored on today's held-out labels, so both models face exactly the same test."""
+) -> ChampionHoldout | None:
+    """The champion scored on today's held-out labels, so both models face exactly the same test (image by
+    image, for the guard's paired comparison); None without a champion that answers these classes."""
     version = tracking.champion_version(mlflow_client, settings)
     if version is None:
         return None
     champion = load(mlflow_client, settings, version)
     if list(champion.classes) != classes:
         return None  # the class list grew: the old champion cannot answer the new question
-    return evaluate(champion, [pool.paths[i] for i in split.holdout], split.targets[split.holdout])
+    targets = split.targets[split.holdout]
+    correct = np.zeros(0, dtype=bool)
+    if len(targets):
+        correct = finetune_predict_proba(champion, [pool.paths[i] for i in split.holdout]).argmax(1) == targets
+    body = model_body_version(tracking.model_version(mlflow_client, settings, version))
+    return ChampionHoldout(version, body, correct)
 
 
 def model_body_version(model: ModelVersion) -> str:

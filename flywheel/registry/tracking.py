@@ -28,6 +28,7 @@ from flywheel.config import Settings
 from flywheel.errors import DataError, UnknownChoiceError
 from flywheel.features.backbones import Classifier
 from flywheel.health import require_healthy, unavailable_as
+from flywheel.registry.guard import PromotionDecision
 
 SERVICE = "MLflow"
 
@@ -40,12 +41,6 @@ class LoggedModel:
     version: str
     run_id: str
     run_url: str
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    promoted: bool
-    reason: str
 
 
 def connect(settings: Settings) -> MlflowClient:
@@ -172,33 +167,6 @@ def champion_version(client: MlflowClient, settings: Settings) -> str | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias yet
             return None
         raise  # a server that fails must not read as "no champion" (the guard would then promote anything)
-
-
-def decide_promotion(
-    challenger: float, champion: float | None, *, margin: float, baseline: float | None = None
-) -> PromotionDecision:
-    """The guard: a new model must beat the champion on the same held-out labels by `margin`.
-
-    `baseline` is the simpler model trained on the same labels (a head on the current body): a fine-tune
-    that does not beat it is negative transfer, whatever it scores against an older champion.
-    """
-    if math.isnan(challenger):
-        return PromotionDecision(False, "no held-out labels to compare on; champion kept")
-    if baseline is not None and not challenger > baseline + margin:
-        return PromotionDecision(
-            False,
-            f"held-out accuracy {challenger:.3f} does not beat {baseline:.3f} of a head-only model on the same "
-            f"labels by more than {margin:.3f} (negative transfer guard)",
-        )
-    if champion is None:
-        return PromotionDecision(True, f"no champion yet; challenger held-out accuracy {challenger:.3f}")
-    if challenger > champion + margin:
-        return PromotionDecision(
-            True, f"held-out accuracy {challenger:.3f} beats champion {champion:.3f} by more than {margin:.3f}"
-        )
-    return PromotionDecision(
-        False, f"held-out accuracy {challenger:.3f} does not beat champion {champion:.3f} by more than {margin:.3f}"
-    )
 
 
 def apply_promotion(client: MlflowClient, settings: Settings, version: str, decision: PromotionDecision) -> None:

@@ -68,6 +68,15 @@ def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypa
     assert "domain_probe_middle_acc" in params and params["domain_probe_middle_stage"] == "stage4"
     assert float(params["lr_head"]) == pytest.approx(10 * float(params["lr_head_conv"]))
     assert "domain_probe_last_acc" in run.data.metrics
+    # the paired comparison behind the decision, comparable across runs in the MLflow UI
+    guard_metrics = {f"vs_{m}_{k}" for m in ("baseline", "champion") for k in ("difference", "low", "high")}
+    assert guard_metrics <= set(run.data.metrics)
+    assert (
+        run.data.metrics["vs_champion_low"]
+        <= run.data.metrics["vs_champion_difference"]
+        <= (run.data.metrics["vs_champion_high"])
+    )
+    assert "interval" in report.promotion_reason
     artifacts = {a.path for a in mlflow_client.list_artifacts(challenger.run_id)}
     assert {"confusion_holdout.png", "per_class_holdout.json"} <= artifacts
     assert report.domain_probe is not None and report.domain_reason == report.domain_probe.reason
