@@ -188,6 +188,13 @@ class FinetuneSettings(_Section):
     )
     gradual_unfreeze: bool = Field(True, description="unfreeze the policy's groups one at a time from the top")
     patience: int = Field(2, ge=0, description="body epochs without a better validation score before stopping; 0: off")
+    min_body_steps: int = Field(
+        150, ge=0, le=100_000, description="optimizer steps the body phase takes at least (epochs grow to reach them)"
+    )
+    max_epochs: int = Field(40, ge=1, description="the most epochs min_body_steps may lengthen a fine-tune to")
+    min_validation_to_select: int = Field(
+        200, ge=0, description="validation images needed to pick the best epoch and stop early; fewer: the last"
+    )
     hflip: bool = Field(True, description="random horizontal flips (turn off for text, digits, oriented data)")
     adapt_batchnorm: bool = Field(
         False, description="re-estimate BatchNorm statistics at depth 'all' (off: statistics stay ImageNet's)"

@@ -46,7 +46,7 @@ from flywheel.features.backbones import BackboneSpec, Classifier, get_spec
 from flywheel.features.pipeline import Forward, auto_workers
 from flywheel.features.store import resolve_device
 from flywheel.sources.images import Augmentation, ImageDataset, ImageItem, choose_augmentation, forked_worker_init
-from flywheel.training.policy import DepthDecision, param_groups, set_frozen_eval
+from flywheel.training.policy import DepthDecision, Schedule, param_groups, set_frozen_eval, training_schedule
 
 LABEL_SMOOTHING = 0.1
 WARMUP_FRACTION = 0.1  # of each phase's optimizer steps; at least one step
@@ -452,6 +452,7 @@ class _RunState:
     notes: list[str] = field(default_factory=list)
     resumed_from: int | None = None  # epochs done by the checkpoint this run resumed
     resumed_optimizer: dict[str, Any] | None = None  # that checkpoint's "optimizer" and "scheduler" states
+    select_by_validation: bool = True  # False: validation is scored and logged, but the last epoch is kept
 
 
 def _checkpoint(run: _RunState, trainer: _Trainer, *, phase: _Phase, epoch: int) -> dict[str, Any]:
@@ -488,16 +489,22 @@ def _restore(run: _RunState, saved: dict[str, Any], *, trainer: _Trainer) -> Non
 
 
 def _start_run(
-    trainer: _Trainer, plan: Sequence[str], *, decision: DepthDecision, checkpoint: Path | None, resume: bool
+    trainer: _Trainer,
+    plan: Sequence[str],
+    *,
+    decision: DepthDecision,
+    checkpoint: Path | None,
+    resume: bool,
+    schedule: Schedule,
 ) -> _RunState:
     """The run's state before its first epoch: restored from `checkpoint` when resuming one, else fresh."""
-    run = _RunState()
+    run = _RunState(select_by_validation=schedule.select_by_validation, notes=[schedule.reason])
     if decision.trainable_groups != 0 and "head" not in plan:
         run.notes.append("head_epochs=0: body unfrozen with a random head (no LP-FT warm start)")
     if checkpoint is not None and resume and checkpoint.exists():
         _restore(run, _load_checkpoint(checkpoint), trainer=trainer)
         run.notes.append(f"resumed from {checkpoint} after epoch {run.resumed_from}")
-    if not run.resumed_from and len(trainer.val_y):
+    if not run.resumed_from and len(trainer.val_y) and run.select_by_validation:
         # The starting weights (the champion's body, the LP head) are a candidate too: a fine-tune whose
         # every epoch scores worse on validation returns what it was given (best_epoch 0).
         start_accuracy, start_loss = trainer.validate()
@@ -575,7 +582,7 @@ def _epoch(trainer: _Trainer, phase: _Phase, *, run: _RunState, epoch: int, trai
     if len(trainer.val_y):
         entry["val_accuracy"], entry["val_loss"] = trainer.validate()
         score = (entry["val_accuracy"], -entry["val_loss"])
-        if run.best is None or score > run.best:
+        if run.select_by_validation and (run.best is None or score > run.best):
             run.best, run.best_epoch = score, epoch
             run.best_state = _cpu_copy(trainer.model.state_dict())
     entry["seconds"] = time.perf_counter() - t0
@@ -650,7 +657,7 @@ def _run_epochs(
                 )
                 _unfreeze(phase.body_groups, n_trainable)
             entry = _epoch(trainer, phase, run=run, epoch=e + 1, trainable_groups=n_trainable)
-            _record(run, entry, patience=settings.patience)
+            _record(run, entry, patience=settings.patience if run.select_by_validation else 0)
             if checkpoint is not None and not run.stopped and e + 1 < len(plan):  # after the last epoch the run ends
                 writer.save(_checkpoint(run, trainer, phase=phase, epoch=e + 1))
             if on_epoch_end is not None:
@@ -671,7 +678,8 @@ def _finish(
     """The result: the best epoch's weights (the starting ones when no epoch beat them, the last epoch's without
     validation) on the CPU in eval mode. A completed run's checkpoint is removed."""
     if run.best_state is None:
-        run.notes.append("no validation images: returning the last epoch's weights")
+        if not len(trainer.val_y):
+            run.notes.append("no validation images: returning the last epoch's weights")
         run.best_epoch = len(run.history)
     elif run.best_epoch == 0:
         assert run.best is not None  # set with best_state
@@ -734,6 +742,10 @@ def finetune(
     val_targets = _check_targets(val_paths, val_targets, n_classes, "validation")
     if not len(train_targets):
         raise DataError("fine-tune needs at least one training image, got 0")
+    schedule = training_schedule(
+        len(train_targets), len(val_targets), settings, trains_body=decision.trainable_groups != 0
+    )
+    settings = settings.model_copy(update={"epochs": schedule.epochs, "head_epochs": schedule.head_epochs})
     device = resolve_device(settings.device)
     spec = get_spec(classifier.backbone)
     if augmentation is None:
@@ -753,7 +765,7 @@ def finetune(
             val_paths=val_paths, val_targets=val_targets, augmentation=augmentation, seed=seed, device=device,
         )  # fmt: skip
         plan = _phase_plan(settings, decision)
-        run = _start_run(trainer, plan, decision=decision, checkpoint=ckpt, resume=resume)
+        run = _start_run(trainer, plan, decision=decision, checkpoint=ckpt, resume=resume, schedule=schedule)
         _run_epochs(
             trainer, run, plan=plan, decision=decision, settings=settings,
             checkpoint=ckpt, progress=progress, on_epoch_end=on_epoch_end,

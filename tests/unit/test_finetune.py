@@ -56,7 +56,10 @@ def classifier():
     return new_classifier("efficientnet_lite0", ["vertical", "horizontal"], SIZE, seed=1)
 
 
-SETTINGS = FinetuneSettings(epochs=4, head_epochs=1, batch_size=16, head_lr=1e-2, device="cpu")
+# The recipe's schedule by data size is off here (min_body_steps 0, any validation picks the epoch): these
+# tests check the training mechanics on 40 images; test_small_validation_keeps_the_fixed_schedule the schedule.
+MECHANICS = {"min_body_steps": 0, "min_validation_to_select": 0}
+SETTINGS = FinetuneSettings(epochs=4, head_epochs=1, batch_size=16, head_lr=1e-2, device="cpu", **MECHANICS)
 LAST = DepthDecision(2, "last", "test: last two groups")
 
 
@@ -108,7 +111,7 @@ def test_same_seed_gives_identical_weights(result, classifier, stripes):
 
 def test_head_only_decision_trains_only_the_head(classifier, stripes):
     train_p, train_y, val_p, val_y = stripes
-    settings = FinetuneSettings(epochs=2, head_epochs=1, batch_size=16, device="cpu")
+    settings = FinetuneSettings(epochs=2, head_epochs=1, batch_size=16, device="cpu", **MECHANICS)
     res = finetune(
         classifier,
         train_p[:16],
@@ -125,6 +128,23 @@ def test_head_only_decision_trains_only_the_head(classifier, stripes):
     before, after = classifier.body.state_dict(), res.classifier.body.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(res.classifier.head.weight, classifier.head.weight)
+
+
+def test_small_validation_keeps_the_fixed_schedule_to_its_end(classifier, stripes):
+    # 8 validation images cannot choose an epoch: no early stop (patience 1 would stop on noise), no best-epoch
+    # pick, the last weights; and 20 images at batch 8 (3 steps an epoch) get epochs until the body took 12 steps.
+    train_p, train_y, val_p, val_y = stripes
+    settings = SETTINGS.model_copy(
+        update={"batch_size": 8, "patience": 1, "min_body_steps": 12, "min_validation_to_select": 9, "max_epochs": 6}
+    )
+    res = finetune(
+        classifier, train_p[:20], train_y[:20], val_p[:8], val_y[:8], decision=LAST, settings=settings, seed=2,
+        progress=False,
+    )  # fmt: skip
+    assert [h["phase"] for h in res.history] == ["head"] + ["body"] * 4  # ceil(12 / 3) body epochs, under 6 in all
+    assert res.best_epoch == 5 and not res.stopped_early
+    assert all(h["val_accuracy"] is not None for h in res.history)  # still scored and logged
+    assert "too few to choose one" in res.notes[0] and "lengthened from 4" in res.notes[0]
 
 
 def test_predict_proba_rows_sum_to_one(result, stripes):
@@ -158,7 +178,7 @@ def test_bad_targets_are_data_errors(classifier, stripes):
 # ------------------------------------------------------------------ checkpoint, resume, unfreezing, stopping
 
 RESUME = FinetuneSettings(
-    epochs=4, head_epochs=1, batch_size=8, head_lr=1e-2, device="cpu", patience=0, gradual_unfreeze=True
+    epochs=4, head_epochs=1, batch_size=8, head_lr=1e-2, device="cpu", patience=0, gradual_unfreeze=True, **MECHANICS
 )
 FAR = DepthDecision(4, "last", "test: last four groups")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from flywheel.config import FinetuneSettings
 from flywheel.errors import UnknownChoiceError
 from flywheel.features.backbones import Classifier, build_body, layer_groups
 from flywheel.training.policy import (
@@ -18,6 +19,7 @@ from flywheel.training.policy import (
     param_groups,
     set_frozen_eval,
     should_finetune,
+    training_schedule,
 )
 
 
@@ -122,3 +124,17 @@ def test_set_frozen_eval_puts_only_frozen_modules_in_eval(body):
     set_frozen_eval(clf.body)
     assert not body._bn0.training and not body._blocks[0].training
     assert body._bn1.training and body.training
+
+
+def test_training_schedule_grows_small_runs_and_picks_epochs_only_on_enough_validation():
+    settings = FinetuneSettings(epochs=8, head_epochs=1, batch_size=64)  # min_body_steps 150, select on 200
+    small = training_schedule(425, 75, settings, trains_body=True)  # 50 labels/class of 10 classes
+    assert (small.epochs, small.head_epochs) == (1 + 22, 1)  # 7 steps an epoch: 22 body epochs for 150 steps
+    assert not small.select_by_validation and "too few" in small.reason
+    large = training_schedule(8500, 1500, settings, trains_body=True)  # 133 steps an epoch: 7 body epochs do
+    assert (large.epochs, large.select_by_validation) == (8, True) and "lengthened" not in large.reason
+    capped = training_schedule(10, 2, settings.model_copy(update={"max_epochs": 12}), trains_body=True)
+    assert capped.epochs == 12  # 150 one-step epochs wanted, max_epochs allows 12
+    head_only = training_schedule(425, 75, settings, trains_body=False)
+    assert head_only.epochs == 8  # nothing in the body to move
+    assert training_schedule(10, 2, settings.model_copy(update={"max_epochs": 3}), trains_body=True).epochs == 8
