@@ -304,6 +304,7 @@ def publish_round_report(settings: Settings, report: RoundReport, history: Seque
         f"- held-out accuracy: **{percent(report.holdout_accuracy)}**, "
         f"test accuracy: **{percent(report.test_accuracy)}**\n"
         f"- {model}\n"
+        f"- features: `{report.features}`: {report.features_reason}\n"
         f"- selection: `{report.strategy}`: {report.description}\n"
     )
     if report.quarantine.get("total"):  # bad or duplicate files kept out of the pool (flywheel.sources.quarantine)

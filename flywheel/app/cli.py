@@ -242,7 +242,9 @@ def round_() -> None:
     )
     console.print(
         f"round {report.round_id}: {report.n_labels} labels, test {_pct(report.test_accuracy)}, {picked}, "
-        f"model version {report.model_version or '-'}" + (f"\n{report.model_note}" if report.model_note else ""),
+        f"model version {report.model_version or '-'}"
+        + (f", head on {report.features} features" if report.features != "last" else "")
+        + (f"\n{report.model_note}" if report.model_note else ""),
         highlight=False,
     )
 

@@ -297,6 +297,51 @@ def layer_groups(body: nn.Module, name: str) -> list[tuple[str, list[nn.Paramete
     return groups
 
 
+def pool_output(out: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """A stage's output -> (B, D): global average over space (B, C, H, W) or over tokens (B, T, D)."""
+    if isinstance(out, tuple | list):
+        out = out[0]
+    if out.ndim == 4:
+        return out.float().mean(dim=(2, 3))
+    if out.ndim == 3:
+        return out.float().mean(dim=1)
+    return out.float().flatten(1)
+
+
+class StageBody(nn.Module):
+    """A body whose features are an earlier stage's pooled output (docs/transfer.md: far from the pretraining
+    data, with few labels, a middle stage can describe the images better than the last one).
+
+    It runs the whole body and keeps the stage's output (the hook is added per call, so the module pickles
+    for MLflow); `embedding_dim` replaces the backbone's for heads and embeddings."""
+
+    def __init__(self, body: nn.Module, backbone: str, stage: str):
+        super().__init__()
+        names = [name for name, _ in group_modules(body, backbone)]
+        if stage not in names:
+            raise UnknownChoiceError("layer group", stage, names)
+        self.body, self.backbone, self.stage = body, backbone, stage
+        was_training = body.training
+        with torch.no_grad():
+            self.embedding_dim = int(self.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+        self.train(was_training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        module = dict(group_modules(self.body, self.backbone))[self.stage][-1]
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(pool_output(out)))
+        try:
+            self.body(x)
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def feature_dim(body: nn.Module, spec: BackboneSpec) -> int:
+    """The width of the features `body` gives: a StageBody's stage, else the backbone's embedding."""
+    return int(getattr(body, "embedding_dim", spec.embedding_dim))
+
+
 # ----------------------------------------------------------------------------------------- classifier
 
 
@@ -308,11 +353,11 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: str, body: nn.Module, head: nn.Linear, classes: list[str], image_size: int):
         super().__init__()
-        spec = get_spec(backbone)
-        if head.in_features != spec.embedding_dim or head.out_features != len(classes):
+        dim = feature_dim(body, get_spec(backbone))
+        if head.in_features != dim or head.out_features != len(classes):
             raise ValueError(
                 f"head is {head.in_features}->{head.out_features}, expected "
-                f"{spec.embedding_dim}->{len(classes)} for {backbone} with {len(classes)} classes"
+                f"{dim}->{len(classes)} for {backbone} with {len(classes)} classes"
             )
         self.backbone = backbone
         self.body = body

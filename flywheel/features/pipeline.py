@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 from flywheel.config import Settings
 from flywheel.errors import DataError, FlywheelError
-from flywheel.features.backbones import BackboneSpec
+from flywheel.features.backbones import BackboneSpec, feature_dim
 from flywheel.sources.images import _normalize, check_image_size, forked_worker_init, load_image, read_header
 
 EXIF_ORIENTATION = 0x0112  # EXIF tag; 1 = upright. nvJPEG ignores it, so rotated JPEGs decode on the CPU.
@@ -246,9 +246,9 @@ def embed_stream(
             if options.compile and len(x) < options.batch_size:  # pad: one compiled shape, no recompile
                 x = torch.cat([x, x.new_zeros((options.batch_size - len(x), *x.shape[1:]))])
             feats = model(x)[: batch.size].float()
-            if feats.ndim != 2 or feats.shape[1] != spec.embedding_dim:
+            if feats.ndim != 2 or feats.shape[1] != feature_dim(body, spec):
                 raise FlywheelError(f"{spec.name} body gave features of shape {tuple(feats.shape)}, spec says "
-                                    f"(B, {spec.embedding_dim})")  # fmt: skip
+                                    f"(B, {feature_dim(body, spec)})")  # fmt: skip
             shard.append(feats)  # kept on the device: no sync per batch
             in_shard += batch.size
             if on_batch is not None:
@@ -275,7 +275,7 @@ def embed_all(
     on_batch: Callable[[int], None] | None = None,
 ) -> npt.NDArray[np.float32]:
     """(N, D) float32, row i for paths[i]: `embed_stream` collected in one array."""
-    out = np.empty((len(paths), spec.embedding_dim), dtype=np.float32)
+    out = np.empty((len(paths), feature_dim(body, spec)), dtype=np.float32)
     for start, vectors in embed_stream(
         paths, body, spec, image_size=image_size, device=device, options=options, on_batch=on_batch
     ):

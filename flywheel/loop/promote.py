@@ -12,7 +12,13 @@ from flywheel import health, labelstudio, locking
 from flywheel.catalog import POOL, Catalog
 from flywheel.config import Settings
 from flywheel.features import embedded
-from flywheel.loop.state import load, model_body_version, project_classes, refresh_task_predictions
+from flywheel.loop.state import (
+    load,
+    model_body_version,
+    model_features_version,
+    project_classes,
+    refresh_task_predictions,
+)
 from flywheel.registry import guard, tracking
 from flywheel.training.head import predict_proba
 
@@ -68,10 +74,10 @@ def refresh_open_tasks(
     version = version or tracking.champion_version(mlflow_client, settings)
     if version is None:
         return 0
-    body_version = model_body_version(tracking.model_version(mlflow_client, settings, version))
+    features = model_features_version(tracking.model_version(mlflow_client, settings, version))
     classifier = load(mlflow_client, settings, version)
     model_settings = settings.model_copy(update={"backbone": classifier.backbone})
-    pool = embedded.split_features(model_settings, catalog, POOL, classifier.body, body_version, progress=progress)
+    pool = embedded.split_features(model_settings, catalog, POOL, classifier.body, features, progress=progress)
     probs = predict_proba(classifier.head, pool.vectors)
     with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
         project_id = labelstudio.ensure_project(ls_client, settings, catalog, project_classes(catalog))

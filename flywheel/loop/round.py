@@ -13,7 +13,7 @@ from label_studio_sdk.client import LabelStudio
 from mlflow import MlflowClient
 
 from flywheel import faults, health, labelstudio, locking
-from flywheel.catalog import TEST, Catalog
+from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
 from flywheel.features import embedded
 from flywheel.features.backbones import Classifier
@@ -21,6 +21,7 @@ from flywheel.insight import after_round, provenance
 from flywheel.insight.reports import confusion_figure, confusion_matrix, per_class_counts
 from flywheel.labelstudio.tasks import reconcile_tasks
 from flywheel.loop import schedule
+from flywheel.loop.features import head_features
 from flywheel.loop.state import (
     LabelledSplit,
     State,
@@ -28,7 +29,7 @@ from flywheel.loop.state import (
     current_state,
     fit_head,
     load,
-    model_body_version,
+    model_features_version,
     refresh_task_predictions,
     truth_targets,
 )
@@ -59,6 +60,9 @@ class RoundReport:
     near_duplicates: list[dict[str, int | float]] = field(default_factory=list)  # picks quarantined as such
     run_id: str | None = None
     after_training: after_round.AfterTraining | None = None  # forecast and label review, once a model is registered
+    features: str = "last"  # the body stage the head read (loop.features: the far-domain cell)
+    features_reason: str = ""
+    features_probe: dict[str, float] = field(default_factory=dict)  # stage -> cross-validated probe accuracy
 
 
 @locking.locked
@@ -77,25 +81,29 @@ def run_round(
     round id: tasks its push left in Label Studio are recorded, and only the rest of its batch is selected.
     """
     settings = embedded.active_settings(settings, catalog)
-    current = current_state(settings, catalog, progress=progress)
+    current, choice = head_features(
+        settings, catalog, current_state(settings, catalog, progress=progress), progress=progress
+    )
     classes, labels, pool, split = current.classes, current.labels, current.pool, current.split
     round_id = catalog.start_round(strategy=settings.strategy, n_labels=len(labels))
     report = RoundReport(
-        round_id=round_id,
-        n_labels=len(labels),
-        n_train=len(split.train),
-        n_holdout=len(split.holdout),
+        round_id=round_id, n_labels=len(labels), n_train=len(split.train), n_holdout=len(split.holdout),
         labels_per_class=per_class_counts(list(labels.values()), classes),
-    )
+        features=choice.stage, features_reason=choice.reason, features_probe=choice.probe,
+    )  # fmt: skip
     probs = None  # the newest model's view of the pool: selection reads it
     state, previous = schedule.label_state(labels), schedule.last_round_model(catalog)
     new_labels = schedule.labels_at_last_round(catalog) != state
-    report.model_note = _why_no_model(classes, split, state=state, previous=previous, body_version=current.body_version)
+    report.model_note = _why_no_model(
+        classes, split, state=state, previous=previous, body_version=current.features_version
+    )
     if not report.model_note:
         with health.unavailable_as("MLflow", settings.mlflow.url):  # a server gone mid-round is named as such
             probs = _train_and_register(settings, catalog, mlflow_client, current, report, progress=progress)
         assert report.model_version is not None and report.run_id is not None  # _train_and_register registered it
-        schedule.record_round_model(catalog, state, current.body_version, report.model_version, now=schedule.utc_now())
+        schedule.record_round_model(
+            catalog, state, current.features_version, report.model_version, now=schedule.utc_now()
+        )
         trained = after_round.TrainedRound(
             round_id, report.run_id, report.model_version, report.n_labels, report.test_accuracy,
             report.holdout_accuracy,
@@ -106,7 +114,9 @@ def run_round(
         )  # fmt: skip
     if select:
         with health.unavailable_as("MLflow", settings.mlflow.url):
-            champion = _champion_view(settings, mlflow_client, pool, current.body_version, classes, report, probs)
+            champion = _champion_view(
+                settings, catalog, mlflow_client, pool, current.features_version, classes, report, probs
+            )
         with health.unavailable_as(labelstudio.SERVICE, settings.label_studio.url):
             _select_and_push(settings, catalog, ls_client, current, probs, champion, report, new_labels)
     report.quarantine = asdict(quarantine.write_report(settings, catalog))
@@ -166,7 +176,7 @@ def _train_and_register(
     faults.point("round:after_train")
     report.holdout_accuracy = accuracy(probs[split.holdout], split.targets[split.holdout])
     figures, test_metrics = {}, {}
-    test = embedded.split_features(settings, catalog, TEST, current.body, current.body_version, progress=progress)
+    test = embedded.split_features(settings, catalog, TEST, current.body, current.features_version, progress=progress)
     test_targets = truth_targets(test.truths, classes)
     if len(test_targets):
         test_probs = predict_proba(head, test.vectors[test_targets >= 0])
@@ -190,7 +200,7 @@ def _train_and_register(
         },
         tags={
             "kind": "head", "round": str(report.round_id), "body_version": current.body_version,
-            "backbone": settings.backbone,
+            "backbone": settings.backbone, "features": current.features,
         },
         figures=figures,
         tables={"labels_per_class.json": {"class": classes, "labels": [report.labels_per_class[c] for c in classes]}},
@@ -215,7 +225,7 @@ def _against_champion(
     if champion is None:
         return None, "better"
     right = probs[split.holdout].argmax(1) == split.targets[split.holdout]
-    rule: guard.Rule = "not_worse" if champion.body_version == current.body_version else "better"
+    rule: guard.Rule = "not_worse" if champion.features_version == current.features_version else "better"
     return guard.paired_difference(right, champion.correct), rule
 
 
@@ -226,6 +236,9 @@ def _head_params(settings: Settings, report: RoundReport, *, body_version: str) 
         "round": report.round_id,
         "backbone": settings.backbone,
         "body_version": body_version,
+        "features": report.features,
+        "features_reason": report.features_reason,
+        **{f"stage_probe_{stage}": round(acc, 4) for stage, acc in report.features_probe.items()},
         "image_size": settings.image_size,
         "strategy": settings.strategy,
         "k_per_round": settings.k_per_round,
@@ -247,24 +260,34 @@ class ChampionView:
 
 def _champion_view(
     settings: Settings,
+    catalog: Catalog,
     mlflow_client: MlflowClient,
     pool: embedded.SplitFeatures,
-    body_version: str,
+    features_version: str,
     classes: list[str],
     report: RoundReport,
     probs: npt.NDArray[np.float32] | None,
 ) -> ChampionView | None:
     """The champion's predictions on the pool (this round's model when it was just promoted); None when there
-    is no champion, or its head cannot read these embeddings (another body, another class list)."""
+    is no champion, or its head cannot read this pool (another class list). A champion that reads other
+    features (another stage) is given them: annotators see the champion, whatever this round reads."""
     if report.promoted and probs is not None and report.model_version is not None:
         return ChampionView(report.model_version, probs)
     version = tracking.champion_version(mlflow_client, settings)
-    if version is None or model_body_version(tracking.model_version(mlflow_client, settings, version)) != body_version:
+    if version is None:
         return None
     classifier = load(mlflow_client, settings, version)
     if list(classifier.classes) != classes:
         return None
-    return ChampionView(version, predict_proba(classifier.head, pool.vectors))
+    vectors = pool.vectors
+    theirs = model_features_version(tracking.model_version(mlflow_client, settings, version))
+    if theirs != features_version:
+        model_settings = settings.model_copy(update={"backbone": classifier.backbone})
+        other = embedded.split_features(model_settings, catalog, POOL, classifier.body, theirs, progress=False)
+        if not np.array_equal(other.ids, pool.ids):
+            return None
+        vectors = other.vectors
+    return ChampionView(version, predict_proba(classifier.head, vectors))
 
 
 def _room_for_tasks(settings: Settings, catalog: Catalog, report: RoundReport, new_labels: bool) -> int:
@@ -373,7 +396,10 @@ def _select_batch(
     )  # fmt: skip
     selection = get_strategy(name)(view, n, rng=np.random.default_rng([settings.seed, report.round_id]))
     known = {int(pool.ids[i]) for i in labelled} | sent
-    keep, report.near_duplicates = quarantine.drop_near_duplicates(settings, catalog, pool, selection.positions, known)
+    indexed = current.last_stage_pool or pool  # the near-duplicate index holds the last stage's vectors
+    keep, report.near_duplicates = quarantine.drop_near_duplicates(
+        settings, catalog, indexed, selection.positions, known
+    )
     faults.point("round:after_select")
     report.strategy = name
     report.description = selection.description + ("" if probs is not None else " (cold start: no model yet)")

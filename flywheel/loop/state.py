@@ -56,6 +56,13 @@ class State:
     pool: embedded.SplitFeatures
     labels: dict[int, str]
     split: LabelledSplit
+    features: str = "last"  # the stage `body` returns and `pool` holds (loop.features: the far-domain cell)
+    last_stage_pool: embedded.SplitFeatures | None = None  # when `features` is another stage: the index's vectors
+
+    @property
+    def features_version(self) -> str:
+        """The cache key of what `pool` holds: the body's version, and the stage when it is not the last."""
+        return self.body_version if self.features == "last" else f"{self.body_version}+{self.features}"
 
 
 def current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> State:
@@ -70,10 +77,10 @@ def current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> St
 
 @dataclass(frozen=True)
 class ChampionHoldout:
-    """The champion's answers on today's held-out labels (right or wrong per image), and the body it reads."""
+    """The champion's answers on today's held-out labels (right or wrong per image), and what its head reads."""
 
     version: str
-    body_version: str
+    features_version: str
     correct: npt.NDArray[np.bool_]
 
     @property
@@ -100,8 +107,14 @@ def champion_holdout(
     correct = np.zeros(0, dtype=bool)
     if len(targets):
         correct = finetune_predict_proba(champion, [pool.paths[i] for i in split.holdout]).argmax(1) == targets
-    body = model_body_version(tracking.model_version(mlflow_client, settings, version))
-    return ChampionHoldout(version, body, correct)
+    features = model_features_version(tracking.model_version(mlflow_client, settings, version))
+    return ChampionHoldout(version, features, correct)
+
+
+def model_features_version(model: ModelVersion) -> str:
+    """What a registered model's head reads: its body's version, plus the stage when not the last."""
+    stage = model.tags.get("features", "last")
+    return model_body_version(model) if stage == "last" else f"{model_body_version(model)}+{stage}"
 
 
 def model_body_version(model: ModelVersion) -> str:

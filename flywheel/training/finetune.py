@@ -730,10 +730,9 @@ def finetune(
     targets: (N,) int in [0, C), indices into classifier.classes. With no validation images the last
     epoch's weights are returned (and a note says so).
 
-    Checkpoints: with `checkpoint_dir`, the model, optimizer, scheduler, RNG states, history and best-so-far
-    are written atomically after every epoch but the last (or an early stop), in the background while the
-    next epoch trains (_CheckpointWriter), to checkpoint_dir/<run_key>/last.pt; `resume=True` continues
-    from there (on CPU to bit-identical final weights) and the file is removed once the run completes.
+    Checkpoints: with `checkpoint_dir`, everything a resume needs is written atomically after every epoch but
+    the last, in the background (_CheckpointWriter), to checkpoint_dir/<run_key>/last.pt; `resume=True`
+    continues from there (on CPU to bit-identical weights); a completed run removes the file.
     `augmentation` defaults to `images.choose_augmentation` on the training images.
     """
     started = time.perf_counter()
@@ -743,7 +742,7 @@ def finetune(
     if not len(train_targets):
         raise DataError("fine-tune needs at least one training image, got 0")
     schedule = training_schedule(
-        len(train_targets), len(val_targets), settings, trains_body=decision.trainable_groups != 0
+        len(train_targets), len(val_targets), settings, trains_body=bool(decision.trainable_groups)
     )
     settings = settings.model_copy(update={"epochs": schedule.epochs, "head_epochs": schedule.head_epochs})
     device = resolve_device(settings.device)
@@ -757,7 +756,6 @@ def finetune(
             decision=decision, settings=settings, seed=seed, augmentation=augmentation,
         )  # fmt: skip
         ckpt = Path(checkpoint_dir) / key / "last.pt"
-
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
         trainer = _make_trainer(

@@ -90,6 +90,38 @@ def choose_depth(
     )
 
 
+FEATURE_MARGIN = 0.02
+"""Cross-validated probe accuracy an earlier stage must add over the last one before a head reads it (a
+switch re-embeds the pool once; two points keep noise from flipping it round after round)."""
+
+
+@dataclass(frozen=True)
+class FeatureChoice:
+    """Which stage's features a round's head reads ("last" or a layer group), why, and the probe behind it."""
+
+    stage: str
+    reason: str
+    probe: dict[str, float]
+
+
+def choose_features(labels_per_class: float, probe: dict[str, float] | None, *, domain: str = "auto") -> FeatureChoice:
+    """The decision table's first row: with very little data the head reads the last stage when the domain is
+    near the pretraining data, and the earlier stage that probes best when it is far (docs/transfer.md)."""
+    if domain == "near":
+        return FeatureChoice("last", "finetune.domain is 'near': the head reads the last stage", {})
+    if labels_per_class >= HEAD_ONLY_BELOW:
+        reason = f"{labels_per_class:.1f} labels/class >= {HEAD_ONLY_BELOW:g}: the head reads the last stage"
+        return FeatureChoice("last", reason, {})
+    if probe is None:
+        return FeatureChoice("last", "too few labels per class to probe the stages: the head reads the last", {})
+    best = max(probe, key=lambda stage: probe[stage])
+    figures = ", ".join(f"{stage} {acc:.3f}" for stage, acc in probe.items())
+    if best != "last" and probe[best] > probe["last"] + FEATURE_MARGIN:
+        return FeatureChoice(best, f"probe ({figures}): {best} beats the last stage by more than "
+                             f"{FEATURE_MARGIN:g}, a far domain: the head reads {best}", probe)  # fmt: skip
+    return FeatureChoice("last", f"probe ({figures}): no stage beats the last by more than {FEATURE_MARGIN:g}", probe)
+
+
 def should_finetune(n_labels: int, labels_at_last_finetune: int, *, min_labels: int, every_new_labels: int) -> bool:
     """True once there are min_labels labels, then every every_new_labels new ones (the mixed approach).
 

@@ -31,6 +31,7 @@ from flywheel.features.backbones import (
     get_spec,
     group_modules,
     lite_weights_path,
+    pool_output,
     weights_cache_path,
 )
 from flywheel.sources.images import ImageDataset
@@ -47,17 +48,6 @@ METRICS = ("logme", "knn")
 
 
 # ------------------------------------------------------------------------------------------ features
-
-
-def _pool(out: torch.Tensor) -> torch.Tensor:
-    """A stage's output -> (B, D): global average over space (B, C, H, W) or over tokens (B, T, D)."""
-    if isinstance(out, tuple | list):
-        out = out[0]
-    if out.ndim == 4:
-        return out.float().mean(dim=(2, 3))
-    if out.ndim == 3:
-        return out.float().mean(dim=1)
-    return out.float().flatten(1)
 
 
 @torch.inference_mode()
@@ -82,7 +72,7 @@ def stage_features(
         raise UnknownChoiceError("layer group", unknown[0], list(groups))
     captured: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
     handles = [
-        groups[s][-1].register_forward_hook(lambda _m, _i, out, s=s: captured[s].append(_pool(out).cpu()))
+        groups[s][-1].register_forward_hook(lambda _m, _i, out, s=s: captured[s].append(pool_output(out).cpu()))
         for s in stages
     ]
     last: list[torch.Tensor] = []
@@ -178,6 +168,41 @@ def middle_stage(body: nn.Module, backbone: str) -> str:
     """The group halfway through the body (lite0: stage4 of stem, stage1-7, head_conv)."""
     names = [name for name, _ in group_modules(body, backbone)]
     return names[len(names) // 2]
+
+
+def candidate_stages(body: nn.Module, backbone: str) -> list[str]:
+    """The earlier stages a far-domain head may read: from the middle group up to, not including, the last two
+    (lite0: stage4, stage5, stage6; the last two groups are what the last-stage features already are)."""
+    names = [name for name, _ in group_modules(body, backbone)]
+    return names[len(names) // 2 : -2]
+
+
+def probe_stages(
+    body: nn.Module,
+    backbone: str,
+    paths: Sequence[str],
+    targets: npt.NDArray[np.integer[Any]],
+    n_classes: int,
+    image_size: int,
+    stages: Sequence[str],
+    *,
+    l2: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, float] | None:
+    """Cross-validated linear-probe accuracy of each stage and of "last" on the labelled images (at most
+    PROBE_MAX_IMAGES, stratified); None when some class has fewer than 2 labels to cross-validate on."""
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    present = np.bincount(targets)[np.bincount(targets) > 0] if len(targets) else np.zeros(0, np.int64)
+    if len(present) < 2 or present.min() < 2:
+        return None
+    rows = _subsample(targets, PROBE_MAX_IMAGES, seed)
+    folds = int(min(PROBE_FOLDS, np.bincount(targets[rows])[np.bincount(targets[rows]) > 0].min()))
+    feats = stage_features(body, backbone, [paths[i] for i in rows], image_size, stages, device=device)
+    return {
+        name: cv_probe_accuracy(feats[name], targets[rows], n_classes, folds=folds, l2=l2, seed=seed)
+        for name in (*stages, "last")
+    }
 
 
 def _subsample(targets: npt.NDArray[np.integer[Any]], limit: int, seed: int) -> npt.NDArray[np.integer[Any]]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from flywheel.config import FinetuneSettings
 from flywheel.errors import UnknownChoiceError
-from flywheel.features.backbones import Classifier, build_body, layer_groups
+from flywheel.features.backbones import Classifier, StageBody, build_body, group_modules, layer_groups
 from flywheel.training.policy import (
     HEAD_ONLY_BELOW,
     LAST_GROUPS_FAR,
@@ -16,6 +16,7 @@ from flywheel.training.policy import (
     LAST_LAYERS_BELOW,
     DepthDecision,
     choose_depth,
+    choose_features,
     param_groups,
     set_frozen_eval,
     should_finetune,
@@ -138,3 +139,31 @@ def test_training_schedule_grows_small_runs_and_picks_epochs_only_on_enough_vali
     head_only = training_schedule(425, 75, settings, trains_body=False)
     assert head_only.epochs == 8  # nothing in the body to move
     assert training_schedule(10, 2, settings.model_copy(update={"max_epochs": 3}), trains_body=True).epochs == 8
+
+
+def test_far_domain_cell_reads_the_stage_that_probes_best_only_with_little_data():
+    probe = {"stage4": 0.80, "stage5": 0.86, "stage6": 0.84, "last": 0.78}
+    far = choose_features(30.0, probe)
+    assert far.stage == "stage5" and "far domain" in far.reason and far.probe == probe
+    assert choose_features(30.0, {**probe, "last": 0.85}).stage == "last"  # within the margin: no switch
+    assert choose_features(150.0, probe).stage == "last"  # enough data: the depth policy takes over
+    assert choose_features(30.0, probe, domain="near").stage == "last"
+    assert choose_features(30.0, None).stage == "last"  # too few labels to probe
+
+
+def test_a_stage_body_gives_the_stage_features_the_probe_measured():
+    body = build_body("efficientnet_lite0", pretrained=False)
+    stage = StageBody(body, "efficientnet_lite0", "stage5")
+    x = torch.randn(3, 3, 64, 64)
+    captured = []
+    groups = dict(group_modules(body, "efficientnet_lite0"))
+    handle = groups["stage5"][-1].register_forward_hook(lambda _m, _i, out: captured.append(out.mean(dim=(2, 3))))
+    with torch.no_grad():
+        body.eval()(x)
+        handle.remove()
+        features = stage.eval()(x)
+    assert features.shape == (3, stage.embedding_dim) and stage.embedding_dim == 112
+    torch.testing.assert_close(features, captured[0])
+    assert not groups["stage5"][-1]._forward_hooks  # the per-call hook is gone: the module pickles
+    with pytest.raises(UnknownChoiceError):
+        StageBody(body, "efficientnet_lite0", "stage9")
