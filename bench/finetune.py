@@ -11,8 +11,9 @@ fixed seed from the rest; a class with fewer gives all it has):
 - stage<k>: the same probe on a frozen earlier stage's pooled features (the far-domain cell's candidates);
 - last:     finetune() with the last stage trainable (stage7 + head_conv of EfficientNet-Lite0);
 - all:      finetune() with the whole body trainable;
-- policy:   transfer.probe_domain on the labels, then policy.choose_depth(labels/class, far_domain=probe.far),
-            fine-tuned the same way (reusing the cell above when the pick is the same configuration).
+- policy:   what the product does: transfer.probe_domain on the labels, then policy.choose_depth(labels/class,
+            far_domain=probe.far); a head-only pick reads the stage policy.choose_features takes from
+            transfer.probe_stages (the far-domain cell), a deeper one is fine-tuned (cells reused when equal).
 Fine-tunes start like run_finetune: a head fitted on frozen features of the training part (LP init), then
 finetune() with 15% of the labels as its validation part (policy.training_schedule decides whether that is
 enough to choose an epoch on). Same seeds everywhere, 64 px. Writes <out>.json and .md and prints the table.
@@ -36,8 +37,8 @@ from flywheel.features.store import resolve_device
 from flywheel.simulation.datasets import load_dataset
 from flywheel.training.finetune import evaluate, finetune
 from flywheel.training.head import accuracy, predict_proba, train_head
-from flywheel.training.policy import DepthDecision, choose_depth
-from flywheel.training.transfer import probe_domain, stage_features, stratified_folds
+from flywheel.training.policy import DepthDecision, choose_depth, choose_features
+from flywheel.training.transfer import candidate_stages, probe_domain, probe_stages, stage_features, stratified_folds
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE, SIZE, SEED, HEAD_L2 = "efficientnet_lite0", 64, 0, 0.1
@@ -154,19 +155,27 @@ def _row(per_class, data, candidates, test_paths, test_targets, test_features, b
     probe_seconds = time.perf_counter() - t0
     print(per_class, probe.reason, f"{probe_seconds:.1f}s", flush=True)
     pick = choose_depth(len(train) / len(classes), n_groups, far_domain=probe.far)
+    stage_probe = probe_stages(body, BACKBONE, [paths[i] for i in chosen], y, len(classes), SIZE,
+                               candidate_stages(body, BACKBONE), l2=HEAD_L2, seed=SEED, device=device)  # fmt: skip
+    features = choose_features(len(chosen) / len(classes), stage_probe)
+    print(per_class, features.reason, flush=True)
     configs = {"last": DepthDecision(2, "last", "last stage"), "all": DepthDecision(n_groups, "all", "all")}
     for name, decision in configs.items():
         cells[name] = _finetune_cell(body, classes, lp_head, paths, targets, train, val, decision, settings,
                                      test_paths, test_targets, device)  # fmt: skip
         print(per_class, name, {k: v for k, v in cells[name].items() if k != "notes"}, flush=True)
-    same = "head" if pick.trainable_groups == 0 else None
+    same = ("head" if features.stage == "last" else features.stage) if pick.trainable_groups == 0 else None
     same = same or next((n for n, d in configs.items() if d.trainable_groups == pick.trainable_groups), None)
     if same is not None:
         cells["policy"] = {**cells[same], "same_as": same}
     else:
         cells["policy"] = _finetune_cell(body, classes, lp_head, paths, targets, train, val, pick, settings,
                                          test_paths, test_targets, device)  # fmt: skip
-    cells["policy"].update(depth=f"{pick.label} ({pick.trainable_groups} groups)", reason=pick.reason)
+    cells["policy"].update(
+        depth=f"{pick.label} ({pick.trainable_groups} groups)"
+        + (f" on {features.stage}" if same == features.stage else ""),
+        reason=f"{pick.reason}; {features.reason}",
+    )
     best = max(c["test_accuracy"] for n, c in cells.items() if n != "policy")
     frozen = max(cells[n]["test_accuracy"] for n in ("head", *STAGES))
     return {
