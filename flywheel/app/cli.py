@@ -410,7 +410,9 @@ def simulate(
         str, typer.Option(help="ImageFolder tree, or built-in: fashion-mnist, digits, fashion-mnist-imbalanced")
     ] = "fashion-mnist",
     pool_size: Annotated[int, typer.Option(help="fashion-mnist: images drawn from its training set")] = 5000,
-    strategies: Annotated[str, typer.Option(help="comma-separated strategy names")] = "random,entropy,auto",
+    strategies: Annotated[
+        str | None, typer.Option(help="comma-separated strategy names [random,entropy,auto; --loop: auto]")
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="repetitions (split, initial labels, strategy RNG)")] = 3,
     initial_per_class: Annotated[int, typer.Option(min=1, help="labels per class before the first round")] = 2,
     budget_per_class: Annotated[int, typer.Option(min=1, help="stop at classes x this many labels")] = 20,
@@ -419,34 +421,47 @@ def simulate(
     out: Annotated[str | None, typer.Option(help="write the JSON report here")] = None,
     plot: Annotated[str | None, typer.Option(help="write the learning curves (PNG) here")] = None,
     mlflow: Annotated[bool, typer.Option(help="log one MLflow run per strategy")] = True,
+    loop: Annotated[
+        bool,
+        typer.Option("--loop", help="the whole mixed approach (far-domain heads, fine-tunes, guard) vs heads only"),
+    ] = False,
 ) -> None:
-    """Active learning with an oracle on labelled images: learning curves per strategy, mean over seeds."""
+    """Active learning with an oracle on labelled images: learning curves per strategy, mean over seeds.
+
+    With --loop, one strategy and two configurations: `heads-only` (a last-stage head every round) and `loop`
+    (the champion as the flywheel keeps it, fine-tunes at the settings' thresholds included)."""
     from flywheel.registry import tracking
     from flywheel.simulation import datasets
 
     settings = load_settings(backbone=backbone) if backbone else _settings()
     plan = _simulation_plan(
-        strategies,
+        strategies or ("auto" if loop else "random,entropy,auto"),
         seeds=seeds,
         initial_per_class=initial_per_class,
         budget_per_class=budget_per_class,
         batch_size=batch_size,
     )
+    if loop and len(plan.strategies) != 1:
+        raise FlywheelError(f"--loop replays one strategy; --strategies names {len(plan.strategies)}")
     client = tracking.connect(settings) if mlflow else None  # a down server fails before the work too
     began = time.monotonic()
-    dataset = datasets.embed_dataset(datasets.load_dataset(data, settings, pool_size=pool_size), settings)
-    features = dataset.features
-    assert features is not None  # embed_dataset fills them
-    console.print(
-        f"{dataset.name}: {len(dataset.paths)} images, {len(dataset.classes)} classes, "
-        f"{settings.backbone} {settings.image_size}px features {features.shape[1]}-d "
-        f"({time.monotonic() - began:.0f} s)"
-    )
-    report = _simulate_with_progress(dataset, features, plan, l2=settings.head_l2)
+    dataset = datasets.load_dataset(data, settings, pool_size=pool_size)
+    if loop:
+        report = _simulate_loop_with_progress(dataset, plan, settings)
+    else:
+        dataset = datasets.embed_dataset(dataset, settings)
+        assert dataset.features is not None  # embed_dataset fills them
+        console.print(
+            f"{dataset.name}: {len(dataset.paths)} images, {len(dataset.classes)} classes, "
+            f"{settings.backbone} {settings.image_size}px features {dataset.features.shape[1]}-d "
+            f"({time.monotonic() - began:.0f} s)"
+        )
+        report = _simulate_with_progress(dataset, dataset.features, plan, l2=settings.head_l2)
     report["backbone"] = settings.backbone
     report["image_size"] = settings.image_size
     report["seconds"] = round(time.monotonic() - began, 1)
     _print_curves(report)
+    _print_finetunes(report)
     _publish_simulation(report, plot=plot, out=out, client=client, backbone=settings.backbone)
 
 
@@ -513,6 +528,40 @@ def _simulate_with_progress(
             dataset=dataset.name,
             on_step=step,
         )
+
+
+def _simulate_loop_with_progress(dataset: Dataset, plan: SimulationPlan, settings: Settings) -> dict[str, Any]:
+    """`simulation.mixed.simulate_loop` on the dataset with the project's fine-tune settings, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flywheel.simulation.mixed import LoopPlan, simulate_loop
+
+    loop_plan = LoopPlan(
+        strategy=plan.strategies[0], backbone=settings.backbone, image_size=settings.image_size,
+        finetune=settings.finetune, holdout_fraction=settings.holdout_fraction, l2=settings.head_l2,
+        promotion_margin=settings.promotion_margin, seeds=plan.seeds, initial_per_class=plan.initial_per_class,
+        budget_per_class=plan.budget_per_class, batch_size=plan.batch_size,
+    )  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("simulating", total=2 * plan.evaluations(len(dataset.classes)))
+
+        def step(name: str, seed: int, budget: int) -> None:
+            progress.update(task, advance=1, description=f"seed {seed} {name}: {budget} labels")
+
+        return simulate_loop(
+            dataset.paths, dataset.targets, dataset.classes, loop_plan, dataset=dataset.name,
+            device=settings.finetune.device if settings.finetune.device != "auto" else "cpu", on_step=step,
+        )  # fmt: skip
+
+
+def _print_finetunes(report: Mapping[str, Any]) -> None:
+    """The fine-tunes a --loop run made: when, how deep, and what the guard decided."""
+    for f in report.get("finetunes", []):
+        verdict = "promoted" if f["promoted"] else "kept out"
+        accuracy = f", test {_pct(f['test_accuracy'])}" if "test_accuracy" in f else ""
+        console.print(f"seed {f['seed']}: fine-tune at {f['labels']} labels, {f['depth']}{accuracy}: {verdict}")
 
 
 def _print_curves(report: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ Learning") and by leave-one-out kNN accuracy, both on frozen features, before an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -193,15 +193,35 @@ def probe_stages(
     """Cross-validated linear-probe accuracy of each stage and of "last" on the labelled images (at most
     PROBE_MAX_IMAGES, stratified); None when some class has fewer than 2 labels to cross-validate on."""
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)
-    present = np.bincount(targets)[np.bincount(targets) > 0] if len(targets) else np.zeros(0, np.int64)
-    if len(present) < 2 or present.min() < 2:
+    if not _can_probe(targets):
         return None
     rows = _subsample(targets, PROBE_MAX_IMAGES, seed)
-    folds = int(min(PROBE_FOLDS, np.bincount(targets[rows])[np.bincount(targets[rows]) > 0].min()))
     feats = stage_features(body, backbone, [paths[i] for i in rows], image_size, stages, device=device)
+    return probe_features(feats, targets[rows], n_classes, l2=l2, seed=seed)
+
+
+def _can_probe(targets: npt.NDArray[np.int64]) -> bool:
+    """Cross-validation needs two classes, each with two labels at least."""
+    present = np.bincount(targets)[np.bincount(targets) > 0] if len(targets) else np.zeros(0, np.int64)
+    return len(present) >= 2 and int(present.min()) >= 2
+
+
+def probe_features(
+    features: Mapping[str, npt.NDArray[np.floating[Any]]],
+    targets: npt.NDArray[np.integer[Any]],
+    n_classes: int,
+    *,
+    l2: float,
+    seed: int,
+) -> dict[str, float] | None:
+    """`probe_stages` on features already computed (stage -> (N, D), rows matching `targets`)."""
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if not _can_probe(targets):
+        return None
+    folds = int(min(PROBE_FOLDS, np.bincount(targets)[np.bincount(targets) > 0].min()))
     return {
-        name: cv_probe_accuracy(feats[name], targets[rows], n_classes, folds=folds, l2=l2, seed=seed)
-        for name in (*stages, "last")
+        name: cv_probe_accuracy(np.asarray(x), targets, n_classes, folds=folds, l2=l2, seed=seed)
+        for name, x in features.items()
     }
 
 

@@ -256,3 +256,39 @@ def test_cli_simulate_writes_report_and_plot(tmp_path, monkeypatch):
 
     bad = CliRunner().invoke(app, ["simulate", "--data", str(tmp_path / "images"), "--strategies", "random,nope"])
     assert bad.exit_code == 1 and "choose one of" in bad.output and "kcenter" in bad.output
+
+
+def test_cli_simulate_loop_replays_heads_finetunes_and_the_guard(tmp_path, monkeypatch):
+    from flywheel.app.cli import app
+
+    _tiny_image_folder(tmp_path / "images", per_class=12)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("FLYWHEEL_IMAGE_SIZE", "32")
+    for key, value in {
+        "MIN_LABELS": "6",
+        "EVERY_NEW_LABELS": "6",
+        "DEPTH": "all",
+        "EPOCHS": "2",
+        "MIN_BODY_STEPS": "0",
+    }.items():
+        monkeypatch.setenv(f"FLYWHEEL_FINETUNE__{key}", value)  # a fine-tune at 6 and 12 labels, two epochs each
+    args = [
+        "simulate", "--loop", "--data", str(tmp_path / "images"), "--seeds", "1", "--initial-per-class", "1",
+        "--budget-per-class", "4", "--no-mlflow", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "c.png"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["mode"] == "loop" and report["strategy"] == "auto"
+    curves = report["strategies"]
+    assert set(curves) == {"heads-only", "loop"}
+    assert curves["loop"]["budgets"] == curves["heads-only"]["budgets"] == [3, 6, 9, 12]
+    assert len(curves["loop"]["accuracy_mean"]) == 4 and all(0 <= a <= 1 for a in curves["loop"]["accuracy_mean"])
+    assert [f["labels"] for f in report["finetunes"]] == [6, 12]
+    for f in report["finetunes"]:
+        assert f["depth"] == "all" and isinstance(f["promoted"], bool) and f["decision"]
+    assert "fine-tune at 6 labels, all" in result.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    two = CliRunner().invoke(app, [*args[:2], "--strategies", "random,entropy", *args[2:]])
+    assert two.exit_code == 1 and "--loop replays one strategy" in two.output
