@@ -42,6 +42,7 @@ def test_a_far_domain_round_reads_the_stage_that_probes_best(settings: Settings)
     ls, client = labelstudio.connect(settings), tracking.connect(settings)
 
     report = loop.run_round(settings, catalog, ls, client, progress=False)
+    assert report.run_id is not None and report.model_version is not None
     assert report.features in ("stage4", "stage5", "stage6"), report.features_reason
     assert "far domain" in report.features_reason
     assert report.features_probe[report.features] > report.features_probe["last"] + 0.02
