@@ -32,7 +32,7 @@ def head_features(
     split, classes = current.split, current.classes
     labels_per_class = len(split.train) / max(1, len(classes))
     probe = None
-    if labels_per_class < policy.HEAD_ONLY_BELOW and settings.finetune.domain != "near":
+    if policy.wants_stage_probe(labels_per_class, settings.finetune.domain):
         stages = transfer.candidate_stages(current.body, settings.backbone)
         probe = transfer.probe_stages(
             current.body, settings.backbone, [current.pool.paths[i] for i in split.train],

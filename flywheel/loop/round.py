@@ -219,13 +219,14 @@ def _against_champion(
     settings: Settings, mlflow_client: MlflowClient, current: State, probs: npt.NDArray[np.float32]
 ) -> tuple[guard.PairedDifference | None, guard.Rule]:
     """The head against the champion on the same held-out labels, and the rule that applies: a head retrained
-    on more labels of the champion's body need only not be worse beyond noise; on another body, better."""
+    on more labels of the champion's body (whichever stage it reads) need only not be worse beyond noise; on
+    another body, better."""
     split = current.split
     champion = champion_holdout(settings, mlflow_client, current.pool, split, current.classes)
     if champion is None:
         return None, "better"
     right = probs[split.holdout].argmax(1) == split.targets[split.holdout]
-    rule: guard.Rule = "not_worse" if champion.features_version == current.features_version else "better"
+    rule: guard.Rule = "not_worse" if champion.body_version == current.body_version else "better"
     return guard.paired_difference(right, champion.correct), rule
 
 

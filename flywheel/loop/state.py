@@ -80,6 +80,7 @@ class ChampionHoldout:
     """The champion's answers on today's held-out labels (right or wrong per image), and what its head reads."""
 
     version: str
+    body_version: str
     features_version: str
     correct: npt.NDArray[np.bool_]
 
@@ -107,8 +108,8 @@ def champion_holdout(
     correct = np.zeros(0, dtype=bool)
     if len(targets):
         correct = finetune_predict_proba(champion, [pool.paths[i] for i in split.holdout]).argmax(1) == targets
-    features = model_features_version(tracking.model_version(mlflow_client, settings, version))
-    return ChampionHoldout(version, features, correct)
+    model = tracking.model_version(mlflow_client, settings, version)
+    return ChampionHoldout(version, model_body_version(model), model_features_version(model), correct)
 
 
 def model_features_version(model: ModelVersion) -> str:

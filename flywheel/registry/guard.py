@@ -8,8 +8,8 @@ difference. The rule (README, "Promotion"):
 - a model on a new body (a fine-tune) is promoted when the 95% interval of its accuracy minus the champion's
   lies above `promotion_margin`, and likewise against a head trained on the same labels (else it is negative
   transfer);
-- a head retrained on more labels of the champion's body is promoted unless it is worse beyond noise: the
-  interval's upper end must reach `promotion_margin`.
+- a head retrained on more labels of the champion's body (whichever stage it reads) is promoted unless it is
+  worse beyond noise: the interval's upper end must reach `promotion_margin`.
 """
 
 from __future__ import annotations

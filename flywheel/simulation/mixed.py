@@ -246,7 +246,7 @@ def _round_head(
     body, rows = state.body, split.train[train_pos]
     labels_per_class = len(train_pos) / n_classes
     probe = None
-    if labels_per_class < policy.HEAD_ONLY_BELOW and plan.finetune.domain != "near":
+    if policy.wants_stage_probe(labels_per_class, plan.finetune.domain):
         probe = transfer.probe_features({s: x[rows] for s, x in body.features.items()}, targets[rows], n_classes,
                                         l2=plan.l2, seed=seed)  # fmt: skip
     choice = policy.choose_features(labels_per_class, probe, domain=plan.finetune.domain)
@@ -274,7 +274,7 @@ def _decide(
     def right(m: _Model) -> npt.NDArray[np.bool_]:
         return np.asarray(m.predict(holdout).argmax(1) == truth, dtype=bool)
 
-    same = champion is not None and (champion.body.version, champion.stage) == (model.body.version, model.stage)
+    same = champion is not None and champion.body.version == model.body.version  # any stage of the same body
     rule: guard.Rule = "not_worse" if model.kind == "head" and same else "better"
     return guard.decide_promotion(
         None if champion is None else guard.paired_difference(right(model), right(champion)),

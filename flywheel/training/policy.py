@@ -90,6 +90,11 @@ def choose_depth(
     )
 
 
+STAGE_PROBE_FROM = 8.0
+"""Training labels per class from which the stage probe is trusted: on Fashion-MNIST, 5.6 labels per class
+picked stage6 by cross-validation, and that head tested 11 points below the last stage's
+(`flywheel simulate --loop`, 2026-12-07)."""
+
 FEATURE_MARGIN = 0.02
 """Cross-validated probe accuracy an earlier stage must add over the last one before a head reads it (a
 switch re-embeds the pool once; two points keep noise from flipping it round after round)."""
@@ -104,14 +109,21 @@ class FeatureChoice:
     probe: dict[str, float]
 
 
+def wants_stage_probe(labels_per_class: float, domain: str = "auto") -> bool:
+    """Whether a round probes the stages: very little data (under HEAD_ONLY_BELOW training labels per class),
+    but enough for the probe to mean something (STAGE_PROBE_FROM), unless the domain is set to near."""
+    return domain != "near" and STAGE_PROBE_FROM <= labels_per_class < HEAD_ONLY_BELOW
+
+
 def choose_features(labels_per_class: float, probe: dict[str, float] | None, *, domain: str = "auto") -> FeatureChoice:
     """The decision table's first row: with very little data the head reads the last stage when the domain is
     near the pretraining data, and the earlier stage that probes best when it is far (docs/transfer.md)."""
-    if domain == "near":
-        return FeatureChoice("last", "finetune.domain is 'near': the head reads the last stage", {})
-    if labels_per_class >= HEAD_ONLY_BELOW:
-        reason = f"{labels_per_class:.1f} labels/class >= {HEAD_ONLY_BELOW:g}: the head reads the last stage"
-        return FeatureChoice("last", reason, {})
+    if not wants_stage_probe(labels_per_class, domain):
+        why = "finetune.domain is 'near'" if domain == "near" else (
+            f"{labels_per_class:.1f} training labels/class, the stage probe runs from {STAGE_PROBE_FROM:g} "
+            f"to {HEAD_ONLY_BELOW:g}"
+        )  # fmt: skip
+        return FeatureChoice("last", f"{why}: the head reads the last stage", {})
     if probe is None:
         return FeatureChoice("last", "too few labels per class to probe the stages: the head reads the last", {})
     best = max(probe, key=lambda stage: probe[stage])

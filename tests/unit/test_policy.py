@@ -149,6 +149,8 @@ def test_far_domain_cell_reads_the_stage_that_probes_best_only_with_little_data(
     assert choose_features(150.0, probe).stage == "last"  # enough data: the depth policy takes over
     assert choose_features(30.0, probe, domain="near").stage == "last"
     assert choose_features(30.0, None).stage == "last"  # too few labels to probe
+    early = choose_features(5.0, probe)  # under 8 training labels per class the probe is noise
+    assert early.stage == "last" and "from 8" in early.reason
 
 
 def test_a_stage_body_gives_the_stage_features_the_probe_measured():
