@@ -317,10 +317,12 @@ class StageBody(nn.Module):
 
     def __init__(self, body: nn.Module, backbone: str, stage: str):
         super().__init__()
-        names = [name for name, _ in group_modules(body, backbone)]
-        if stage not in names:
-            raise UnknownChoiceError("layer group", stage, names)
+        groups = dict(group_modules(body, backbone))
+        if stage not in groups:
+            raise UnknownChoiceError("layer group", stage, list(groups))
         self.body, self.backbone, self.stage = body, backbone, stage
+        names = {id(module): name for name, module in body.named_modules()}
+        self.hooked = names[id(groups[stage][-1])]  # the stage's last module, by name: found once, pickles as text
         was_training = body.training
         with torch.no_grad():
             self.embedding_dim = int(self.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
@@ -328,8 +330,9 @@ class StageBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
-        module = dict(group_modules(self.body, self.backbone))[self.stage][-1]
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(pool_output(out)))
+        handle = self.body.get_submodule(self.hooked).register_forward_hook(
+            lambda _m, _i, out: captured.append(pool_output(out))
+        )
         try:
             self.body(x)
         finally:

@@ -100,6 +100,11 @@ def body_version(settings: Settings, catalog: Catalog) -> str:
     return IMAGENET
 
 
+def features_version(body_version: str, stage: str) -> str:
+    """The cache key of a pool's vectors: the body's version, and the stage when it is not the last."""
+    return body_version if stage == "last" else f"{body_version}+{stage}"
+
+
 def set_body_version(settings: Settings, catalog: Catalog, version: str) -> None:
     catalog.set_meta(BODY_KEY, json.dumps({"backbone": settings.backbone, "version": version}))
 

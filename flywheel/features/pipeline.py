@@ -236,6 +236,7 @@ def embed_stream(
         worker_init_fn=forked_worker_init,
     )
     model = prepare_body(body, device, options)
+    width = feature_dim(body, spec)  # a StageBody gives its stage's width
     normalize = _normalize(spec)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     shard: list[torch.Tensor] = []
@@ -246,9 +247,9 @@ def embed_stream(
             if options.compile and len(x) < options.batch_size:  # pad: one compiled shape, no recompile
                 x = torch.cat([x, x.new_zeros((options.batch_size - len(x), *x.shape[1:]))])
             feats = model(x)[: batch.size].float()
-            if feats.ndim != 2 or feats.shape[1] != feature_dim(body, spec):
+            if feats.ndim != 2 or feats.shape[1] != width:
                 raise FlywheelError(f"{spec.name} body gave features of shape {tuple(feats.shape)}, spec says "
-                                    f"(B, {feature_dim(body, spec)})")  # fmt: skip
+                                    f"(B, {width})")  # fmt: skip
             shard.append(feats)  # kept on the device: no sync per batch
             in_shard += batch.size
             if on_batch is not None:

@@ -43,7 +43,7 @@ def head_features(
     if choice.stage == "last":
         return current, choice
     body = StageBody(current.body, settings.backbone, choice.stage)
-    version = f"{current.body_version}+{choice.stage}"
+    version = embedded.features_version(current.body_version, choice.stage)
     pool = embedded.split_features(settings, catalog, POOL, body, version, progress=progress)
     if not np.array_equal(pool.ids, current.pool.ids):  # an image left the pool in between: next round
         return current, policy.FeatureChoice(

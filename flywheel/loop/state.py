@@ -61,8 +61,8 @@ class State:
 
     @property
     def features_version(self) -> str:
-        """The cache key of what `pool` holds: the body's version, and the stage when it is not the last."""
-        return self.body_version if self.features == "last" else f"{self.body_version}+{self.features}"
+        """The cache key of what `pool` holds (embedded.features_version)."""
+        return embedded.features_version(self.body_version, self.features)
 
 
 def current_state(settings: Settings, catalog: Catalog, *, progress: bool) -> State:
@@ -114,8 +114,7 @@ def champion_holdout(
 
 def model_features_version(model: ModelVersion) -> str:
     """What a registered model's head reads: its body's version, plus the stage when not the last."""
-    stage = model.tags.get("features", "last")
-    return model_body_version(model) if stage == "last" else f"{model_body_version(model)}+{stage}"
+    return embedded.features_version(model_body_version(model), model.tags.get("features", "last"))
 
 
 def model_body_version(model: ModelVersion) -> str:

@@ -200,10 +200,21 @@ def probe_stages(
     return probe_features(feats, targets[rows], n_classes, l2=l2, seed=seed)
 
 
-def _can_probe(targets: npt.NDArray[np.int64]) -> bool:
+def _present_counts(targets: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
+    """Labels per class, for the classes that have any."""
+    counts = np.bincount(targets) if len(targets) else np.zeros(0, np.int64)
+    return counts[counts > 0]
+
+
+def _can_probe(targets: npt.NDArray[np.integer[Any]]) -> bool:
     """Cross-validation needs two classes, each with two labels at least."""
-    present = np.bincount(targets)[np.bincount(targets) > 0] if len(targets) else np.zeros(0, np.int64)
+    present = _present_counts(targets)
     return len(present) >= 2 and int(present.min()) >= 2
+
+
+def _probe_folds(targets: npt.NDArray[np.integer[Any]], limit: int) -> int:
+    """`limit` folds, fewer when the smallest class has fewer labels (every fold holds each class)."""
+    return int(min(limit, _present_counts(targets).min()))
 
 
 def probe_features(
@@ -218,7 +229,7 @@ def probe_features(
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)
     if not _can_probe(targets):
         return None
-    folds = int(min(PROBE_FOLDS, np.bincount(targets)[np.bincount(targets) > 0].min()))
+    folds = _probe_folds(targets, PROBE_FOLDS)
     return {
         name: cv_probe_accuracy(np.asarray(x), targets, n_classes, folds=folds, l2=l2, seed=seed)
         for name, x in features.items()
@@ -264,9 +275,8 @@ def probe_domain(
     if len(targets) != len(paths):
         raise DataError(f"domain probe: {len(paths)} paths but {len(targets)} targets")
     stage = middle_stage(body, backbone)
-    counts = np.bincount(targets, minlength=1) if len(targets) else np.zeros(1, np.int64)
-    present = counts[counts > 0]
-    if len(present) < 2 or present.min() < 2:
+    present = _present_counts(targets)
+    if not _can_probe(targets):
         smallest = int(present.min()) if len(present) else 0
         reason = f"too few labels to probe ({len(targets)} images, smallest class {smallest}): assuming a near domain"
         return DomainProbe(
@@ -274,7 +284,7 @@ def probe_domain(
         )
     rows = _subsample(targets, max_images, seed)
     targets = targets[rows]
-    folds = int(min(folds, np.bincount(targets)[np.bincount(targets) > 0].min()))
+    folds = _probe_folds(targets, folds)
     feats = stage_features(body, backbone, [paths[i] for i in rows], image_size, [stage], device=device)
     middle = cv_probe_accuracy(feats[stage], targets, n_classes, folds=folds, l2=l2, seed=seed)
     last = cv_probe_accuracy(feats["last"], targets, n_classes, folds=folds, l2=l2, seed=seed)
