@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from bench.results_files import command_line, write_results
 from flywheel.errors import WeightsUnavailableError
 from flywheel.features.backbones import build_body, get_spec
-from flywheel.features.pipeline import EmbedOptions, auto_workers, embed_all
+from flywheel.features.pipeline import Embedder, EmbedOptions, auto_workers, embed_all
 from flywheel.features.store import resolve_device
 from flywheel.sources.images import eval_transform, load_image
 from flywheel.sources.importing import FASHION_MNIST_DIR, _read_idx
@@ -84,7 +84,7 @@ def bench_model(name: str, paths: list[str], args, device: torch.device) -> dict
     except WeightsUnavailableError:
         body, weights = build_body(name, pretrained=False), "random init (weights not cached; same throughput)"
     options = EmbedOptions(batch_size=args.batch_size, workers=args.workers, compile=args.compile)
-    ours = lambda p: embed_all(p, body, spec, image_size=args.size, device=device, options=options)  # noqa: E731
+    ours = lambda p: embed_all(p, Embedder(body, spec, args.size, device, options))  # noqa: E731
     plain = lambda p: plain_loop(p, body, spec, size=args.size, batch_size=args.batch_size, device=device)  # noqa: E731
     warm = paths[: 2 * args.batch_size]
     plain(warm), ours(warm)  # first calls: allocator, oneDNN/cuDNN kernel choice, compile

@@ -66,18 +66,13 @@ ALTERATIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 
 def _embed(paths: list[str], settings) -> np.ndarray:
-    from flywheel.features.backbones import build_body, get_spec
+    from flywheel.features.backbones import build_body
+    from flywheel.features.pipeline import Embedder
     from flywheel.features.store import embed_paths, resolve_device
 
-    return embed_paths(
-        paths,
-        build_body(settings.backbone, pretrained=True),
-        get_spec(settings.backbone),
-        image_size=settings.image_size,
-        batch_size=settings.embed_batch_size,
-        device=resolve_device(settings.finetune.device),
-        progress=False,
-    )
+    body = build_body(settings.backbone, pretrained=True)
+    embedder = Embedder.configured(body, settings, device=resolve_device(settings.finetune.device))
+    return embed_paths(paths, embedder, progress=False)
 
 
 def _summary(sims: np.ndarray) -> dict:

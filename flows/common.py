@@ -230,9 +230,9 @@ def worth_retrying(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -
 
 
 def results_storage(settings: Settings) -> str:
-    """A LocalFileSystem block (one per workspace) persisting task results under settings.results_dir."""
+    """A LocalFileSystem block (one per workspace) persisting task results under settings.dirs.results."""
     name = "flywheel-results-" + hashlib.sha256(str(settings.workspace).encode()).hexdigest()[:12]
-    LocalFileSystem(basepath=str(settings.results_dir)).save(name, overwrite=True)
+    LocalFileSystem(basepath=str(settings.dirs.results)).save(name, overwrite=True)
     return f"local-file-system/{name}"
 
 

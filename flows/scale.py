@@ -64,7 +64,7 @@ def _store(settings: Settings, catalog: Catalog) -> tuple[Settings, str, Embeddi
     settings = embedded.active_settings(settings, catalog)
     version = embedded.body_version(settings, catalog)
     key = EmbeddingStore.key_for(get_spec(settings.backbone), version, settings.image_size)
-    return settings, version, EmbeddingStore(settings.embeddings_dir, key)
+    return settings, version, EmbeddingStore(settings.dirs.embeddings, key)
 
 
 @flow(name="embed-distributed", log_prints=True)

@@ -11,9 +11,9 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -47,13 +47,46 @@ StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 """A list of names or paths: `FLYWHEEL_CLASSES=circle,square` or `FLYWHEEL_CLASSES='["circle", "square"]'`."""
 
 
+def _known(what: str, value: str, choices: Collection[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(sorted(choices))}")
+    return value
+
+
+class WorkspaceDirs(NamedTuple):
+    """The folders of a workspace, derived from its root so that they cannot drift apart."""
+
+    embeddings: Path
+    sources: Path
+    checkpoints: Path
+    logs: Path
+    results: Path  # persisted Prefect task results (the embedding tasks' cache)
+
+    @classmethod
+    def under(cls, root: Path) -> WorkspaceDirs:
+        return cls(*(root / name for name in ("embeddings", "sources", "checkpoints", "logs", "prefect-results")))
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LabelStudioSettings(_Section):
+class _Server(_Section):
+    """A server on host:port, loopback unless told otherwise; each kind sets its own default port."""
+
     host: str = LOOPBACK
-    port: int = Field(8080, ge=1, le=65535)
+    port: Port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class LabelStudioSettings(_Server):
+    port: Port = 8080
     username: str = "flywheel@localhost"
     password: SecretStr = SecretStr("flywheel-local-only")
     token: SecretStr = SecretStr("flywheel-local-token")
@@ -72,14 +105,9 @@ class LabelStudioSettings(_Section):
         2000, ge=0, description="sync reads one export snapshot when the project has more tasks than this, else pages"
     )
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
-
-class MLflowSettings(_Section):
-    host: str = LOOPBACK
-    port: int = Field(5000, ge=1, le=65535)
+class MLflowSettings(_Server):
+    port: Port = 5000
     experiment: str = ""  # empty: "flywheel-<project>"
     registered_model: str = ""  # empty: "flywheel-<project>"
     backend_store_uri: str = Field(
@@ -88,16 +116,12 @@ class MLflowSettings(_Section):
         "in the workspace",
     )
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
 
 class WebhookSettings(_Section):
     """The receiver Label Studio posts annotation events to (`flywheel webhook`)."""
 
     host: str = LOOPBACK
-    port: int = Field(8765, ge=1, le=65535)
+    port: Port = 8765
     # Shared with Label Studio in the X-Flywheel-Secret header; empty: no receiver, no registration (polling only).
     secret: SecretStr = SecretStr("")
     url: str = Field("", description="where Label Studio reaches the receiver; empty: http://<host>:<port>/webhook")
@@ -122,11 +146,10 @@ class StorageSettings(_Section):
     presign_expiry_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600, description="SigV4 allows 7 days at most")
 
 
-class PrefectSettings(_Section):
+class PrefectSettings(_Server):
     """The Prefect server, and how the deployments (flows/deploy.py) run the flywheel by themselves."""
 
-    host: str = LOOPBACK
-    port: int = Field(4200, ge=1, le=65535)
+    port: Port = 4200
     work_pool: str = Field("flywheel", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="process work pool")
     round_cron: str = Field("0 * * * *", pattern=r"^\S+( \S+){4}$", description="when the `round` deployment runs")
     timezone: str = Field("UTC", description="of round_cron")
@@ -147,7 +170,7 @@ class PrefectSettings(_Section):
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.host}:{self.port}/api"
+        return f"{self.url}/api"
 
 
 class PostgresSettings(_Section):
@@ -156,7 +179,7 @@ class PostgresSettings(_Section):
     host and port."""
 
     host: str = LOOPBACK
-    port: int = Field(5433, ge=1, le=65535, description="5433: beside a system PostgreSQL on 5432")
+    port: Port = Field(5433, description="5433: beside a system PostgreSQL on 5432")
     user: str = Field("flywheel", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     bin_dir: str = Field("", description="folder with initdb and pg_ctl; empty: newest /usr/lib/postgresql/*/bin")
 
@@ -363,18 +386,14 @@ class Settings(BaseSettings):
     def _known_backbone(cls, value: str) -> str:
         from flywheel.features.backbones import BACKBONES  # imported here: settings stay cheap to import
 
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone {value!r}; choose one of: {', '.join(sorted(BACKBONES))}")
-        return value
+        return _known("backbone", value, BACKBONES)
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
         from flywheel.strategies import STRATEGIES
 
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy {value!r}; choose one of: {', '.join(sorted(STRATEGIES))}")
-        return value
+        return _known("strategy", value, STRATEGIES)
 
     @field_validator("classes")
     @classmethod
@@ -413,25 +432,8 @@ class Settings(BaseSettings):
         return self.label_studio.project_title or f"flywheel-{self.project}"
 
     @property
-    def embeddings_dir(self) -> Path:
-        return self.workspace / "embeddings"
-
-    @property
-    def sources_dir(self) -> Path:
-        return self.workspace / "sources"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.workspace / "checkpoints"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.workspace / "logs"
-
-    @property
-    def results_dir(self) -> Path:
-        """Persisted Prefect task results (the embedding tasks' cache)."""
-        return self.workspace / "prefect-results"
+    def dirs(self) -> WorkspaceDirs:
+        return WorkspaceDirs.under(self.workspace)
 
 
 SECRET_NAMES = ("password", "token", "secret", "access_key", "secret_key")

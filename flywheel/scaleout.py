@@ -26,7 +26,7 @@ from flywheel.atomic import atomic_path
 from flywheel.config import Settings
 from flywheel.errors import DataError
 from flywheel.features.backbones import get_spec
-from flywheel.features.pipeline import embed_all, options_from_settings
+from flywheel.features.pipeline import Embedder, embed_all
 from flywheel.features.store import EmbeddingStore, resolve_device
 from flywheel.training.head import predict_proba
 
@@ -119,7 +119,7 @@ def worker_device(settings: Settings) -> torch.device:
 
 def shard_dir(settings: Settings, key: str) -> Path:
     """Where distributed embedding leaves its shard files before they join the store."""
-    return settings.embeddings_dir / key / "shards"
+    return settings.dirs.embeddings / key / "shards"
 
 
 def _shard_file(settings: Settings, key: str, shard: Shard) -> Path:
@@ -140,10 +140,7 @@ def embed_shard(settings: Settings, version: str, shard: Shard) -> ShardResult:
             if tuple(done["ids"].tolist()) == shard.ids:
                 return ShardResult(shard.number, str(path), len(shard.ids), worker_name(), str(device), True)
     body = load_body(settings, version)
-    vectors = embed_all(
-        list(shard.paths), body, spec, image_size=settings.image_size, device=device,
-        options=options_from_settings(settings),
-    )  # fmt: skip
+    vectors = embed_all(list(shard.paths), Embedder.configured(body, settings, device=device))
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, ids=np.array(shard.ids, dtype=np.int64), vectors=vectors)
     return ShardResult(shard.number, str(path), len(shard.ids), worker_name(), str(device), False)
@@ -173,7 +170,7 @@ def score_shard(
 ) -> npt.NDArray[np.float32]:
     """On a worker: class probabilities (len(ids), C) float32 of the stored vectors of `ids` under the
     linear head (weight (C, D), bias (C,))."""
-    vectors = EmbeddingStore(settings.embeddings_dir, key).get(list(ids))
+    vectors = EmbeddingStore(settings.dirs.embeddings, key).get(list(ids))
     head = torch.nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(weight))

@@ -44,7 +44,8 @@ def data_dir(settings: Settings) -> Path:
 def log_file(settings: Settings) -> Path:
     """Written by the server: beside the data when that had to leave the workspace."""
     data = data_dir(settings)
-    return settings.logs_dir / "postgres.log" if data.is_relative_to(settings.workspace) else data.parent / "server.log"
+    inside = data.is_relative_to(settings.workspace)
+    return settings.dirs.logs / "postgres.log" if inside else data.parent / "server.log"
 
 
 def _server_user_reaches(path: Path) -> bool:

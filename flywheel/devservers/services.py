@@ -52,7 +52,7 @@ class _Spec:
         return settings.workspace / "services" / self.name
 
     def log_file(self, settings: Settings) -> Path:
-        return settings.logs_dir / f"{self.name}.log"
+        return settings.dirs.logs / f"{self.name}.log"
 
     def pid_file(self, settings: Settings) -> Path:
         return settings.workspace / "run" / f"{self.name}.pid"
@@ -320,7 +320,7 @@ def kill_group(pgid: int, grace: float) -> None:
 def worker_files(settings: Settings) -> tuple[Path, Path]:
     """The pid file and log of this workspace's Prefect worker for settings.prefect.work_pool."""
     pool = settings.prefect.work_pool
-    return settings.workspace / "run" / f"worker-{pool}.pid", settings.logs_dir / f"worker-{pool}.log"
+    return settings.workspace / "run" / f"worker-{pool}.pid", settings.dirs.logs / f"worker-{pool}.log"
 
 
 def deployed_marker(settings: Settings) -> Path:
@@ -356,7 +356,7 @@ def _print_table(settings: Settings, names: Sequence[str]) -> bool:
     from rich.table import Table
 
     states = health(settings)
-    table = Table(title="flywheel services", caption=f"logs: {settings.logs_dir}/<service>.log")
+    table = Table(title="flywheel services", caption=f"logs: {settings.dirs.logs}/<service>.log")
     for column in ("service", "url", "state", "pid"):
         table.add_column(column, no_wrap=True)
     for name in names:

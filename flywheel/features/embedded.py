@@ -27,7 +27,7 @@ from flywheel.catalog import Catalog, Quarantined
 from flywheel.config import Settings
 from flywheel.errors import BadImageError, DataError
 from flywheel.features.backbones import build_body, get_spec
-from flywheel.features.pipeline import options_from_settings
+from flywheel.features.pipeline import Embedder
 from flywheel.features.store import EmbeddingStore, ProgressFn, embed_available, resolve_device
 from flywheel.index.sharded import ShardedIndex, sync_vector_index
 from flywheel.registry import tracking
@@ -129,7 +129,7 @@ def split_features(
     decoded are quarantined and left out."""
     rows = catalog.samples(split)
     spec = get_spec(settings.backbone)
-    store = EmbeddingStore(settings.embeddings_dir, EmbeddingStore.key_for(spec, version, settings.image_size))
+    store = EmbeddingStore(settings.dirs.embeddings, EmbeddingStore.key_for(spec, version, settings.image_size))
     ids = np.array([r.id for r in rows], dtype=np.int64)
     paths = [r.uri for r in rows]
     bad: dict[int, BadImageError] = {}
@@ -137,15 +137,10 @@ def split_features(
         store,
         ids.tolist(),
         paths,
-        body,
-        spec,
+        Embedder.configured(body, settings, device=resolve_device(settings.finetune.device)),
         on_bad=bad.__setitem__,
-        image_size=settings.image_size,
-        batch_size=settings.embed_batch_size,
-        device=resolve_device(settings.finetune.device),
         progress=progress,
         on_progress=on_progress,
-        options=options_from_settings(settings),
     )
     if bad:  # undecodable images leave the pool (flywheel.sources.quarantine) instead of stopping the round
         catalog.quarantine_samples({i: Quarantined(e.path, e.reason, e.detail) for i, e in bad.items()}, stage="embed")

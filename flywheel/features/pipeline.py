@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 from flywheel.config import Settings
 from flywheel.errors import DataError, FlywheelError
-from flywheel.features.backbones import BackboneSpec, feature_dim
+from flywheel.features.backbones import BackboneSpec, feature_dim, get_spec
 from flywheel.sources.images import _normalize, check_image_size, forked_worker_init, load_image, read_header
 
 EXIF_ORIENTATION = 0x0112  # EXIF tag; 1 = upright. nvJPEG ignores it, so rotated JPEGs decode on the CPU.
@@ -59,17 +59,29 @@ class EmbedOptions:
             raise DataError(f"embed options: workers must be >= -1 and threads >= 0, got {self.workers}/{self.threads}")
 
 
-def options_from_settings(settings: Settings) -> EmbedOptions:
-    """The pipeline options a Settings object asks for."""
-    embed = settings.embed
-    return EmbedOptions(
-        batch_size=settings.embed_batch_size,
-        workers=embed.workers,
-        compile=embed.compile,
-        gpu_decode=embed.gpu_decode,
-        shard_size=embed.shard_size,
-        threads=settings.torch_threads,
-    )
+@dataclass(frozen=True)
+class Embedder:
+    """A frozen body and how to feed it: everything "image paths -> vectors" needs besides the paths."""
+
+    body: nn.Module
+    spec: BackboneSpec
+    image_size: int
+    device: torch.device = torch.device("cpu")
+    options: EmbedOptions = EmbedOptions()
+
+    @classmethod
+    def configured(cls, body: nn.Module, settings: Settings, *, device: torch.device) -> Embedder:
+        """The body fed as the settings ask (`embed.*`, `embed_batch_size`, `torch_threads`, `image_size`)."""
+        embed = settings.embed
+        options = EmbedOptions(
+            batch_size=settings.embed_batch_size,
+            workers=embed.workers,
+            compile=embed.compile,
+            gpu_decode=embed.gpu_decode,
+            shard_size=embed.shard_size,
+            threads=settings.torch_threads,
+        )
+        return cls(body, get_spec(settings.backbone), settings.image_size, device, options)
 
 
 def auto_workers(device: torch.device) -> int:
@@ -205,17 +217,12 @@ def prepare_body(body: nn.Module, device: torch.device, options: EmbedOptions) -
 
 
 def embed_stream(
-    paths: Sequence[str],
-    body: nn.Module,
-    spec: BackboneSpec,
-    *,
-    image_size: int,
-    device: torch.device,
-    options: EmbedOptions = EmbedOptions(),
-    on_batch: Callable[[int], None] | None = None,
+    paths: Sequence[str], embedder: Embedder, *, on_batch: Callable[[int], None] | None = None
 ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
     """Yield (start, vectors (n, D) float32) for consecutive shards of `paths`, in order; one DataLoader
     (one set of workers) for the whole stream. `on_batch(n)` is called after each batch (progress)."""
+    body, spec, image_size, options = embedder.body, embedder.spec, embedder.image_size, embedder.options
+    device = embedder.device
     check_image_size(spec, image_size)
     if not len(paths):
         return
@@ -266,19 +273,10 @@ def embed_stream(
 
 
 def embed_all(
-    paths: Sequence[str],
-    body: nn.Module,
-    spec: BackboneSpec,
-    *,
-    image_size: int,
-    device: torch.device,
-    options: EmbedOptions = EmbedOptions(),
-    on_batch: Callable[[int], None] | None = None,
+    paths: Sequence[str], embedder: Embedder, *, on_batch: Callable[[int], None] | None = None
 ) -> npt.NDArray[np.float32]:
     """(N, D) float32, row i for paths[i]: `embed_stream` collected in one array."""
-    out = np.empty((len(paths), feature_dim(body, spec)), dtype=np.float32)
-    for start, vectors in embed_stream(
-        paths, body, spec, image_size=image_size, device=device, options=options, on_batch=on_batch
-    ):
+    out = np.empty((len(paths), feature_dim(embedder.body, embedder.spec)), dtype=np.float32)
+    for start, vectors in embed_stream(paths, embedder, on_batch=on_batch):
         out[start : start + len(vectors)] = vectors
     return out

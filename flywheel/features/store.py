@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch import nn
 
 from flywheel import faults
 from flywheel.atomic import atomic_path, remove_with_sidecar, verify_checksum
 from flywheel.errors import BadImageError, CorruptFileError, DataError, FlywheelError
 from flywheel.features.backbones import BackboneSpec
-from flywheel.features.pipeline import EmbedOptions, embed_all, embed_stream
+from flywheel.features.pipeline import Embedder, embed_all, embed_stream
 from flywheel.sources.images import load_image
 
 if TYPE_CHECKING:
@@ -74,25 +73,22 @@ def _progress(enabled: bool) -> AbstractContextManager[Progress | None]:
 
 
 def embed_paths(
-    paths: Sequence[str],
-    body: nn.Module,
-    spec: BackboneSpec,
-    *,
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    num_workers: int = 0,
-    progress: bool = True,
-    on_progress: ProgressFn | None = None,
-    options: EmbedOptions | None = None,
+    paths: Sequence[str], embedder: Embedder, *, progress: bool = True, on_progress: ProgressFn | None = None
 ) -> npt.NDArray[np.float32]:
-    """Features of each image: (N, D) float32, row i for paths[i] (flywheel.features.pipeline does the work;
-    `options`, e.g. from the settings, replace batch_size and num_workers)."""
-    options = options or EmbedOptions(batch_size=batch_size, workers=num_workers)
-    with _progress(progress) as bar:
-        task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(paths)) if bar else None
-        on_batch = _batch_counter(bar, task, on_progress, len(paths))
-        return embed_all(paths, body, spec, image_size=image_size, device=device, options=options, on_batch=on_batch)
+    """Features of each image: (N, D) float32, row i for paths[i], with a progress bar (the pipeline does the work)."""
+    with _counting(embedder, len(paths), progress=progress, on_progress=on_progress) as on_batch:
+        return embed_all(paths, embedder, on_batch=on_batch)
+
+
+@contextmanager
+def _counting(
+    embedder: Embedder, total: int, *, progress: bool, on_progress: ProgressFn | None
+) -> Iterator[Callable[[int], None]]:
+    """The pipeline's per-batch callback, advancing a progress bar (when shown) and on_progress."""
+    with _progress(progress and total > 0) as bar:
+        what = f"embedding ({embedder.spec.name}, {embedder.image_size}px)"
+        task = bar.add_task(what, total=total) if bar else None
+        yield _batch_counter(bar, task, on_progress, total)
 
 
 def _batch_counter(bar: Any, task: Any, on_progress: ProgressFn | None, total: int) -> Callable[[int], None]:
@@ -249,16 +245,10 @@ def embed_samples(
     store: EmbeddingStore,
     ids: Sequence[int],
     paths: Sequence[str],
-    body: nn.Module,
-    spec: BackboneSpec,
+    embedder: Embedder,
     *,
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
     progress: bool = True,
-    num_workers: int = 0,
     on_progress: ProgressFn | None = None,
-    options: EmbedOptions | None = None,
 ) -> npt.NDArray[np.float32]:
     """Embed only the ids missing from the store (saving as it goes); return (len(ids), D) in ids' order.
 
@@ -269,14 +259,9 @@ def embed_samples(
         raise DataError(f"embed_samples: {len(ids)} ids but {len(paths)} paths")
     path_of = dict(zip((int(i) for i in ids), paths, strict=True))
     todo = store.missing(ids)
-    options = options or EmbedOptions(batch_size=batch_size, workers=num_workers, shard_size=SAVE_EVERY)
-    with _progress(progress and bool(todo)) as bar:
-        task = bar.add_task(f"embedding ({spec.name}, {image_size}px)", total=len(todo)) if bar else None
-        for start, vectors in embed_stream(  # one stream of shards, each saved as it completes
-            [path_of[i] for i in todo], body, spec, image_size=image_size, device=device, options=options,
-            on_batch=_batch_counter(bar, task, on_progress, len(todo)),
-        ):  # fmt: skip
-            store.add(todo[start : start + len(vectors)], vectors)
+    with _counting(embedder, len(todo), progress=progress, on_progress=on_progress) as on_batch:
+        for start, vectors in embed_stream([path_of[i] for i in todo], embedder, on_batch=on_batch):
+            store.add(todo[start : start + len(vectors)], vectors)  # each shard saved as it completes
     return store.get(ids)
 
 
@@ -284,9 +269,11 @@ def embed_available(
     store: EmbeddingStore,
     ids: Sequence[int],
     paths: Sequence[str],
-    *args: Any,
+    embedder: Embedder,
+    *,
     on_bad: Callable[[int, BadImageError], None],
-    **kwargs: Any,
+    progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> tuple[npt.NDArray[np.float32], list[int]]:
     """`embed_samples`, except that images which cannot be decoded are reported to `on_bad(id, error)` and
     left out, so one bad file does not stop the rest. Returns (vectors, the ids they belong to).
@@ -295,7 +282,8 @@ def embed_available(
     one by one to find the culprits (if none is found, the original error propagates).
     """
     try:
-        return embed_samples(store, ids, paths, *args, **kwargs), [int(i) for i in ids]
+        vectors = embed_samples(store, ids, paths, embedder, progress=progress, on_progress=on_progress)
+        return vectors, [int(i) for i in ids]
     except Exception:
         path_of = dict(zip((int(i) for i in ids), paths, strict=True))
         broken: dict[int, BadImageError] = {}
@@ -309,4 +297,7 @@ def embed_available(
     for i, error in broken.items():
         on_bad(i, error)
     keep = [k for k, i in enumerate(ids) if int(i) not in broken]
-    return embed_available(store, [ids[k] for k in keep], [paths[k] for k in keep], *args, on_bad=on_bad, **kwargs)
+    return embed_available(
+        store, [ids[k] for k in keep], [paths[k] for k in keep], embedder,
+        on_bad=on_bad, progress=progress, on_progress=on_progress,
+    )  # fmt: skip

@@ -236,7 +236,7 @@ def _tune(settings: Settings, current: State, *, device: torch.device, progress:
         settings=ft,
         seed=settings.seed,
         progress=progress,
-        checkpoint_dir=settings.checkpoints_dir,
+        checkpoint_dir=settings.dirs.checkpoints,
         resume=ft.resume,
     )
     return _Tuned(result, decision, n_groups, far_domain, domain_reason, probe, labels_per_class, train, val)

@@ -1,6 +1,6 @@
 """Data for `flywheel simulate`: ImageFolder trees and built-in sources, embedded once and cached on disk.
 
-Built-in sources are written as PNG ImageFolder trees under `settings.sources_dir / "simulate"`, so every
+Built-in sources are written as PNG ImageFolder trees under `settings.dirs.sources / "simulate"`, so every
 source goes through the same path as a user's folder: read_image_folder -> embed -> cache. The cache is
 an EmbeddingStore keyed by backbone, weights and image size plus a hash of the dataset's file list, so a
 repeated run embeds nothing.
@@ -19,6 +19,7 @@ import numpy.typing as npt
 from flywheel.config import Settings
 from flywheel.errors import DataError
 from flywheel.features.backbones import build_body, get_spec
+from flywheel.features.pipeline import Embedder
 from flywheel.features.store import EmbeddingStore, embed_samples, resolve_device
 from flywheel.sources.importing import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _read_idx, read_image_folder
 
@@ -100,7 +101,7 @@ def materialize_builtin(name: str, dest: Path, *, pool_size: int = 5000, source_
 def load_dataset(data: str, settings: Settings, *, pool_size: int = 5000) -> Dataset:
     """A built-in source name or an ImageFolder path -> paths, targets, classes (not embedded yet)."""
     if data in BUILTIN:
-        root, name = materialize_builtin(data, settings.sources_dir / "simulate", pool_size=pool_size), data
+        root, name = materialize_builtin(data, settings.dirs.sources / "simulate", pool_size=pool_size), data
     else:
         root = Path(data).expanduser()
         if not root.is_dir():
@@ -130,21 +131,12 @@ def embed_dataset(dataset: Dataset, settings: Settings, *, progress: bool = True
     key = (
         f"{EmbeddingStore.key_for(spec, WEIGHTS_VERSION, settings.image_size)}__files-{file_list_digest(dataset.paths)}"
     )
-    store = EmbeddingStore(settings.embeddings_dir / "simulate", key)
+    store = EmbeddingStore(settings.dirs.embeddings / "simulate", key)
     ids = list(range(len(dataset.paths)))
     if store.missing(ids):
         body = build_body(settings.backbone, pretrained=True)
-        vectors = embed_samples(
-            store,
-            ids,
-            dataset.paths,
-            body,
-            spec,
-            image_size=settings.image_size,
-            batch_size=settings.embed_batch_size,
-            device=resolve_device(settings.finetune.device),
-            progress=progress,
-        )
+        embedder = Embedder.configured(body, settings, device=resolve_device(settings.finetune.device))
+        vectors = embed_samples(store, ids, dataset.paths, embedder, progress=progress)
     else:
         vectors = store.get(ids)
     return Dataset(dataset.name, dataset.paths, dataset.targets, dataset.classes, np.asarray(vectors, np.float32))

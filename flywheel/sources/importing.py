@@ -169,7 +169,7 @@ def import_source(
     """
     if source == "fashion-mnist":
         pool_root, test_root = materialize_fashion_mnist(
-            settings.sources_dir / "fashion-mnist",
+            settings.dirs.sources / "fashion-mnist",
             pool_size=pool_size,
             test_size=test_size,
             seed=settings.seed,
@@ -186,7 +186,7 @@ def import_source(
     if path.is_dir():
         records, classes = read_image_folder(path, allowed_roots=extra_roots)
     elif path.is_file():
-        records, classes = read_manifest(path, settings.sources_dir / "remote", allowed_roots=extra_roots)
+        records, classes = read_manifest(path, settings.dirs.sources / "remote", allowed_roots=extra_roots)
     else:
         raise DataError(
             f"data path {path} does not exist (give an ImageFolder tree, a .csv/.jsonl manifest, "

@@ -113,10 +113,8 @@ def _cold(pool: PoolView, n: int, rng: np.random.Generator, why: str) -> Selecti
             description=f"auto: {why}: random (typiclust needs embeddings; none given)",
         )
     order, scores, k = typiclust_picks(pool, n, rng)
-    return Selection(
-        positions=pool.candidates[order].astype(np.int64),
-        scores=scores,
-        strategy="auto",
-        description=f"auto: {why}: typiclust (most typical point of each of the {n} largest least-labelled of "
-        f"{k} k-means clusters of the whitened embeddings, {pool.embeddings.shape[1]} components)",
+    description = (
+        f"auto: {why}: typiclust (most typical point of each of the {n} largest least-labelled of "
+        f"{k} k-means clusters of the whitened embeddings, {pool.embeddings.shape[1]} components)"
     )
+    return pool.pick(order, scores, strategy="auto", description=description)

@@ -97,13 +97,11 @@ def _balanced(name: str, scorer: str, pool: PoolView, n: int, rng: np.random.Gen
     share = ", ".join(f"{c}:{q}" for c, q in enumerate(quota) if q)
     known = "labelled_targets" if pool.labelled_targets is not None else "no labelled_targets (all treated as 0)"
     note = f"; skipped {dropped} near-duplicate(s)" if dropped else ""
-    return Selection(
-        positions=pool.candidates[chosen].astype(np.int64),
-        scores=scores,
-        strategy=name,
-        description=f"{name}: {n} picks spread over predicted classes (class:picks {share}), odd picks to the "
-        f"classes with fewest labels ({known}); most uncertain by {scorer} within each class{note}",
+    description = (
+        f"{name}: {n} picks spread over predicted classes (class:picks {share}), odd picks to the "
+        f"classes with fewest labels ({known}); most uncertain by {scorer} within each class{note}"
     )
+    return pool.pick(chosen, scores, strategy=name, description=description)
 
 
 def balanced_margin(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:

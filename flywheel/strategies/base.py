@@ -68,6 +68,18 @@ class PoolView:
             return None
         return np.bincount(self.labelled_targets.astype(np.int64), minlength=n_classes)[:n_classes]
 
+    def pick(
+        self,
+        order: npt.ArrayLike,
+        scores: npt.ArrayLike,
+        *,
+        strategy: str,
+        description: str,
+    ) -> Selection:
+        """The candidates at offsets `order` (into `candidates`), best first, as a strategy's answer."""
+        positions = self.candidates[np.asarray(order, dtype=np.int64)].astype(np.int64)
+        return Selection(positions, np.asarray(scores, dtype=np.float64), strategy, description)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -94,18 +106,22 @@ def require_probs(
     pool: PoolView, strategy: str, instead: str = "'random', or 'typiclust' with embeddings"
 ) -> npt.NDArray[np.floating[Any]]:
     """pool.probs, or a FlywheelError naming the missing input and what to use instead."""
-    if pool.probs is None:
-        raise FlywheelError(f"{strategy} needs model probabilities (PoolView.probs); for the cold start use {instead}")
-    return pool.probs
+    return _given(
+        pool.probs, f"{strategy} needs model probabilities (PoolView.probs); for the cold start use {instead}"
+    )
 
 
 def require_embeddings(
     pool: PoolView, strategy: str, instead: str = "'margin' or 'random'"
 ) -> npt.NDArray[np.floating[Any]]:
     """pool.embeddings, or a FlywheelError naming the missing input and what to use instead."""
-    if pool.embeddings is None:
-        raise FlywheelError(f"{strategy} needs embeddings (PoolView.embeddings); without them use {instead}")
-    return pool.embeddings
+    return _given(pool.embeddings, f"{strategy} needs embeddings (PoolView.embeddings); without them use {instead}")
+
+
+def _given(rows: npt.NDArray[np.floating[Any]] | None, error: str) -> npt.NDArray[np.floating[Any]]:
+    if rows is None:
+        raise FlywheelError(error)
+    return rows
 
 
 def unit_rows(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:

@@ -219,13 +219,11 @@ def kcenter(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     embeddings = require_embeddings(pool, "kcenter", instead="'random' (no embeddings) or 'margin' (probabilities)")
     order, scores = kcenter_greedy(embeddings, pool.candidates, pool.labelled, n)
     start = "the candidate nearest the mean direction" if not len(pool.labelled) else f"{len(pool.labelled)} labelled"
-    return Selection(
-        positions=pool.candidates[order].astype(np.int64),
-        scores=scores,
-        strategy="kcenter",
-        description=f"greedy k-center: {n} of {len(pool.candidates)} candidates, each farthest (cosine chord) from "
-        f"the chosen so far, starting from {start}; max-min distance {scores[-1]:.3f} at the last pick",
+    description = (
+        f"greedy k-center: {n} of {len(pool.candidates)} candidates, each farthest (cosine chord) from "
+        f"the chosen so far, starting from {start}; max-min distance {scores[-1]:.3f} at the last pick"
     )
+    return pool.pick(order, scores, strategy="kcenter", description=description)
 
 
 # ------------------------------------------------------------------------------------------------ TypiClust
@@ -298,14 +296,12 @@ def typiclust(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     the most typical point (densest neighbourhood). Pure representativeness: the low-budget choice."""
     check_request(pool, n)
     order, scores, k = typiclust_picks(pool, n, rng)
-    return Selection(
-        positions=pool.candidates[order].astype(np.int64),
-        scores=scores,
-        strategy="typiclust",
-        description=f"typiclust: {k} k-means clusters over {len(pool.candidates) + len(pool.labelled)} points; "
+    description = (
+        f"typiclust: {k} k-means clusters over {len(pool.candidates) + len(pool.labelled)} points; "
         f"the most typical point ({TYPICLUST_NEIGHBOURS}-NN density) of each of the {n} largest least-labelled "
-        "clusters",
+        "clusters"
     )
+    return pool.pick(order, scores, strategy="typiclust", description=description)
 
 
 # ------------------------------------------------------------------------------------------------ ProbCover
@@ -371,11 +367,9 @@ def probcover(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
         taken[j] = True
         uncovered[cand_ball[j].indices] = 0.0
     note = f"; pool fully covered, {fallback} pick(s) at random" if fallback else ""
-    return Selection(
-        positions=pool.candidates[np.array(picks, dtype=np.int64)].astype(np.int64),
-        scores=np.array(scores),
-        strategy="probcover",
-        description=f"probcover: radius {delta:.3f} (cosine chord; {PROBCOVER_PURITY:.0%} of balls pure over "
+    description = (
+        f"probcover: radius {delta:.3f} (cosine chord; {PROBCOVER_PURITY:.0%} of balls pure over "
         f"{n_clusters} k-means clusters); greedy max coverage, picks cover {int(sum(scores))} new points, "
-        f"{int(uncovered.sum())} of {len(x)} still uncovered{note}",
+        f"{int(uncovered.sum())} of {len(x)} still uncovered{note}"
     )
+    return pool.pick(picks, scores, strategy="probcover", description=description)

@@ -46,10 +46,8 @@ def badge(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
         scores.append(float(nearest[j]))
         taken[j] = True
     note = f"; {random_fill} drawn uniformly (all remaining gradients identical)" if random_fill else ""
-    return Selection(
-        positions=pool.candidates[np.array(picks, dtype=np.int64)].astype(np.int64),
-        scores=np.array(scores),
-        strategy="badge",
-        description=f"badge: k-means++ seeding over {len(a)} gradient embeddings ({p.shape[1]} classes x "
-        f"{x.shape[1]} features); score = squared distance to the nearest earlier pick{note}",
+    description = (
+        f"badge: k-means++ seeding over {len(a)} gradient embeddings ({p.shape[1]} classes x "
+        f"{x.shape[1]} features); score = squared distance to the nearest earlier pick{note}"
     )
+    return pool.pick(picks, scores, strategy="badge", description=description)

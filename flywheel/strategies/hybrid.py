@@ -54,14 +54,12 @@ def hybrid(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     embeddings; the most uncertain member of each cluster is picked."""
     check_request(pool, n)
     chosen, scores, size = hybrid_picks(pool, n, rng)
-    return Selection(
-        positions=pool.candidates[chosen].astype(np.int64),
-        scores=scores,
-        strategy="hybrid",
-        description=f"hybrid: shortlist of the {size} most uncertain (margin) of {len(pool.candidates)} "
+    description = (
+        f"hybrid: shortlist of the {size} most uncertain (margin) of {len(pool.candidates)} "
         f"candidates, k-means into {n} clusters on embeddings, the most uncertain of each "
-        f"(margin {scores.min():.3f}..{scores.max():.3f})",
+        f"(margin {scores.min():.3f}..{scores.max():.3f})"
     )
+    return pool.pick(chosen, scores, strategy="hybrid", description=description)
 
 
 # ---------------------------------------------------------------------------------------------------- falcun
@@ -113,10 +111,8 @@ def falcun(pool: PoolView, n: int, *, rng: np.random.Generator) -> Selection:
     check_request(pool, n)
     chosen, scores, considered = falcun_picks(pool, n, rng)
     scope = f"the {considered} most uncertain of " if considered < len(pool.candidates) else ""
-    return Selection(
-        positions=pool.candidates[chosen].astype(np.int64),
-        scores=scores,
-        strategy="falcun",
-        description=f"falcun: {n} drawn from {scope}{len(pool.candidates)} candidates with probability ~ "
-        f"(margin uncertainty + probability-space distance to earlier picks) ** {FALCUN_GAMMA:g}",
+    description = (
+        f"falcun: {n} drawn from {scope}{len(pool.candidates)} candidates with probability ~ "
+        f"(margin uncertainty + probability-space distance to earlier picks) ** {FALCUN_GAMMA:g}"
     )
+    return pool.pick(chosen, scores, strategy="falcun", description=description)

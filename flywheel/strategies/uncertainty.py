@@ -50,9 +50,9 @@ def _uncertainty(name: str, pool: PoolView, n: int, rng: np.random.Generator) ->
     scores = SCORERS[name](probs[pool.candidates].astype(np.float64))
     distinct = distinct_top(pool, ranked(scores, rng=rng), n)
     picked = scores[distinct.order]
-    return Selection(
-        positions=pool.candidates[distinct.order].astype(np.int64),
-        scores=picked,
+    return pool.pick(
+        distinct.order,
+        picked,
         strategy=name,
         description=f"top {n} of {len(pool.candidates)} candidates by {_WHAT[name]} "
         f"(picked {picked.min():.3f}..{picked.max():.3f}){distinct.note()}",

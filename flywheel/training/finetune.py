@@ -254,12 +254,14 @@ def should_stop(history: Sequence[dict[str, Any]], patience: int) -> bool:
     return len(since) >= patience and all(h["phase"] == "body" for h in since[-patience:])
 
 
+LabelledImages = tuple[Sequence[str], npt.NDArray[np.integer[Any]]]
+"""Image paths and their class indices, row for row."""
+
+
 def run_key(
     classifier: Classifier,
-    train_paths: Sequence[str],
-    train_targets: npt.NDArray[np.integer[Any]],
-    val_paths: Sequence[str],
-    val_targets: npt.NDArray[np.integer[Any]],
+    train: LabelledImages,
+    val: LabelledImages,
     *,
     decision: DepthDecision,
     settings: FinetuneSettings,
@@ -268,6 +270,7 @@ def run_key(
 ) -> str:
     """A digest of everything that determines a fine-tune: a checkpoint only resumes the very same run."""
     digest = hashlib.sha256()
+    sets = {"train": train, "val": val}
     config = {
         "backbone": classifier.backbone,
         "classes": classifier.classes,
@@ -276,8 +279,7 @@ def run_key(
         "settings": settings.model_dump(mode="json", exclude={"resume", "backbones", "transferability"}),
         "seed": seed,
         "augmentation": [augmentation.hflip, augmentation.colour_jitter, list(augmentation.crop_scale)],
-        "train": [list(map(str, train_paths)), np.asarray(train_targets).tolist()],
-        "val": [list(map(str, val_paths)), np.asarray(val_targets).tolist()],
+        **{name: [list(map(str, paths)), np.asarray(targets).tolist()] for name, (paths, targets) in sets.items()},
     }
     digest.update(json.dumps(config, sort_keys=True).encode())
     for name, tensor in classifier.state_dict().items():  # the starting weights (body version, LP head)
@@ -752,7 +754,7 @@ def finetune(
     ckpt: Path | None = None
     if checkpoint_dir is not None:
         key = run_key(
-            classifier, train_paths, train_targets, val_paths, val_targets,
+            classifier, (train_paths, train_targets), (val_paths, val_targets),
             decision=decision, settings=settings, seed=seed, augmentation=augmentation,
         )  # fmt: skip
         ckpt = Path(checkpoint_dir) / key / "last.pt"

@@ -89,7 +89,7 @@ def _settings(workspace: Path, project: str, pool: str) -> Settings:
 def _labelled_project(settings: Settings, *, pool_size: int, test_size: int) -> None:
     """Fashion-MNIST images whose folder names are imported as labels: fine-tunes need no annotation."""
     pool_root, test_root = materialize_fashion_mnist(
-        settings.sources_dir / "fashion-mnist", pool_size=pool_size, test_size=test_size, seed=0
+        settings.dirs.sources / "fashion-mnist", pool_size=pool_size, test_size=test_size, seed=0
     )
     catalog = Catalog(settings.catalog_url)
     import_source(catalog, settings, str(pool_root), trust_labels=True)
@@ -402,7 +402,7 @@ def test_embedding_is_cached_by_input_hash_with_progress_and_the_round_report(in
         first_artifacts = _artifacts(client, _run_id(first))
         round_artifacts = _artifacts(client, _run_id(round_))
     assert embeds == {"first": ["Completed", "Completed"], "again": ["Cached", "Cached"]}
-    assert list(settings.results_dir.iterdir())  # the cached results persist under the workspace
+    assert list(settings.dirs.results.iterdir())  # the cached results persist under the workspace
     progress = first_artifacts[f"{settings.project}-embedding-pool"]
     assert progress.type == "progress" and progress.data == 100.0
     report = _markdown(round_artifacts[f"{settings.project}-round-report"])

@@ -37,7 +37,7 @@ def _label(catalog: Catalog, per_class: int, seed: int = 0) -> None:
 def test_a_far_domain_round_reads_the_stage_that_probes_best(settings: Settings) -> None:
     settings = settings.model_copy(update={"k_per_round": 20})
     catalog = Catalog(settings.catalog_url)
-    import_source(catalog, settings, str(materialize_builtin("digits", settings.sources_dir / "simulate")))
+    import_source(catalog, settings, str(materialize_builtin("digits", settings.dirs.sources / "simulate")))
     _label(catalog, 30)
     ls, client = labelstudio.connect(settings), tracking.connect(settings)
 

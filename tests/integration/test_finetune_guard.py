@@ -80,4 +80,4 @@ def test_shuffled_label_challenger_does_not_move_the_champion(settings, monkeypa
     artifacts = {a.path for a in mlflow_client.list_artifacts(challenger.run_id)}
     assert {"confusion_holdout.png", "per_class_holdout.json"} <= artifacts
     assert report.domain_probe is not None and report.domain_reason == report.domain_probe.reason
-    assert not list(settings.checkpoints_dir.rglob("*.pt"))  # the completed run cleaned its checkpoint
+    assert not list(settings.dirs.checkpoints.rglob("*.pt"))  # the completed run cleaned its checkpoint

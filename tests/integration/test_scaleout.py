@@ -21,7 +21,7 @@ from flywheel import scaleout
 from flywheel.catalog import Catalog
 from flywheel.config import load_settings
 from flywheel.features.backbones import Classifier, build_body, get_spec
-from flywheel.features.pipeline import EmbedOptions, embed_all
+from flywheel.features.pipeline import Embedder, EmbedOptions, embed_all
 from flywheel.features.store import EmbeddingStore, embed_samples
 from flywheel.registry import tracking
 from flywheel.sources.importing import import_source
@@ -49,7 +49,7 @@ def project(tmp_path: Path, services):
     catalog = Catalog(settings.catalog_url)
     import_source(catalog, settings, "fashion-mnist", pool_size=96, test_size=10)
     spec = get_spec(settings.backbone)
-    store = EmbeddingStore(settings.embeddings_dir, EmbeddingStore.key_for(spec, "imagenet", 32))
+    store = EmbeddingStore(settings.dirs.embeddings, EmbeddingStore.key_for(spec, "imagenet", 32))
     return settings, overrides, catalog, store
 
 
@@ -63,7 +63,8 @@ def test_embedding_is_sharded_over_a_local_cluster_of_two_workers(project):
     rows = catalog.samples()
     ids, paths = [r.id for r in rows], [r.uri for r in rows]
     body, spec = build_body(settings.backbone), get_spec(settings.backbone)
-    embed_samples(store, ids[:16], paths[:16], body, spec, image_size=32, batch_size=16, device=CPU, progress=False)
+    embedder = Embedder(body, spec, 32, CPU, EmbedOptions(batch_size=16, workers=0))
+    embed_samples(store, ids[:16], paths[:16], embedder, progress=False)
 
     with prefect_api(settings):
         state = distributed(embed_distributed_flow, settings)(overrides=overrides, return_state=True)
@@ -75,7 +76,7 @@ def test_embedding_is_sharded_over_a_local_cluster_of_two_workers(project):
     assert len(result["workers"]) == 2  # both Dask workers took shards
     shard_runs = [t for t in task_runs if t.name.startswith("embed_shard")]
     assert len(shard_runs) == 5 and all(t.state.is_completed() for t in shard_runs)  # seen by the server
-    expected = embed_all(paths, body, spec, image_size=32, device=CPU, options=EmbedOptions(workers=0))
+    expected = embed_all(paths, embedder)
     np.testing.assert_allclose(store.get(ids), expected, rtol=1e-4, atol=1e-4)
     assert not list(scaleout.shard_dir(settings, store.key).glob("*.npz"))  # shard files joined the store
 
@@ -98,7 +99,7 @@ def test_embedding_is_sharded_over_a_local_ray(project):
     shard_runs = [t for t in task_runs if t.name.startswith("embed_shard")]
     assert len(shard_runs) == 6 and all(t.state.is_completed() for t in shard_runs)  # seen by the server
     body, spec = build_body(settings.backbone), get_spec(settings.backbone)
-    expected = embed_all(paths, body, spec, image_size=32, device=CPU, options=EmbedOptions(workers=0))
+    expected = embed_all(paths, Embedder(body, spec, 32, CPU, EmbedOptions(workers=0)))
     np.testing.assert_allclose(store.get(ids), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -107,7 +108,7 @@ def test_scoring_runs_on_an_existing_cluster_at_scaleout_address(project):
     rows = catalog.samples()
     ids, paths = [r.id for r in rows], [r.uri for r in rows]
     body, spec = build_body(settings.backbone), get_spec(settings.backbone)
-    vectors = embed_samples(store, ids, paths, body, spec, image_size=32, batch_size=32, device=CPU, progress=False)
+    vectors = embed_samples(store, ids, paths, Embedder(body, spec, 32, CPU, EmbedOptions(32, 0)), progress=False)
     classes = sorted({r.truth for r in rows})
     targets = np.array([classes.index(r.truth) for r in rows])
     head = train_head(vectors, targets, len(classes))

@@ -105,7 +105,7 @@ def test_fashion_mnist_subset_is_stratified_enough_and_imports_both_splits(env):
     assert catalog.classes() == list(FASHION_MNIST_CLASSES)
     pool_truth = [r.truth for r in catalog.samples(POOL)]
     assert len(set(pool_truth)) == 10
-    again = materialize_fashion_mnist(settings.sources_dir / "fashion-mnist", pool_size=300, test_size=200, seed=0)
+    again = materialize_fashion_mnist(settings.dirs.sources / "fashion-mnist", pool_size=300, test_size=200, seed=0)
     assert all((root / ".complete").exists() for root in again)
     counts = np.unique(pool_truth, return_counts=True)[1]
     assert counts.min() >= 10  # a random 300 of a balanced set has every class well represented

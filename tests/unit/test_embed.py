@@ -16,7 +16,7 @@ from torchvision.io import write_png
 
 from flywheel.errors import DataError, FlywheelError
 from flywheel.features.backbones import BackboneSpec, build_body, get_spec
-from flywheel.features.pipeline import EmbedOptions, embed_all
+from flywheel.features.pipeline import Embedder, EmbedOptions, embed_all
 from flywheel.features.store import (
     EmbeddingStore,
     MissingEmbeddingsError,
@@ -56,21 +56,14 @@ def images(tmp_path):
 
 
 def test_embed_paths_shape_dtype_and_order(images):
-    out = embed_paths(images, MeanColour(), FAKE, image_size=4, batch_size=4, device=CPU, progress=False)
+    out = embed_paths(images, Embedder(MeanColour(), FAKE, 4, CPU, EmbedOptions(4, workers=0)), progress=False)
     assert out.shape == (6, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out[:, 0], np.arange(6) * 10 / 255, atol=1e-6)
 
 
 def test_embed_paths_with_real_lite0(images):
-    out = embed_paths(
-        images[:3],
-        build_body("efficientnet_lite0"),
-        get_spec("efficientnet_lite0"),
-        image_size=32,
-        batch_size=2,
-        device=CPU,
-        progress=True,
-    )
+    lite0 = Embedder(build_body("efficientnet_lite0"), get_spec("efficientnet_lite0"), 32, CPU, EmbedOptions(2, 0))
+    out = embed_paths(images[:3], lite0, progress=True)
     assert out.shape == (3, 1280) and out.dtype == np.float32 and np.isfinite(out).all()
     assert not np.allclose(out[0], out[2])
 
@@ -136,19 +129,21 @@ def test_store_recovers_from_a_crash_between_the_two_replaces(tmp_path):
     ids=["bit-flip", "truncated", "no-checksum", "fewer-vectors"],
 )
 def test_a_damaged_store_is_discarded_and_rebuilt(tmp_path, images, damage, caplog):
-    body, kw = MeanColour(), dict[str, Any](image_size=4, batch_size=8, device=CPU, progress=False)
+    body, kw = MeanColour(), dict[str, Any](progress=False)
+    embedder = Embedder(body, FAKE, 4, CPU, EmbedOptions(batch_size=8, workers=0))
     store = EmbeddingStore(tmp_path, "k")
-    first = embed_samples(store, [0, 1, 2], images[:3], body, FAKE, **kw)
+    first = embed_samples(store, [0, 1, 2], images[:3], embedder, **kw)
     damage(tmp_path / "k")
     reopened = EmbeddingStore(tmp_path, "k")
     assert len(reopened) == 0 and "damaged" in caplog.text  # detected on load, never served
-    again = embed_samples(reopened, [0, 1, 2], images[:3], body, FAKE, **kw)
+    again = embed_samples(reopened, [0, 1, 2], images[:3], embedder, **kw)
     np.testing.assert_allclose(again, first, rtol=1e-5)  # recomputed
     assert len(EmbeddingStore(tmp_path, "k")) == 3
 
 
 def test_embed_available_quarantines_unreadable_images_and_embeds_the_rest(tmp_path: Path, images: list[str]) -> None:
-    body, kw = MeanColour(), dict[str, Any](image_size=4, batch_size=8, device=CPU, progress=False)
+    body, kw = MeanColour(), dict[str, Any](progress=False)
+    embedder = Embedder(body, FAKE, 4, CPU, EmbedOptions(batch_size=8, workers=0))
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(Path(images[0]).read_bytes()[:-20])
     empty = tmp_path / "empty.png"
@@ -157,30 +152,27 @@ def test_embed_available_quarantines_unreadable_images_and_embeds_the_rest(tmp_p
     bad: dict[int, str] = {}
     paths = [images[0], str(truncated), images[1], str(empty), images[2]]
     vectors, kept = embed_available(
-        store, [0, 1, 2, 3, 4], paths, body, FAKE, on_bad=lambda i, exc: bad.update({i: exc.reason}), **kw
+        store, [0, 1, 2, 3, 4], paths, embedder, on_bad=lambda i, exc: bad.update({i: exc.reason}), **kw
     )
     assert bad == {1: "truncated or corrupt", 3: "empty file"}
     assert kept == [0, 2, 4] and vectors.shape == (3, FAKE.embedding_dim)
-    np.testing.assert_allclose(
-        vectors, embed_samples(store, [0, 2, 4], [images[i] for i in range(3)], body, FAKE, **kw)
-    )
+    np.testing.assert_allclose(vectors, embed_samples(store, [0, 2, 4], [images[i] for i in range(3)], embedder, **kw))
     with pytest.raises(DataError, match="truncated"):  # without on_bad the error still stops the caller
-        embed_samples(EmbeddingStore(tmp_path, "other"), [1], [str(truncated)], body, FAKE, **kw)
+        embed_samples(EmbeddingStore(tmp_path, "other"), [1], [str(truncated)], embedder, **kw)
 
 
 def test_embed_samples_embeds_only_missing_ids(tmp_path, images):
     store = EmbeddingStore(tmp_path / "emb", "k")
     body = MeanColour()
-    kw = dict(image_size=4, batch_size=8, device=CPU, progress=False)
-    first = embed_samples(store, [0, 1, 2], images[:3], body, FAKE, **kw)
+    kw = dict[str, Any](progress=False)
+    embedder = Embedder(body, FAKE, 4, CPU, EmbedOptions(batch_size=8, workers=0))
+    first = embed_samples(store, [0, 1, 2], images[:3], embedder, **kw)
     assert body.seen == 3
-    everything = embed_samples(
-        EmbeddingStore(tmp_path / "emb", "k"), [5, 4, 3, 2, 1, 0], images[::-1], body, FAKE, **kw
-    )
+    everything = embed_samples(EmbeddingStore(tmp_path / "emb", "k"), [5, 4, 3, 2, 1, 0], images[::-1], embedder, **kw)
     assert body.seen == 6  # only ids 3, 4, 5 were new
     np.testing.assert_allclose(everything[::-1][:3], first)
     np.testing.assert_allclose(everything[:, 0], np.array([5, 4, 3, 2, 1, 0]) * 10 / 255, atol=1e-6)
-    embed_samples(store, [0, 5], [images[0], images[5]], body, FAKE, **kw)
+    embed_samples(store, [0, 5], [images[0], images[5]], embedder, **kw)
     assert body.seen == 6
 
 
@@ -208,8 +200,7 @@ def test_forked_dataloader_workers_survive_thread_exit_hooks_of_the_parent(image
     threading._register_atexit(fails_outside_the_parent)  # what prefect's QueueService does
     try:
         spec = get_spec("efficientnet_lite0")
-        out = embed_all(images, build_body("efficientnet_lite0"), spec, image_size=16, device=CPU,
-                        options=EmbedOptions(batch_size=2, workers=1))  # fmt: skip
+        out = embed_all(images, Embedder(build_body("efficientnet_lite0"), spec, 16, CPU, EmbedOptions(2, workers=1)))
         assert out.shape == (6, 1280) and np.isfinite(out).all()
     finally:
         hooks = threading._threading_atexits  # holds functools.partial objects

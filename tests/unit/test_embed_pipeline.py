@@ -14,6 +14,7 @@ from flywheel.errors import BadImageError, DataError, FlywheelError
 from flywheel.features.backbones import BackboneSpec, build_body, get_spec
 from flywheel.features.pipeline import (
     EXIF_ORIENTATION,
+    Embedder,
     EmbedOptions,
     _collate,
     _device_batch,
@@ -22,7 +23,6 @@ from flywheel.features.pipeline import (
     auto_workers,
     embed_all,
     embed_stream,
-    options_from_settings,
 )
 from flywheel.features.store import EmbeddingStore, embed_samples
 from flywheel.sources.images import _normalize, load_image, preprocess
@@ -77,7 +77,7 @@ def lite0() -> nn.Module:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_same_vectors_as_preprocess_one_image_at_a_time(images, workers, lite0):
     body, spec = lite0, get_spec("efficientnet_lite0")
-    out = embed_all(images, body, spec, image_size=32, device=CPU, options=EmbedOptions(batch_size=4, workers=workers))
+    out = embed_all(images, Embedder(body, spec, 32, CPU, EmbedOptions(batch_size=4, workers=workers)))
     assert out.shape == (9, 1280) and out.dtype == np.float32
     np.testing.assert_allclose(out, reference(images, body, spec, 32), rtol=1e-4, atol=1e-4)
 
@@ -85,36 +85,35 @@ def test_same_vectors_as_preprocess_one_image_at_a_time(images, workers, lite0):
 def test_shards_come_in_order_with_progress_per_batch(images: list[str]) -> None:
     seen: list[int] = []
     shards = list(
-        embed_stream(images, Pool(), FAKE, image_size=8, device=CPU,
-                     options=EmbedOptions(batch_size=2, workers=0, shard_size=4), on_batch=seen.append)
-    )  # fmt: skip
+        embed_stream(images, Embedder(Pool(), FAKE, 8, CPU, EmbedOptions(2, 0, shard_size=4)), on_batch=seen.append)
+    )
     assert [start for start, _ in shards] == [0, 4, 8] and [len(v) for _, v in shards] == [4, 4, 1]
     assert seen == [2, 2, 2, 2, 1]
     together = np.concatenate([v for _, v in shards])
-    np.testing.assert_array_equal(together, embed_all(images, Pool(), FAKE, image_size=8, device=CPU))
-    assert list(embed_stream([], Pool(), FAKE, image_size=8, device=CPU)) == []
+    np.testing.assert_array_equal(together, embed_all(images, Embedder(Pool(), FAKE, 8, CPU)))
+    assert list(embed_stream([], Embedder(Pool(), FAKE, 8, CPU))) == []
 
 
 def test_a_crash_loses_at_most_one_shard_and_the_rerun_embeds_only_the_rest(tmp_path, images):
     store = EmbeddingStore(tmp_path / "store", "k")
     ids = list(range(100, 109))
     opts = EmbedOptions(batch_size=2, workers=0, shard_size=4)
-    kw = {"image_size": 8, "batch_size": 2, "device": CPU, "progress": False, "options": opts}
+    failing = Embedder(Pool(fail_after=3), FAKE, 8, CPU, opts)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        embed_samples(store, ids, images, Pool(fail_after=3), FAKE, **kw)  # dies in the second shard
+        embed_samples(store, ids, images, failing, progress=False)  # dies in the second shard
     assert EmbeddingStore(tmp_path / "store", "k").missing(ids) == ids[4:]  # the first shard was saved
     body = Pool()
-    vectors = embed_samples(store, ids, images, body, FAKE, **kw)
+    vectors = embed_samples(store, ids, images, Embedder(body, FAKE, 8, CPU, opts), progress=False)
     assert body.seen == 5  # only the missing five
-    np.testing.assert_array_equal(vectors, embed_all(images, Pool(), FAKE, image_size=8, device=CPU))
+    np.testing.assert_array_equal(vectors, embed_all(images, Embedder(Pool(), FAKE, 8, CPU)))
 
 
 def test_compiled_body_pads_the_last_batch_and_gives_the_same_vectors(images):
     body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     spec = BackboneSpec("tiny", 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "tiny/v1")
-    plain = embed_all(images, body, spec, image_size=16, device=CPU, options=EmbedOptions(batch_size=4, workers=0))
+    plain = embed_all(images, Embedder(body, spec, 16, CPU, EmbedOptions(batch_size=4, workers=0)))
     compiled = embed_all(
-        images, body, spec, image_size=16, device=CPU, options=EmbedOptions(batch_size=4, workers=0, compile=True)
+        images, Embedder(body, spec, 16, CPU, EmbedOptions(batch_size=4, workers=0, compile=True))
     )  # 9 images: the third batch of 1 is padded to 4 so one compiled shape serves every batch
     np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-5)
 
@@ -159,12 +158,12 @@ def test_options_errors_and_settings(images, tmp_path):
     with pytest.raises(DataError, match="workers must be >= -1"):
         EmbedOptions(workers=-2)
     with pytest.raises((BadImageError, RuntimeError), match="missing.png"):  # raised in a worker, names the file
-        embed_all([*images[:2], str(tmp_path / "missing.png")], Pool(), FAKE, image_size=8, device=CPU,
-                  options=EmbedOptions(batch_size=2, workers=1))  # fmt: skip
+        embed_all([*images[:2], str(tmp_path / "missing.png")], Embedder(Pool(), FAKE, 8, CPU, EmbedOptions(2, 1)))
     with pytest.raises(FlywheelError, match=r"features of shape \(2, 3\), spec says \(B, 5\)"):
         wrong = BackboneSpec("wrong", 5, (0.0,) * 3, (1.0,) * 3, "w")
-        embed_all(images[:2], Pool(), wrong, image_size=8, device=CPU, options=EmbedOptions(workers=0))
+        embed_all(images[:2], Embedder(Pool(), wrong, 8, CPU, EmbedOptions(workers=0)))
     settings = load_settings(workspace=tmp_path, embed_batch_size=32, torch_threads=1,
                              embed={"workers": 0, "compile": True, "shard_size": 100})  # fmt: skip
-    assert options_from_settings(settings) == EmbedOptions(32, 0, True, True, 100, 1)
+    configured = Embedder.configured(Pool(), settings, device=CPU)
+    assert configured.options == EmbedOptions(32, 0, True, True, 100, 1) and configured.image_size == 64
     assert auto_workers(CPU) >= 1 and auto_workers(torch.device("cuda")) >= 1
