@@ -155,8 +155,8 @@ def _row(per_class, data, candidates, test_paths, test_targets, test_features, b
     probe_seconds = time.perf_counter() - t0
     print(per_class, probe.reason, f"{probe_seconds:.1f}s", flush=True)
     pick = choose_depth(len(train) / len(classes), n_groups, far_domain=probe.far)
-    stage_probe = probe_stages(body, BACKBONE, [paths[i] for i in chosen], y, len(classes), SIZE,
-                               candidate_stages(body, BACKBONE), l2=HEAD_L2, seed=SEED, device=device)  # fmt: skip
+    stage_probe = probe_stages(body, BACKBONE, candidate_stages(body, BACKBONE), [paths[i] for i in chosen], y,
+                               len(classes), SIZE, l2=HEAD_L2, seed=SEED, device=device)  # fmt: skip
     features = choose_features(len(chosen) / len(classes), stage_probe)
     print(per_class, features.reason, flush=True)
     configs = {"last": DepthDecision(2, "last", "last stage"), "all": DepthDecision(n_groups, "all", "all")}

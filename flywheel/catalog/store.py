@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, create_engine, event, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from flywheel.catalog import migrations
@@ -161,19 +161,13 @@ class Catalog:
         self, entries: dict[int, Quarantined], *, stage: str, duplicate_of: dict[int, int] | None = None
     ) -> int:
         """Take samples (id -> why) out of the pool in one transaction; returns how many were not already out."""
+        twin = duplicate_of or {}
         with self.transaction() as s:
-            known = set(s.scalars(select(Quarantine.sample_id).where(Quarantine.sample_id.in_(list(entries)))))
-            for sample_id, entry in entries.items():
-                if sample_id not in known:
-                    s.add(
-                        Quarantine(
-                            **_fields(entry),
-                            sample_id=sample_id,
-                            stage=stage,
-                            duplicate_of=(duplicate_of or {}).get(sample_id),
-                        )
-                    )
-            return len(set(entries) - known)
+            new = _unrecorded(s, Quarantine.sample_id, entries)
+            s.add_all(
+                Quarantine(**_fields(entries[i]), sample_id=i, stage=stage, duplicate_of=twin.get(i)) for i in new
+            )
+            return len(new)
 
     def quarantined(self) -> list[Quarantine]:
         with self.transaction() as s:
@@ -238,19 +232,13 @@ class Catalog:
         scores: dict[int, float],
     ) -> None:
         """Record sample id -> Label Studio task id; tasks already recorded are left alone."""
-        known = set(session.scalars(select(Task.sample_id).where(Task.sample_id.in_(list(task_ids)))))
-        for sample_id, ls_task_id in task_ids.items():
-            if sample_id not in known:
-                session.add(
-                    Task(
-                        sample_id=sample_id,
-                        ls_project_id=ls_project_id,
-                        ls_task_id=ls_task_id,
-                        round_id=round_id,
-                        model_version=model_version,
-                        score=scores.get(sample_id),
-                    )
-                )
+        session.add_all(
+            Task(
+                sample_id=i, ls_project_id=ls_project_id, ls_task_id=task_ids[i], round_id=round_id,
+                model_version=model_version, score=scores.get(i),
+            )
+            for i in _unrecorded(session, Task.sample_id, task_ids)
+        )  # fmt: skip
 
     # --- rounds and project facts --------------------------------------------------------------
     def start_round(self, *, strategy: str, n_labels: int) -> int:
@@ -401,3 +389,10 @@ def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEn
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _unrecorded(session: Session, column: InstrumentedAttribute[int | None], sample_ids: Iterable[int]) -> list[int]:
+    """The sample ids (in the order given) that `column` (a sample_id column) does not hold yet."""
+    ids = list(sample_ids)
+    known = set(session.scalars(select(column).where(column.in_(ids))))
+    return [i for i in ids if i not in known]

@@ -35,8 +35,8 @@ def head_features(
     if policy.wants_stage_probe(labels_per_class, settings.finetune.domain):
         stages = transfer.candidate_stages(current.body, settings.backbone)
         probe = transfer.probe_stages(
-            current.body, settings.backbone, [current.pool.paths[i] for i in split.train],
-            split.targets[split.train], len(classes), settings.image_size, stages, l2=settings.head_l2,
+            current.body, settings.backbone, stages, [current.pool.paths[i] for i in split.train],
+            split.targets[split.train], len(classes), settings.image_size, l2=settings.head_l2,
             seed=settings.seed, device=resolve_device(settings.finetune.device),
         )  # fmt: skip
     choice = policy.choose_features(labels_per_class, probe, domain=settings.finetune.domain)

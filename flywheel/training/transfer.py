@@ -180,11 +180,11 @@ def candidate_stages(body: nn.Module, backbone: str) -> list[str]:
 def probe_stages(
     body: nn.Module,
     backbone: str,
+    stages: Sequence[str],
     paths: Sequence[str],
     targets: npt.NDArray[np.integer[Any]],
     n_classes: int,
     image_size: int,
-    stages: Sequence[str],
     *,
     l2: float,
     seed: int,
