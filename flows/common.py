@@ -41,12 +41,12 @@ from prefect.runtime import flow_run
 from prefect.variables import Variable
 from pydantic import AfterValidator, SecretStr
 
+from flywheel.app.webhook import THRESHOLD_REACHED
 from flywheel.catalog import Round
 from flywheel.config import Settings, load_settings, secret_settings
 from flywheel.errors import ConfigError, FlywheelError
 from flywheel.loop import FinetuneReport, RoundReport, SyncOutcome
 
-THRESHOLD_REACHED = "flywheel.labels.threshold-reached"
 SHOWN_SELECTED = 10  # selected samples listed in the round report itself
 
 

@@ -126,6 +126,10 @@ class WebhookSettings(_Section):
     secret: SecretStr = SecretStr("")
     url: str = Field("", description="where Label Studio reaches the receiver; empty: http://<host>:<port>/webhook")
     emit_events: bool = Field(True, description="emit flywheel.annotation.* Prefect events for applied changes")
+    ml_backend: bool = Field(
+        True, description="also serve Label Studio's ML backend protocol and connect it on the project's Model page"
+    )
+    ml_backend_user: str = Field("flywheel", description="basic-auth user Label Studio sends; the password: secret")
     sync_every_s: float = Field(
         30.0, ge=0, description="flywheel.labels.changed (which starts a sync) at most once per this many seconds"
     )

@@ -11,6 +11,7 @@ CLI, this is an entry point: the only library module that talks to Prefect, and 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -20,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,15 +30,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from flywheel.app import mlbackend
 from flywheel.catalog import Annotation, Catalog, Label, WebhookEvent
 from flywheel.config import Settings
 from flywheel.errors import ConfigError
 from flywheel.labelstudio import ledger
 from flywheel.labelstudio.project import META_PROJECT_ID, SECRET_HEADER
+from flywheel.serving.champion import ChampionSource
 
 log = logging.getLogger(__name__)
 
 LABELS_CHANGED = "flywheel.labels.changed"  # at most one per webhook.sync_every_s: the sync deployment's trigger
+THRESHOLD_REACHED = "flywheel.labels.threshold-reached"  # the finetune deployment's trigger (sync, or Start Training)
 ACTIONS = {
     "ANNOTATION_CREATED": "created",
     "ANNOTATIONS_CREATED": "created",
@@ -45,6 +49,7 @@ ACTIONS = {
     "ANNOTATIONS_DELETED": "deleted",
 }
 MAX_BODY = 10 * 1024 * 1024  # bytes; a bulk action on thousands of annotations stays far below
+TRAINING_ACTIONS = ("START_TRAINING",)  # the Model page's Start Training button
 USERS_REFRESH_S = 30.0  # at most one user listing per this many seconds when an unknown user id shows up
 
 
@@ -76,6 +81,7 @@ class Outcome:
     body: dict[str, Any]
     changes: list[Change] = field(default_factory=list)
     event_row: int | None = None
+    train_requested: bool = False  # Label Studio's Start Training
 
 
 class Receiver:
@@ -90,7 +96,14 @@ class Receiver:
         self._lock = threading.Lock()
         self.refused = 0
 
-    def authorized(self, given: str | None) -> bool:
+    def authorized(self, given: str | None, authorization: str | None = None) -> bool:
+        """The shared secret in its header, or as the basic-auth password Label Studio's ML calls carry."""
+        if given is None and authorization and authorization.startswith("Basic "):
+            try:
+                user, _, given = base64.b64decode(authorization[6:], validate=True).decode().partition(":")
+            except ValueError:
+                given = None
+            given = given if given is not None and user == self.settings.webhook.ml_backend_user else None
         ok = given is not None and hmac.compare_digest(given.encode(), self._secret)
         if not ok:
             self.refused += 1
@@ -115,11 +128,14 @@ class Receiver:
             return Outcome(400, {"error": "the body is not a JSON object"})
         project = (payload.get("project") or {}).get("id")
         annotations = [payload["annotation"]] if "annotation" in payload else list(payload.get("annotations") or [])
-        if action not in ACTIONS:
+        if action not in ACTIONS and action not in TRAINING_ACTIONS:
             return self._record(payload, action, project, [], f"ignored: action {action!r}", body)
         expected = self.catalog.get_meta(META_PROJECT_ID)
         if expected is None or str(project) != expected:
             return self._record(payload, action, project, [], f"ignored: project {project} is not {expected}", body)
+        if action in TRAINING_ACTIONS:
+            outcome = self._record(payload, action, project, [], "fine-tune requested", body)
+            return replace(outcome, train_requested=True)
         try:
             if ACTIONS[action] == "deleted":
                 observations = [ledger.deletion(int(a["id"])) for a in annotations]
@@ -245,6 +261,22 @@ class PrefectEmitter:
 
     async def emit(self, changes: Sequence[Change]) -> bool:
         """True when every event went out; on failure the receiver logs it and polling carries on."""
+        if not await self._send([self.event(change) for change in changes]):
+            return False
+        self._announce_later(len(changes))
+        return True
+
+    async def request_finetune(self, requested_by: str) -> bool:
+        """The event the `finetune` deployment's trigger waits for, asked for by a person, not the threshold."""
+        from prefect.events import Event
+
+        resource = {"prefect.resource.id": f"flywheel.project.{self.project}"}
+        return await self._send(
+            [Event(event=THRESHOLD_REACHED, resource=resource, payload={"requested_by": requested_by})]
+        )
+
+    async def _send(self, events: Sequence[Any]) -> bool:
+        """True when every event went out; on failure the connection is dropped and the caller says so."""
         from prefect.events.clients import PrefectEventsClient
 
         async with self._lock:
@@ -253,13 +285,12 @@ class PrefectEmitter:
                     client = PrefectEventsClient(api_url=self.api_url)
                     await client.__aenter__()
                     self._client = client
-                for change in changes:
-                    await self._client.emit(self.event(change))
-            except Exception as exc:  # any failure: the catalog already holds the change
-                log.warning("could not emit %d Prefect events to %s: %s", len(changes), self.api_url, exc)
+                for event in events:
+                    await self._client.emit(event)
+            except Exception as exc:  # any failure: the catalog already holds what happened
+                log.warning("could not emit %d Prefect events to %s: %s", len(events), self.api_url, exc)
                 await self.close()
                 return False
-        self._announce_later(len(changes))
         return True
 
     def _announce_later(self, n_changes: int) -> None:
@@ -309,8 +340,9 @@ def create_app(
     users: Callable[[], dict[int, str]] | None = None,
     on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The FastAPI app: POST /webhook (Label Studio), GET /health. `on_shutdown` runs when the server stops
-    gracefully (uvicorn then re-raises a SIGTERM, so code after uvicorn.run never runs)."""
+    """The FastAPI app: POST /webhook (Label Studio), GET /health, and with `webhook.ml_backend` the ML backend's
+    POST /setup and /predict. `on_shutdown` runs when the server stops gracefully (uvicorn then re-raises a
+    SIGTERM, so code after uvicorn.run never runs)."""
     receiver = Receiver(settings, catalog, users)
     emitter = PrefectEmitter(settings) if settings.webhook.emit_events else None
 
@@ -327,11 +359,14 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "refused": receiver.refused}
+        return {"ok": True, "status": "UP", "refused": receiver.refused}
+
+    if settings.webhook.ml_backend:
+        mlbackend.add_routes(app, settings, ChampionSource(settings))
 
     @app.post("/webhook")
     async def webhook(request: Request) -> JSONResponse:
-        if not receiver.authorized(request.headers.get(SECRET_HEADER)):
+        if not receiver.authorized(request.headers.get(SECRET_HEADER), request.headers.get("authorization")):
             log.warning("refused a webhook delivery from %s: missing or wrong secret", request.client)
             return JSONResponse({"error": f"missing or wrong {SECRET_HEADER} header"}, status_code=401)
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
@@ -341,6 +376,13 @@ def create_app(
             assert outcome.event_row is not None  # a delivery that changed labels is recorded
             await run_in_threadpool(receiver.mark_emitted, outcome.event_row)
             outcome.body["emitted"] = len(outcome.changes)
+        if outcome.train_requested:
+            requested = emitter is not None and await emitter.request_finetune("Label Studio: Start Training")
+            outcome.body["finetune_requested"] = requested
+            if not requested:
+                return JSONResponse(
+                    {**outcome.body, "error": "no Prefect event went out: run `flywheel finetune`"}, 503
+                )
         return JSONResponse(outcome.body, status_code=outcome.status)
 
     return app
@@ -359,11 +401,15 @@ def serve(settings: Settings) -> None:
     catalog = Catalog(settings.catalog_url)
     client = connect(settings)
     project_id = registered_project(catalog)
-    ensure_webhook(client, settings, project_id)
+    ensure_webhook(client, settings, project_id)  # before the ML backend, which would add a hook without the secret
+    if settings.webhook.ml_backend:
+        mlbackend.connect_when_up(settings, client, project_id)
 
     def unregister_on_stop() -> None:
         removed = remove_webhooks(client, settings.webhook.endpoint, project_id)
-        log.warning("receiver stopped: removed %d webhook(s) to %s", removed, settings.webhook.endpoint)
+        if settings.webhook.ml_backend:
+            removed += mlbackend.disconnect(settings, client, project_id)
+        log.warning("receiver stopped: removed %d webhook(s) and ML backends at %s", removed, settings.webhook.endpoint)
 
     app = create_app(settings, catalog, users=lambda: users_by_id(client), on_shutdown=unregister_on_stop)
     uvicorn.run(app, host=settings.webhook.host, port=settings.webhook.port, log_level="warning")

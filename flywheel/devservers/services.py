@@ -93,6 +93,7 @@ def _spec(name: str, settings: Settings) -> _Spec:
             LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
             LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(ls.document_root),
             LABEL_STUDIO_SSRF_PROTECTION_ENABLED="false",
+            ML_BLOCK_LOCAL_IP="false",  # the flywheel's ML backend answers on loopback
             LABEL_STUDIO_COLLECT_ANALYTICS="false",
             LABEL_STUDIO_LATEST_VERSION_CHECK="false",
         )

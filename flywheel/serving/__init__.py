@@ -1,0 +1,1 @@
+"""The champion, served: to Label Studio as its ML backend, and to anyone with images."""
