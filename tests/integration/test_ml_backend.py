@@ -9,10 +9,12 @@ import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import httpx
 import numpy as np
 import pytest
+from label_studio_sdk import ImportApiRequest
 from pydantic import SecretStr
 
 from bench.webhook_burst import serving
@@ -68,8 +70,9 @@ def test_label_studio_uses_the_flywheel_as_its_ml_backend(served: tuple[Settings
     data = [
         {"image": image_url(s.uri, settings), **({"sample_id": s.id} if k < 25 else {})} for k, s in enumerate(samples)
     ]
-    imported = ls.projects.import_tasks(project_id, request=data, return_task_ids=True)
-    task_ids = list(imported.task_ids or [])
+    request = cast(list[ImportApiRequest], data)  # the SDK sends dicts as they are
+    imported = ls.projects.import_tasks(project_id, request=request, return_task_ids=True)
+    task_ids = [int(t) for t in getattr(imported, "task_ids", None) or []]
     assert len(task_ids) == 50
     ls.actions.create(
         id="retrieve_tasks_predictions", project=project_id, selected_items={"all": False, "included": task_ids}
