@@ -184,6 +184,30 @@ def import_(
         )
 
 
+@app.command()
+@_friendly
+def export(
+    out: Annotated[Path, typer.Argument(help="folder to write into (created)")],
+    format_: Annotated[str, typer.Option("--format", help="imagefolder, csv, jsonl or coco")] = "imagefolder",
+    only_reviewed: Annotated[bool, typer.Option(help="only labels a reviewer confirmed or corrected")] = False,
+    min_agreement: Annotated[
+        float | None, typer.Option(help="only labels of 2+ annotators with at least this share of the votes")
+    ] = None,
+) -> None:
+    """Write the catalog's labels, with split, annotators, agreement and provenance columns."""
+    from flywheel.catalog import Catalog
+    from flywheel.insight.export import FORMATS, label_rows, write_export
+
+    if format_ not in FORMATS:
+        raise typer.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="--format")
+    settings = _settings()
+    catalog = Catalog(settings.catalog_url)
+    mode = settings.label_studio.label_mode
+    rows = label_rows(catalog, mode=mode, only_reviewed=only_reviewed, min_agreement=min_agreement)
+    written = write_export(rows, out, format_)
+    console.print(f"exported {len(rows)} labels as {format_}: {written}", highlight=False)
+
+
 def _print_quarantined(rows: Sequence[Quarantine], report: Path | str, *, shown: int = 10) -> None:
     """Files kept out of the pool, by reason, the first `shown` by name, and the report that lists them all."""
     if not rows:
