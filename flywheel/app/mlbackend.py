@@ -18,15 +18,16 @@ from label_studio_sdk import LabelStudio
 from starlette.concurrency import run_in_threadpool
 
 from flywheel.config import Settings
-from flywheel.errors import ConfigError, DataError, FlywheelError
+from flywheel.errors import ConfigError, DataError, FlywheelError, ServiceUnavailableError
 from flywheel.labelstudio.mlbackend import ensure_ml_backend, prediction, remove_ml_backends, task_images
 from flywheel.labelstudio.project import SECRET_HEADER
-from flywheel.serving.champion import ChampionSource, predict
+from flywheel.serving.champion import Champion, ChampionSource, predict
 
 log = logging.getLogger(__name__)
 
 NO_MODEL = "none"  # the model version /setup reports before the project has a champion
 MAX_TASKS = 10_000  # tasks in one /predict call; Label Studio sends a selection at once
+MAX_BODY = 50 * 1024 * 1024  # bytes of one call: 10,000 tasks with long URLs stay far below
 
 
 def backend_url(settings: Settings) -> str:
@@ -43,16 +44,27 @@ def add_routes(app: FastAPI, settings: Settings, champions: ChampionSource) -> N
     root = settings.label_studio.document_root
 
     def refused(request: Request) -> JSONResponse | None:
-        if receiver.authorized(request.headers.get(SECRET_HEADER), request.headers.get("authorization")):
-            return None
-        return JSONResponse({"error": f"missing or wrong {SECRET_HEADER} header or basic auth"}, status_code=401)
+        if not receiver.authorized(request.headers.get(SECRET_HEADER), request.headers.get("authorization")):
+            return JSONResponse({"error": f"missing or wrong {SECRET_HEADER} header or basic auth"}, status_code=401)
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
+        return None
+
+    async def champion() -> Champion | None | JSONResponse:
+        """The champion, or a 503 naming the registry that did not answer."""
+        try:
+            return await run_in_threadpool(champions.current)
+        except ServiceUnavailableError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
 
     @app.post("/setup")
     async def setup(request: Request) -> JSONResponse:
         if (refusal := refused(request)) is not None:
             return refusal
-        champion = await run_in_threadpool(champions.current)
-        return JSONResponse({"model_version": champion.version if champion else NO_MODEL})
+        current = await champion()
+        if isinstance(current, JSONResponse):
+            return current
+        return JSONResponse({"model_version": current.version if current else NO_MODEL})
 
     @app.post("/predict")
     async def predict_tasks(request: Request) -> JSONResponse:
@@ -65,17 +77,19 @@ def add_routes(app: FastAPI, settings: Settings, champions: ChampionSource) -> N
             images = task_images(tasks, document_root=root)
         except (ValueError, AttributeError, DataError) as exc:
             return JSONResponse({"error": f"not a predict request: {exc}"}, status_code=400)
-        champion = await run_in_threadpool(champions.current)
-        if champion is None:
+        current = await champion()
+        if isinstance(current, JSONResponse):
+            return current
+        if current is None:
             return JSONResponse({"error": "no champion yet: run `flywheel round` first"}, status_code=503)
         try:
             probs = await run_in_threadpool(
-                predict, champion, [i.sample_id for i in images], [i.location for i in images]
+                predict, current, [i.sample_id for i in images], [i.location for i in images]
             )
         except FlywheelError as exc:  # an image that cannot be read: say which
             return JSONResponse({"error": str(exc)}, status_code=422)
-        results = [prediction(champion.classes[int(p.argmax())], float(p.max()), champion.version) for p in probs]
-        return JSONResponse({"results": results, "model_version": champion.version})
+        results = [prediction(current.classes[int(p.argmax())], float(p.max()), current.version) for p in probs]
+        return JSONResponse({"results": results, "model_version": current.version})
 
 
 def connect_when_up(

@@ -124,10 +124,12 @@ class Receiver:
         try:
             payload = json.loads(body)
             action = str(payload.get("action", ""))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return Outcome(400, {"error": "the body is not a JSON object"})
-        project = (payload.get("project") or {}).get("id")
-        annotations = [payload["annotation"]] if "annotation" in payload else list(payload.get("annotations") or [])
+        project = payload["project"].get("id") if isinstance(payload.get("project"), dict) else None
+        annotations = [payload["annotation"]] if "annotation" in payload else payload.get("annotations") or []
+        if not isinstance(annotations, list):
+            return Outcome(400, {"error": f"`annotations` must be a list, got {type(annotations).__name__}"})
         if action not in ACTIONS and action not in TRAINING_ACTIONS:
             return self._record(payload, action, project, [], f"ignored: action {action!r}", body)
         expected = self.catalog.get_meta(META_PROJECT_ID)
@@ -164,7 +166,7 @@ class Receiver:
             outcomes = applied.outcomes if applied else [ignored or "ignored: no annotations"]
             row = WebhookEvent(
                 action=action[:64],
-                ls_project_id=project if isinstance(project, int) else None,
+                ls_project_id=project if isinstance(project, int) and abs(project) < 2**63 else None,
                 ls_annotation_ids=json.dumps([o.annotation_id for o in observations]),
                 body_sha256=hashlib.sha256(body).hexdigest(),
                 payload=json.dumps(kept),
