@@ -139,6 +139,15 @@ class WebhookSettings(_Section):
         return self.url or f"http://{self.host}:{self.port}/webhook"
 
 
+class ServeSettings(_Server):
+    """`flywheel serve`: the champion over HTTP, images in, class probabilities out."""
+
+    port: Port = 8790
+    token: SecretStr = Field(SecretStr(""), description="bearer token callers must send; empty: none (loopback)")
+    recheck_s: float = Field(5.0, ge=0, description="how often the champion alias is read again (a promotion)")
+    max_images: int = Field(256, ge=1, description="images in one request")
+
+
 class StorageSettings(_Section):
     """S3-compatible object storage: s3:// image URIs reach annotators as presigned URLs."""
 
@@ -359,6 +368,7 @@ class Settings(BaseSettings):
     mlflow: MLflowSettings = MLflowSettings()
     prefect: PrefectSettings = PrefectSettings()
     webhook: WebhookSettings = WebhookSettings()
+    serve: ServeSettings = ServeSettings()
     storage: StorageSettings = StorageSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     embed: EmbedSettings = EmbedSettings()

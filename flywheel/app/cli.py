@@ -37,6 +37,8 @@ services_app = typer.Typer(help="Start, stop and check the local Label Studio, M
 app.add_typer(services_app, name="services")
 db_app = typer.Typer(help="The catalog's database schema (alembic migrations in flywheel/catalog/migrations).")
 app.add_typer(db_app, name="db")
+quarantine_app = typer.Typer(help="The files kept out of the pool, and letting one back.")
+app.add_typer(quarantine_app, name="quarantine")
 console = Console()
 
 
@@ -351,6 +353,45 @@ def webhook(
         return
     console.print(f"starting the webhook receiver for {settings.webhook.endpoint}", highlight=False)
     receiver.serve(settings)
+
+
+@app.command()
+@_friendly
+def serve() -> None:
+    """Serve the champion over HTTP (serve.host:serve.port): POST /predict with an image, or JSON {"images": [...]}
+    of URLs or base64; answers class probabilities and the model version, and follows the champion alias."""
+    from flywheel.app import serve as server
+
+    settings = _settings()
+    console.print(f"serving the champion of {settings.registered_model_name} on {settings.serve.url}", highlight=False)
+    server.serve(settings)
+
+
+@quarantine_app.command("list")
+@_friendly
+def quarantine_list(reason: Annotated[str | None, typer.Option(help="only this reason")] = None) -> None:
+    """Every file kept out of the pool, one a line: id, stage, reason, the whole path, the detail."""
+    from flywheel.catalog import Catalog
+
+    rows = [r for r in Catalog(_settings().catalog_url).quarantined() if reason is None or r.reason == reason]
+    console.print(f"quarantine: {len(rows)} files (release one with `flywheel quarantine release ID`)")
+    for row in rows:
+        console.print(
+            f"{row.id:>6} {row.stage:6} {row.reason:22} {row.uri}  ({row.detail})", highlight=False, soft_wrap=True
+        )
+
+
+@quarantine_app.command("release")
+@_friendly
+def quarantine_release(ids: Annotated[list[int], typer.Argument(help="quarantine ids (`quarantine list`)")]) -> None:
+    """Let files back: a sample returns to the pool, a file refused at import is tried at the next import."""
+    from flywheel.catalog import Catalog
+
+    catalog = Catalog(_settings().catalog_url)
+    for quarantine_id in ids:
+        row = catalog.release(quarantine_id)
+        back = "back in the pool" if row.sample_id is not None else "tried again at the next import"
+        console.print(f"released {quarantine_id} ({row.reason}): {row.uri} is {back}", highlight=False, soft_wrap=True)
 
 
 @app.command("annotate-sim")

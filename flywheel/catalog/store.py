@@ -7,6 +7,7 @@ schema (flywheel/catalog/migrations) to the tables in flywheel/catalog/models.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from flywheel.catalog.models import (
     utc_now,
 )
 from flywheel.errors import DataError, ServiceUnavailableError
+
+RELEASED_DUPLICATES = "released_near_duplicates"  # meta key: sample ids a person let back past the duplicate check
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,30 @@ class Catalog:
     def quarantined(self) -> list[Quarantine]:
         with self.transaction() as s:
             return list(s.scalars(select(Quarantine).order_by(Quarantine.id)))
+
+    def release(self, quarantine_id: int) -> Quarantine:
+        """Let a quarantined file back: a sample returns to its split (a file refused at import is tried again
+        at the next import). A near-duplicate released by hand is never set aside as one again."""
+        with self.transaction() as s:
+            row = s.get(Quarantine, quarantine_id)
+            if row is None:
+                known = list(s.scalars(select(Quarantine.id).order_by(Quarantine.id)))
+                raise DataError(f"no quarantine entry {quarantine_id}; the entries are {known or 'none'}")
+            if row.stage == "select" and row.sample_id is not None:
+                kept = {*self._released(s), row.sample_id}
+                s.merge(Meta(key=RELEASED_DUPLICATES, value=json.dumps(sorted(kept))))
+            s.delete(row)
+            return row
+
+    def released_duplicates(self) -> set[int]:
+        """Sample ids a person released from the near-duplicate check."""
+        with self.transaction() as s:
+            return self._released(s)
+
+    @staticmethod
+    def _released(session: Session) -> set[int]:
+        row = session.get(Meta, RELEASED_DUPLICATES)
+        return set(json.loads(row.value)) if row else set()
 
     def truth_of(self, sample_ids: Iterable[int]) -> dict[int, str | None]:
         with self.transaction() as s:

@@ -102,6 +102,8 @@ def drop_near_duplicates(
     index = embedded.pool_index(settings, catalog, pool)
     picked = [int(pool.ids[p]) for p in positions]
     twins = near_duplicates(index, pool.vectors[positions], picked, known, settings.near_duplicate_cosine)
+    released = catalog.released_duplicates() if twins else set()
+    twins = {s: twin for s, twin in twins.items() if s not in released}  # a person said: not a duplicate
     if twins:
         uri = dict(zip((int(i) for i in pool.ids), pool.paths, strict=True))
         catalog.quarantine_samples(

@@ -20,16 +20,19 @@ from pydantic import SecretStr
 from bench.webhook_burst import serving
 from flywheel import labelstudio, loop
 from flywheel.app import mlbackend
+from flywheel.app.serve import create_app as create_serve_app
 from flywheel.app.webhook import THRESHOLD_REACHED, create_app
 from flywheel.catalog import Catalog
 from flywheel.config import Settings
 from flywheel.labelstudio.interface import choice_result, result_choices
 from flywheel.labelstudio.media import image_url
 from flywheel.labelstudio.sync import users_by_id
+from flywheel.loop.state import load
 from flywheel.registry import tracking
 from flywheel.serving.champion import ChampionSource, predict
 from flywheel.simulation.datasets import materialize_builtin
 from flywheel.sources.importing import import_source
+from flywheel.training.finetune import predict_proba as finetune_predict_proba
 from tests.integration.labelstudio_support import prefect_events, with_section
 from tests.integration.test_far_domain import _label
 from tests.integration.test_webhook import wait_for
@@ -122,3 +125,40 @@ def test_predict_refuses_an_image_outside_the_document_root(tmp_path: Path) -> N
         [{"id": 7, "data": {"image": "/data/local-files/?d=a/b.png", "sample_id": 3}}], document_root=tmp_path
     )
     assert (image.task_id, image.sample_id, image.location) == (7, 3, str(tmp_path / "a" / "b.png"))
+
+
+def test_flywheel_serve_answers_as_the_champion_and_follows_its_alias(
+    served: tuple[Settings, Catalog, int, str],
+) -> None:
+    settings, catalog, _, champion = served
+    settings = with_section(settings, "serve", recheck_s=0.0, token=SecretStr("serve-token"))
+    samples = catalog.samples()[:4]
+    paths = [s.uri for s in samples]
+    model = load(tracking.connect(settings), settings, champion)
+    expected = finetune_predict_proba(model, paths, device="cpu")
+    bearer = {"authorization": "Bearer serve-token"}
+    with serving(create_serve_app(settings, ChampionSource(settings, recheck_s=0.0))) as port:
+        url = f"http://127.0.0.1:{port}/predict"
+        raw = httpx.post(url, content=Path(paths[0]).read_bytes(), headers={**bearer, "content-type": "image/png"})
+        encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths[1:]]
+        batch = httpx.post(url, json={"images": [f"data:image/png;base64,{encoded[0]}", *encoded[1:]]}, headers=bearer)
+        assert raw.status_code == 200 and batch.status_code == 200, (raw.text, batch.text)
+        answers = [*raw.json()["predictions"], *batch.json()["predictions"]]
+        assert {raw.json()["model_version"], batch.json()["model_version"]} == {champion}
+        got = np.array([[a["probabilities"][c] for c in model.classes] for a in answers])
+        np.testing.assert_allclose(got, expected, atol=1e-4)  # the champion's own answers on the same images
+        assert [a["label"] for a in answers] == [model.classes[int(k)] for k in expected.argmax(1)]
+
+        assert httpx.post(url, content=b"x").status_code == 401  # the token is required once set
+        broken = httpx.post(url, json={"images": ["not base64!"]}, headers=bearer)
+        assert broken.status_code == 400 and "images[0]" in broken.json()["error"]
+        garbage = httpx.post(url, content=b"not an image", headers={**bearer, "content-type": "image/png"})
+        assert garbage.status_code == 422 and "error" in garbage.json()
+
+        # A promotion moves the alias: the next answer comes from the new champion, without a restart.
+        _label(catalog, 8, seed=1)
+        ls, client = labelstudio.connect(settings), tracking.connect(settings)
+        second = loop.run_round(settings, catalog, ls, client, progress=False)
+        assert second.promoted and second.model_version != champion, second.promotion_reason
+        again = httpx.post(url, content=Path(paths[0]).read_bytes(), headers={**bearer, "content-type": "image/png"})
+        assert again.json()["model_version"] == second.model_version

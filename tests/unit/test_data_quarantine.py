@@ -17,9 +17,11 @@ import pytest
 import torch
 from PIL import Image
 from sqlalchemy import create_engine, text
+from typer.testing import CliRunner
 
 from flywheel import atomic, loop
-from flywheel.catalog import POOL, Base, Catalog
+from flywheel.app import cli
+from flywheel.catalog import POOL, Base, Catalog, Quarantined
 from flywheel.config import IndexSettings, load_settings
 from flywheel.errors import CorruptFileError, ProjectBusyError
 from flywheel.features import embedded
@@ -260,3 +262,28 @@ def test_a_second_run_of_the_project_is_refused_naming_the_holder(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert lock_path(settings).read_text() == ""  # released: nobody named as holder
+
+
+def test_a_person_lets_quarantined_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(workspace=tmp_path / "ws", max_image_pixels=50_000, image_size=32)
+    catalog = Catalog(settings.catalog_url)
+    _awkward_tree(tmp_path / "tree")
+    import_source(catalog, settings, str(tmp_path / "tree"))
+    plain = next(s for s in catalog.samples() if s.uri.endswith("plain.png"))
+    catalog.quarantine_samples({plain.id: Quarantined(plain.uri, "near-duplicate", "cosine 0.99")}, stage="select")
+    held = {Path(q.uri).name: q for q in catalog.quarantined()}
+    monkeypatch.setenv("FLYWHEEL_WORKSPACE", str(settings.workspace))
+    listed = CliRunner().invoke(cli.app, ["quarantine", "list", "--reason", "empty file"])
+    assert listed.exit_code == 0 and "empty.png" in listed.output and "notes.png" not in listed.output
+
+    released = CliRunner().invoke(
+        cli.app, ["quarantine", "release", str(held["plain.png"].id), str(held["empty.png"].id)]
+    )
+    assert released.exit_code == 0, released.output
+    assert "plain.png is back in the pool" in released.output and "empty.png is tried again" in released.output
+    assert plain.id in {s.id for s in catalog.samples()} and catalog.released_duplicates() == {plain.id}
+    assert {Path(q.uri).name for q in catalog.quarantined()} == {"notes.png", "big.png", "zcopy.png"}
+    again = import_source(catalog, settings, str(tmp_path / "tree"))[POOL]
+    assert again.quarantined == 1  # the released empty file was tried again, and is still empty
+    unknown = CliRunner().invoke(cli.app, ["quarantine", "release", "999"])
+    assert unknown.exit_code != 0 and "no quarantine entry 999" in unknown.output
