@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,11 @@ def data_manager_screenshot(settings: Settings, project_id: int, out: Path, *, w
             "hiddenColumns": {"explore": HIDDEN, "labeling": HIDDEN},
         },
     )
+    page_screenshot(settings, f"/projects/{project_id}/data", out, width=width)
+
+
+def page_screenshot(settings: Settings, path: str, out: Path, *, width: int = 1600, wait_s: float = 12) -> None:
+    """A PNG of one Label Studio page as the logged-in user sees it, `wait_s` after it starts loading."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise RuntimeError("Chromium not found: sudo apt-get install -y chromium")
@@ -70,34 +76,14 @@ def data_manager_screenshot(settings: Settings, project_id: int, out: Path, *, w
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            port_file = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + 30
-            while not port_file.exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("Chromium did not open its DevTools port")
-                time.sleep(0.2)
-            port = int(port_file.read_text().split()[0])
-            page = next(
-                t for t in httpx.get(f"http://127.0.0.1:{port}/json", trust_env=False).json() if t["type"] == "page"
-            )
-            with ws_connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
-                calls = iter(range(1, 10**6))
-
-                def call(method: str, **params: Any) -> dict[str, Any]:
-                    ident = next(calls)
-                    ws.send(json.dumps({"id": ident, "method": method, "params": params}))
-                    while True:
-                        message = json.loads(ws.recv())
-                        if message.get("id") == ident:
-                            return message.get("result", {})
-
-                call("Network.enable")
-                for name, value in cookies.items():
-                    call("Network.setCookie", name=name, value=value, url=settings.label_studio.url)
-                call("Emulation.setDeviceMetricsOverride", width=width, height=1000, deviceScaleFactor=1, mobile=False)
-                call("Page.navigate", url=f"{settings.label_studio.url}/projects/{project_id}/data")
-                time.sleep(12)  # the data manager loads its tasks and thumbnails in the background
-                shot = call("Page.captureScreenshot", format="png")
+            call = _devtools(Path(profile))
+            call("Network.enable")
+            for name, value in cookies.items():
+                call("Network.setCookie", name=name, value=value, url=settings.label_studio.url)
+            call("Emulation.setDeviceMetricsOverride", width=width, height=1000, deviceScaleFactor=1, mobile=False)
+            call("Page.navigate", url=f"{settings.label_studio.url}{path}")
+            time.sleep(wait_s)  # pages load their data and images in the background
+            shot = call("Page.captureScreenshot", format="png")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(base64.b64decode(shot["data"]))
         finally:
@@ -105,5 +91,37 @@ def data_manager_screenshot(settings: Settings, project_id: int, out: Path, *, w
             browser.wait(10)
 
 
+def _devtools(profile: Path) -> Callable[..., dict[str, Any]]:
+    """A call(method, **params) over the DevTools websocket of the Chromium using `profile`."""
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 30
+    while not port_file.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("Chromium did not open its DevTools port")
+        time.sleep(0.2)
+    port = int(port_file.read_text().split()[0])
+    page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json", trust_env=False).json() if t["type"] == "page")
+    ws = ws_connect(page["webSocketDebuggerUrl"], max_size=None)
+    calls = iter(range(1, 10**6))
+
+    def call(method: str, **params: Any) -> dict[str, Any]:
+        ident = next(calls)
+        ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+        while True:
+            message = json.loads(ws.recv())
+            if message.get("id") == ident:
+                return dict(message.get("result", {}))
+
+    return call
+
+
 if __name__ == "__main__":
-    data_manager_screenshot(load_settings(), int(sys.argv[1]), Path(sys.argv[2]))
+    # PROJECT_ID OUT.png [data | model | task:ID]: the data manager, the Model (ML backend) settings, one task
+    settings, project, target = load_settings(), int(sys.argv[1]), Path(sys.argv[2])
+    page = sys.argv[3] if len(sys.argv) > 3 else "data"
+    if page == "data":
+        data_manager_screenshot(settings, project, target)
+    elif page == "model":
+        page_screenshot(settings, f"/projects/{project}/settings/ml", target, wait_s=8)
+    else:
+        page_screenshot(settings, f"/projects/{project}/data?task={page.removeprefix('task:')}", target, wait_s=15)

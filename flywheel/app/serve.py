@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from flywheel.config import Settings
-from flywheel.errors import DataError, FlywheelError, ServiceUnavailableError
+from flywheel.errors import BadImageError, DataError, FlywheelError, ServiceUnavailableError
 from flywheel.serving.champion import Champion, ChampionSource, local_copy, predict
 
 MAX_BODY = 64 * 1024 * 1024  # bytes of one request
@@ -68,7 +68,11 @@ def _answer(champion: Champion, body: bytes, content_type: str, max_images: int)
     with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
         folder = Path(tmp)
         paths = _images(body, content_type, folder, max_images)
-        probs = predict(champion, [None] * len(paths), paths)
+        try:
+            probs = predict(champion, [None] * len(paths), paths)
+        except BadImageError as exc:  # name the request's image, not the temporary file
+            which = f"images[{paths.index(exc.path)}]" if exc.path in paths else "the image"
+            raise DataError(f"{which}: {exc.reason}{': ' + exc.detail if exc.detail else ''}") from exc
     return {
         "model_version": champion.version,
         "classes": champion.classes,
