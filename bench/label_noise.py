@@ -41,7 +41,7 @@ def test_accuracy(features, targets, rows, labels, test, n_classes, l2, seed) ->
     return float((predict_proba(head, features[test]).argmax(1) == targets[test]).mean())
 
 
-def one_run(data, n_labels: int, noise: float, seed: int, folds: int, l2: float) -> dict:
+def one_run(data, n_labels: int, noise: float, seed: int, folds: int, l2: float, max_self_confidence: float) -> dict:
     n_classes = len(data.classes)
     split = make_split(data.targets, seed, initial_per_class=1)
     rng = np.random.default_rng([seed, int(1000 * noise), 11])
@@ -54,7 +54,7 @@ def one_run(data, n_labels: int, noise: float, seed: int, folds: int, l2: float)
     began = time.perf_counter()
     cv = cross_validate(data.features[rows], noisy, n_classes, folds=folds, n_sizes=1, l2=l2, seed=seed)
     flagged = np.zeros(len(rows), dtype=bool)
-    flagged[confident_learning(noisy, cv.probs)] = True
+    flagged[confident_learning(noisy, cv.probs, max_self_confidence=max_self_confidence)] = True
     seconds = time.perf_counter() - began
     reviewed = np.where(flagged, truth, noisy)  # the reviewer answers flagged labels with the truth
     with single_threaded_torch():
@@ -71,6 +71,7 @@ def one_run(data, n_labels: int, noise: float, seed: int, folds: int, l2: float)
         "true_positives": hits,
         "precision": hits / max(int(flagged.sum()), 1),
         "recall": hits / max(int(wrong.sum()), 1),
+        "right_flagged_share": int((flagged & ~wrong).sum()) / max(int((~wrong).sum()), 1),
         "wrong_after_review": int((reviewed != truth).sum()),
         "accuracy_noisy": before,
         "accuracy_reviewed": after,
@@ -83,7 +84,7 @@ def one_run(data, n_labels: int, noise: float, seed: int, folds: int, l2: float)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="fashion-mnist,digits")
-    parser.add_argument("--noise", default="0.1,0.2", help="comma-separated annotator noise rates")
+    parser.add_argument("--noise", default="0,0.1,0.2", help="comma-separated annotator noise rates")
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
@@ -101,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             datasets.load_dataset(dataset, settings, pool_size=args.pool_size), settings, progress=False
         )
         for noise in [float(x) for x in args.noise.split(",") if x]:
-            runs = [one_run(data, args.labels, noise, seed, args.folds, settings.head_l2) for seed in range(args.seeds)]
+            runs = [
+                one_run(
+                    data, args.labels, noise, seed, args.folds, settings.head_l2, settings.review.max_self_confidence
+                )
+                for seed in range(args.seeds)
+            ]
             mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "seed" and runs[0][k] is not None}
             results.append({"dataset": dataset, "noise": noise, "runs": runs, "mean": mean})
             print(f"{dataset} noise {noise:.0%}: precision {mean['precision']:.3f} recall {mean['recall']:.3f} "
@@ -112,19 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         "## Label review at simulated annotator noise (bench/label_noise.py)\n",
         f"{args.labels} random labels per run, {args.seeds} seeds, the simulated annotator's noise rule; confident "
         f"learning (cleanlab find_label_issues, ranked by self-confidence) on {args.folds}-fold out-of-sample "
-        "probabilities of the linear head; flagged labels replaced by the truth (the reviewer). Test accuracy of "
+        f"probabilities of the linear head, kept where the label's probability is at most "
+        f"{settings.review.max_self_confidence} (review.max_self_confidence); flagged labels replaced by the truth "
+        "(the reviewer). Test accuracy of "
         f"the head on a 30% stratified test split. Means over seeds. Total wall {total:.0f} s on "
         f"{os.cpu_count()} CPU cores.\n",
-        "| data set | noise | wrong labels | flagged | precision | recall | wrong after review | test acc noisy | "
-        "reviewed | clean | recovered |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| data set | noise | wrong labels | flagged | right labels flagged | precision | recall | "
+        "wrong after review | test acc noisy | reviewed | clean | recovered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r["mean"]
         recovered = f"{100 * m['recovered_share']:.0f}%" if "recovered_share" in m else "n/a"
+        precision, recall = (
+            (f"{100 * m['precision']:.1f}%", f"{100 * m['recall']:.1f}%") if m["wrong"] else ("n/a", "n/a")
+        )
         lines.append(
             f"| {r['dataset']} | {100 * r['noise']:.0f}% | {m['wrong']:.0f} | {m['flagged']:.0f} | "
-            f"{100 * m['precision']:.1f}% | {100 * m['recall']:.1f}% | {m['wrong_after_review']:.0f} | "
+            f"{100 * m['right_flagged_share']:.1f}% | {precision} | {recall} | {m['wrong_after_review']:.0f} | "
             f"{100 * m['accuracy_noisy']:.2f}% | {100 * m['accuracy_reviewed']:.2f}% | "
             f"{100 * m['accuracy_clean']:.2f}% | {recovered} |"
         )

@@ -272,6 +272,13 @@ class ReviewSettings(_Section):
     min_labels: int = Field(50, ge=10, description="labels before the first review")
     folds: int = Field(5, ge=2, le=20, description="cross-validation folds for out-of-sample probabilities")
     max_per_round: int = Field(50, ge=1, description="review tasks one round sends at most")
+    max_self_confidence: float = Field(
+        0.07,
+        gt=0,
+        le=1,
+        description="flag a label only when the out-of-sample model gives it at most this "
+        "probability (bench/label_noise.py: 4% of right labels flagged at 0% noise, 69% precision at 10%)",
+    )
 
 
 class EmbedSettings(_Section):

@@ -193,7 +193,7 @@ def label_review(
     )
     suspects = review.find_suspects(
         sample_ids, targets, cv.probs, classes, review.annotator_votes(catalog),
-        exclude=review.reviewed_sample_ids(catalog),
+        exclude=review.reviewed_sample_ids(catalog), max_self_confidence=rv.max_self_confidence,
     )  # fmt: skip
     sent = review.push_reviews(
         ls_client, settings, catalog, suspects[: rv.max_per_round], model_version=f"{model_version}-cv",

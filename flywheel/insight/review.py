@@ -54,11 +54,16 @@ class Suspect:
 
 
 def confident_learning(
-    targets: npt.NDArray[np.integer[Any]], probs: npt.NDArray[np.floating[Any]]
+    targets: npt.NDArray[np.integer[Any]],
+    probs: npt.NDArray[np.floating[Any]],
+    *,
+    max_self_confidence: float = 1.0,
 ) -> npt.NDArray[np.int64]:
     """Positions of likely wrong labels, most suspicious (lowest self-confidence) first.
 
     targets: (N,) class index of each label; probs: (N, C) out-of-sample probabilities, rows sum to 1.
+    Only labels the out-of-sample model gives at most `max_self_confidence` are kept: cleanlab alone flags
+    many right labels of look-alike classes, and a reviewer's time is the cost (docs/labelstudio.md).
     """
     from cleanlab.filter import find_label_issues
 
@@ -72,7 +77,9 @@ def confident_learning(
         # handler inside a task and print a TerminationSignal traceback when the pool closes; at our sizes
         # (thousands of labels) the pool saves nothing
         found = find_label_issues(targets, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
-    return np.asarray(found, dtype=np.int64)
+    found = np.asarray(found, dtype=np.int64)
+    keep: npt.NDArray[np.bool_] = probs[found, np.asarray(targets)[found]] <= max_self_confidence
+    return found[keep]
 
 
 def disagreements(votes: Mapping[int, Sequence[tuple[str, str]]]) -> dict[int, dict[str, list[str]]]:
@@ -95,6 +102,7 @@ def find_suspects(
     votes: Mapping[int, Sequence[tuple[str, str]]],
     *,
     exclude: Collection[int] = (),
+    max_self_confidence: float = 1.0,
 ) -> list[Suspect]:
     """Both signals merged, one Suspect per sample, confident-learning order first, then disagreements.
 
@@ -104,7 +112,7 @@ def find_suspects(
     row_of = {int(s): i for i, s in enumerate(sample_ids)}
     exclude = set(exclude)
     flagged: dict[int, list[str]] = {}
-    for i in confident_learning(targets, probs):
+    for i in confident_learning(targets, probs, max_self_confidence=max_self_confidence):
         flagged.setdefault(int(sample_ids[i]), []).append(
             f"{CONFIDENT_LEARNING}: out-of-sample probability of the label {probs[i, targets[i]]:.2f}, "
             f"of {classes[int(probs[i].argmax())]} {probs[i].max():.2f}"

@@ -100,3 +100,18 @@ def test_selection_provenance_and_training_set_csv(tmp_path):
         ("2", "holdout", "1", "auto"),
     ]
     assert rows[0]["content_hash"] == f"{0:064x}" and '"k_per_round": 2' in rows[0]["params"]
+
+
+def test_the_self_confidence_cutoff_keeps_only_labels_the_model_all_but_rules_out():
+    features, truth = _blobs(n_per_class=80)
+    rng = np.random.default_rng(2)
+    noisy = truth.copy()
+    wrong = rng.choice(len(truth), size=32, replace=False)
+    noisy[wrong] = (truth[wrong] + rng.integers(1, 4, size=32)) % 4
+    cv = cross_validate(features, noisy, 4, folds=5, n_sizes=1, l2=0.1, seed=0)
+    everything = review.confident_learning(noisy, cv.probs)
+    cutoff = float(np.median(cv.probs[everything, noisy[everything]]))  # half of the flags lie above it
+    kept = review.confident_learning(noisy, cv.probs, max_self_confidence=cutoff)
+    assert 0 < len(kept) < len(everything) and set(kept) <= set(everything)
+    assert (cv.probs[kept, noisy[kept]] <= cutoff).all()
+    assert list(kept) == [i for i in everything if cv.probs[i, noisy[i]] <= cutoff]  # same order, most suspicious first
