@@ -8,15 +8,17 @@ crash at any point leaves `f` matching one of the listed digests.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from flywheel.errors import CorruptFileError
+from flywheel.errors import CorruptFileError, WorkspaceWriteError
 
 SIDECAR_SUFFIX = ".sha256"
 
@@ -43,7 +45,35 @@ def _recorded(path: Path) -> list[str]:
     return [line.split()[0] for line in lines if line.strip()]
 
 
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}  # fmt: skip
+
+
+@contextmanager
+def writes_to(path: Path | str) -> Iterator[None]:
+    """Turn a full or read-only disk under `path` into a WorkspaceWriteError that names it and its free space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        folder = Path(path).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            free: int | None = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        raise WorkspaceWriteError(str(path), WRITE_ERRNOS[exc.errno], free) from exc
+
+
 def _replace_with(path: Path, write: Callable[[TextIO], object]) -> None:
+    with writes_to(path):
+        _replace_now(path, write)
+
+
+def _replace_now(path: Path, write: Callable[[TextIO], object]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
     try:
         with os.fdopen(fd, "w") as fh:
@@ -69,20 +99,24 @@ def atomic_path(path: Path | str, *, checksum: bool = False) -> Iterator[str]:
     `verify_checksum` can tell a damaged file from a good one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-    os.close(fd)
+    with writes_to(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+        os.close(fd)
     try:
-        yield tmp
+        with writes_to(path):
+            yield tmp
         if checksum:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             digest = file_sha256(tmp)
             _write_sidecar(path, [digest, *_recorded(path)])
-            os.replace(tmp, path)
+            with writes_to(path):
+                os.replace(tmp, path)
             _write_sidecar(path, [digest])
         else:
-            os.replace(tmp, path)
+            with writes_to(path):
+                os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

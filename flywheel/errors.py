@@ -54,6 +54,18 @@ class ServiceUnavailableError(FlywheelError):
         super().__init__(f"{service} is not reachable at {url}{': ' + detail if detail else ''} ({hint})")
 
 
+class WorkspaceWriteError(FlywheelError):
+    """A file could not be written: the disk is full, read-only or not ours. Nothing was half written."""
+
+    def __init__(self, path: str, reason: str, free_bytes: int | None):
+        self.path, self.reason, self.free_bytes = path, reason, free_bytes
+        free = f"{free_bytes / 2**20:.1f} MiB free there" if free_bytes is not None else "free space unknown"
+        super().__init__(
+            f"cannot write {path}: {reason} ({free}); nothing was changed: free some space, or make the folder "
+            "writable, and run the command again"
+        )
+
+
 class WeightsUnavailableError(FlywheelError):
     """Pretrained weights are neither cached nor downloadable."""
 

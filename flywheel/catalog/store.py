@@ -8,6 +8,7 @@ schema (flywheel/catalog/migrations) to the tables in flywheel/catalog/models.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from flywheel.catalog.models import (
     Task,
     utc_now,
 )
-from flywheel.errors import DataError, ServiceUnavailableError
+from flywheel.errors import DataError, ServiceUnavailableError, WorkspaceWriteError
 
+DISK_FAILURES = (("disk is full", "the disk is full"), ("readonly database", "the database is read-only"),
+                 ("No space left", "the disk is full"))  # fmt: skip
 RELEASED_DUPLICATES = "released_near_duplicates"  # meta key: sample ids a person let back past the duplicate check
 
 
@@ -89,8 +92,17 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+        """One transaction: all of it or none. A full or read-only disk says so, naming the database."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            reason = next((why for words, why in DISK_FAILURES if words in str(exc.orig)), None)
+            if reason is None:
+                raise
+            where = Path(self.url.removeprefix("sqlite:///")) if self.url.startswith("sqlite:///") else None
+            free = shutil.disk_usage(where.parent).free if where is not None else None
+            raise WorkspaceWriteError(self.url, reason, free) from exc
 
     # --- classes -------------------------------------------------------------------------------
     def classes(self) -> list[str]:
