@@ -30,7 +30,7 @@ def test_a_file_write_that_fails_names_the_file_and_changes_nothing(
     def refuse(*_: object) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(atomic.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)  # what atomic.py calls to put a file in place
     failed = rf"cannot write {target}(\.sha256)?: .*{reason}.*MiB free there"  # the file or its checksum sidecar
     with (
         pytest.raises(WorkspaceWriteError, match=failed) as caught,
@@ -50,7 +50,7 @@ def test_a_full_catalog_database_says_so_and_keeps_what_it_had(tmp_path: Path) -
     catalog.add_samples([NewSample("/a.png", "0" * 64, "cat")], source="t", split="pool", classes=["cat"])
 
     @event.listens_for(catalog.engine, "connect")
-    def tiny(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]  # SQLAlchemy's listener shape
+    def tiny(dbapi_connection, _record) -> None:
         dbapi_connection.execute("PRAGMA max_page_count = 12")  # the database may not grow: a full disk
 
     catalog.engine.dispose()  # new connections get the limit
