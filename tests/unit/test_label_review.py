@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,13 +48,18 @@ def test_out_of_fold_probabilities_never_come_from_a_head_that_saw_the_label():
         cross_validate(features[:9], targets[:9], 4, folds=5, l2=0.1, seed=0)
 
 
-def test_confident_learning_finds_planted_wrong_labels():
+def _planted(seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Four blobs of 80 with 32 labels moved to another class: (noisy labels, wrong positions, cross-validation)."""
     features, truth = _blobs(n_per_class=80)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     noisy = truth.copy()
     wrong = rng.choice(len(truth), size=32, replace=False)
     noisy[wrong] = (truth[wrong] + rng.integers(1, 4, size=32)) % 4
-    cv = cross_validate(features, noisy, 4, folds=5, n_sizes=1, l2=0.1, seed=0)
+    return noisy, wrong, cross_validate(features, noisy, 4, folds=5, n_sizes=1, l2=0.1, seed=0)
+
+
+def test_confident_learning_finds_planted_wrong_labels():
+    noisy, wrong, cv = _planted(1)
     flagged = review.confident_learning(noisy, cv.probs)
     hits = np.isin(flagged, wrong).sum()
     assert hits / len(flagged) >= 0.9 and hits / len(wrong) >= 0.9
@@ -103,12 +109,7 @@ def test_selection_provenance_and_training_set_csv(tmp_path):
 
 
 def test_the_self_confidence_cutoff_keeps_only_labels_the_model_all_but_rules_out():
-    features, truth = _blobs(n_per_class=80)
-    rng = np.random.default_rng(2)
-    noisy = truth.copy()
-    wrong = rng.choice(len(truth), size=32, replace=False)
-    noisy[wrong] = (truth[wrong] + rng.integers(1, 4, size=32)) % 4
-    cv = cross_validate(features, noisy, 4, folds=5, n_sizes=1, l2=0.1, seed=0)
+    noisy, _, cv = _planted(2)
     everything = review.confident_learning(noisy, cv.probs)
     cutoff = float(np.median(cv.probs[everything, noisy[everything]]))  # half of the flags lie above it
     kept = review.confident_learning(noisy, cv.probs, max_self_confidence=cutoff)
