@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # Images embedded between two saves in embed_samples: bounds the work lost to a crash, while keeping the
 # number of whole-file rewrites (each O(store size)) small.
-SAVE_EVERY = 8192
 
 ProgressFn = Callable[[int, int], None]
 """Called as (images embedded so far, images to embed) after each batch, e.g. to update a Prefect artifact."""
@@ -106,21 +105,18 @@ def _batch_counter(bar: Any, task: Any, on_progress: ProgressFn | None, total: i
     return on_batch
 
 
-def _atomic_save(path: Path, array: npt.NDArray[np.generic]) -> None:
-    """np.save to a temp file, then os.replace, with a sha256 sidecar: readers never see half a file, and a
-    file damaged later is recognised (atomic.py)."""
-    with atomic_path(path, checksum=True) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+PART = "part-{:06d}.npz"  # one add: its ids (n,) int64 and vectors (n, D) float32, checksummed
+COMPACT_ABOVE = 256  # parts; more are joined into one on the next add (reads stay a few hundred opens at most)
 
 
 class EmbeddingStore:
-    """Embeddings on disk per (backbone, weights version, image size), keyed by sample id; incremental and atomic.
+    """Embeddings on disk per (backbone, weights version, image size), keyed by sample id; append-only and atomic.
 
-    Files: root/key/ids.npy (N,) int64 and root/key/vectors.npy (N, D) float32, each replaced atomically
-    with a sha256 sidecar. `add` writes vectors before ids and only ever appends rows, so a crash between
-    the two replaces leaves extra trailing vectors, which loading drops. A file that fails its checksum
-    (or cannot be read) makes the store discard itself: the vectors are recomputed, never trusted. One
-    writer per key at a time.
+    Files: root/key/part-NNNNNN.npz, one per `add`, each written atomically with a sha256 sidecar, so adding
+    rows writes only the new part: the cost of an add does not grow with the store. An id stored again (a
+    vector recomputed) is answered from its newest part. A part that fails its checksum (or cannot be read)
+    is deleted and its vectors are recomputed, never trusted; the others stay. Older stores kept everything
+    in ids.npy + vectors.npy: they are read as the oldest part. One writer per key at a time.
     """
 
     def __init__(self, root: Path, key: str):
@@ -128,7 +124,7 @@ class EmbeddingStore:
         self.key = key
         self._ids: npt.NDArray[np.int64] | None = None
         self._vectors: npt.NDArray[np.float32] | None = None
-        self._stamp: tuple[int, int, int] | None = None  # ids.npy (inode, size, mtime) when loaded
+        self._stamp: tuple[str, ...] | None = None  # the part files when loaded
 
     @staticmethod
     def key_for(spec: BackboneSpec, weights_version: str, image_size: int) -> str:
@@ -137,41 +133,64 @@ class EmbeddingStore:
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
 
     # -- loading
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = (self.dir / "ids.npy").stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
+    def _parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.npz")) if self.dir.is_dir() else []
+
+    def _file_stamp(self) -> tuple[str, ...]:
+        legacy = ("ids.npy",) if (self.dir / "ids.npy").exists() else ()
+        return legacy + tuple(p.name for p in self._parts())
 
     def _load(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
-        """The stored arrays, re-read when another writer (process or instance) replaced the files."""
+        """The stored rows (newest vector per id), re-read when another writer added or removed parts."""
         stamp = self._file_stamp()
         if self._ids is None or stamp != self._stamp:
-            ids_path, vec_path = self.dir / "ids.npy", self.dir / "vectors.npy"
-            try:
-                ids, vectors = self._read(ids_path, vec_path)
-            except (CorruptFileError, ValueError, OSError, EOFError) as exc:
-                log.warning(
-                    "embedding store %s is damaged (%s): discarded, its vectors will be recomputed", self.dir, exc
-                )
-                self.discard()
-                ids, vectors, stamp = np.empty(0, np.int64), None, None
-            self._ids, self._vectors, self._stamp = ids.astype(np.int64, copy=False), vectors, stamp
+            pieces = [piece for piece in (self._legacy(), *map(self._read, self._parts())) if piece is not None]
+            if pieces:
+                ids = np.concatenate([i for i, _ in pieces])
+                vectors = np.concatenate([v for _, v in pieces])
+                _, newest_first = np.unique(ids[::-1], return_index=True)
+                keep = np.sort(len(ids) - 1 - newest_first)  # the newest row of each id, in stored order
+                self._ids, self._vectors = ids[keep], vectors[keep]
+            else:
+                self._ids, self._vectors = np.empty(0, np.int64), None
+            self._stamp = self._file_stamp()
         return self._ids, self._vectors
 
-    def _read(self, ids_path: Path, vec_path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
-        if not (ids_path.exists() and vec_path.exists()):
-            return np.empty(0, np.int64), None
-        verify_checksum(ids_path)
-        verify_checksum(vec_path)
-        ids, vectors = np.load(ids_path), np.load(vec_path)
-        if len(vectors) < len(ids):
-            raise CorruptFileError(f"{len(ids)} ids but only {len(vectors)} vectors")
-        return ids, vectors[: len(ids)]  # rows appended by an add whose ids never landed
+    def _read(self, part: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
+        try:
+            verify_checksum(part)
+            with np.load(part) as data:
+                ids, vectors = data["ids"].astype(np.int64, copy=False), data["vectors"]
+            if vectors.ndim != 2 or len(vectors) != len(ids):
+                raise CorruptFileError(f"{len(ids)} ids but vectors of shape {vectors.shape}")
+            return ids, vectors
+        except (CorruptFileError, ValueError, OSError, EOFError, KeyError) as exc:
+            log.warning("embedding store part %s is damaged (%s): deleted, its vectors will be recomputed", part, exc)
+            remove_with_sidecar(part)
+            return None
+
+    def _legacy(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
+        """ids.npy + vectors.npy of an older store: the oldest part, or nothing when damaged (then deleted)."""
+        ids_path, vec_path = self.dir / "ids.npy", self.dir / "vectors.npy"
+        if not ids_path.exists():
+            return None
+        try:
+            verify_checksum(ids_path)
+            verify_checksum(vec_path)
+            ids, vectors = np.load(ids_path), np.load(vec_path)
+            if len(vectors) < len(ids):
+                raise CorruptFileError(f"{len(ids)} ids but only {len(vectors)} vectors")
+            return ids.astype(np.int64, copy=False), vectors[: len(ids)]
+        except (CorruptFileError, ValueError, OSError, EOFError) as exc:
+            log.warning("embedding store %s is damaged (%s): discarded, its vectors will be recomputed", self.dir, exc)
+            for name in ("ids.npy", "vectors.npy"):
+                remove_with_sidecar(self.dir / name)
+            return None
 
     def discard(self) -> None:
         """Delete the stored files (and checksums): everything is embedded again on the next embed_samples."""
+        for part in self._parts():
+            remove_with_sidecar(part)
         for name in ("ids.npy", "vectors.npy"):
             remove_with_sidecar(self.dir / name)
         self._ids = self._vectors = self._stamp = None
@@ -214,7 +233,7 @@ class EmbeddingStore:
         return vectors[rows]
 
     def add(self, ids: Sequence[int], vectors: npt.NDArray[np.floating[Any]]) -> None:
-        """Store vectors (N, D) for ids (N,); ids already stored are overwritten with the new vectors."""
+        """Store vectors (N, D) for ids (N,) as a new part; ids already stored get the new vectors."""
         new_ids: npt.NDArray[np.int64] = np.asarray(ids, dtype=np.int64).reshape(-1)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(new_ids):
@@ -223,22 +242,35 @@ class EmbeddingStore:
             raise DataError("add: ids contain duplicates")
         if not len(new_ids):
             return
-        stored, old = self._load()
+        _, old = self._load()
         if old is not None and old.shape[1] != vectors.shape[1]:
             raise DataError(f"add: {vectors.shape[1]}-d vectors into a {old.shape[1]}-d store {self.dir}")
-        rows, found = self._positions(new_ids)
-        if old is None:
-            all_ids, all_vectors = new_ids, vectors
-        else:
-            old = old.copy()
-            old[rows[found]] = vectors[found]  # overwrite in place: row order of existing ids is kept
-            all_ids = np.concatenate([stored, new_ids[~found]])
-            all_vectors = np.concatenate([old, vectors[~found]])
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save(self.dir / "vectors.npy", all_vectors)  # vectors first: see the class docstring
+        parts = self._parts()
+        if len(parts) >= COMPACT_ABOVE:
+            self._compact(parts)
+            parts = self._parts()
+        number = int(parts[-1].name[5:11]) + 1 if parts else 0
+        self._write_part(number, new_ids, vectors)
         faults.point("embed:after_vectors")
-        _atomic_save(self.dir / "ids.npy", all_ids)
-        self._ids, self._vectors, self._stamp = all_ids, all_vectors, self._file_stamp()
+        self._ids = self._vectors = self._stamp = None  # re-read on the next question
+
+    def _write_part(self, number: int, ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.dir / PART.format(number), checksum=True) as tmp, open(tmp, "wb") as f:
+            np.savez(f, ids=ids, vectors=vectors)
+
+    def _compact(self, parts: list[Path]) -> None:
+        """Join every part (and a legacy pair) into one, newest after the rest; a crash midway leaves rows twice,
+        which loading resolves (the newest wins, and both copies are the same)."""
+        ids, vectors = self._load()
+        if vectors is None:
+            return
+        number = int(parts[-1].name[5:11]) + 1
+        self._write_part(number, ids, vectors)
+        for part in parts:
+            remove_with_sidecar(part)
+        for name in ("ids.npy", "vectors.npy"):
+            remove_with_sidecar(self.dir / name)
 
 
 def embed_samples(

@@ -167,7 +167,7 @@ def test_a_round_killed_at_every_step_then_rerun_loses_nothing_and_sends_nothing
     began = time.monotonic()
     runs = _Runs(settings, settings.workspace / "runs.log")
     try:
-        runs.killed_at("embed:after_vectors")  # vectors of the pool saved, their ids not
+        runs.killed_at("embed:after_vectors")  # a part of the pool's vectors saved, the round not begun
         assert catalog.rounds() == [] and _check(settings, catalog, client, project_id)["ls"] == 0
         runs.killed_at("round:after_select")
         assert _check(settings, catalog, client, project_id) == {"ls": 0, "catalog": 0, "unfinished": 1}

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from torchvision.io import write_png
 
+from flywheel.atomic import atomic_path
 from flywheel.errors import DataError, FlywheelError
+from flywheel.features import store as store_module
 from flywheel.features.backbones import BackboneSpec, build_body, get_spec
 from flywheel.features.pipeline import Embedder, EmbedOptions, embed_all
 from flywheel.features.store import (
     EmbeddingStore,
     MissingEmbeddingsError,
-    _atomic_save,
     embed_available,
     embed_paths,
     embed_samples,
@@ -75,6 +76,9 @@ def test_key_is_filesystem_safe_and_distinguishes_bodies():
     assert key != EmbeddingStore.key_for(FAKE, "models:/flywheel/4", 64)
 
 
+PART0 = "part-000000.npz"
+
+
 def test_store_round_trip_order_and_missing(tmp_path):
     store = EmbeddingStore(tmp_path, "k")
     vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -86,7 +90,7 @@ def test_store_round_trip_order_and_missing(tmp_path):
         reopened.get([10, 50, 60])
     assert isinstance(err.value, FlywheelError)
     files = sorted(p.name for p in (tmp_path / "k").iterdir())
-    assert files == ["ids.npy", "ids.npy.sha256", "vectors.npy", "vectors.npy.sha256"]  # no temp left
+    assert files == ["part-000000.npz", "part-000000.npz.sha256"]  # no temp left
 
 
 def test_store_add_overwrites_existing_and_appends_new(tmp_path):
@@ -108,23 +112,58 @@ def test_store_rejects_bad_adds(tmp_path):
         store.add([6, 7], np.zeros((3, 3), np.float32))
 
 
-def test_store_recovers_from_a_crash_between_the_two_replaces(tmp_path):
-    store = EmbeddingStore(tmp_path, "k")
-    store.add([1, 2], np.ones((2, 3), np.float32))
-    # simulate: the next add replaced vectors.npy (3 rows) and died before replacing ids.npy
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path, checksum=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def _part(folder: Path, ids: list[int], vectors: np.ndarray, number: int = 0) -> None:
+    with atomic_path(folder / f"part-{number:06d}.npz", checksum=True) as tmp, open(tmp, "wb") as f:
+        np.savez(f, ids=np.array(ids, np.int64), vectors=vectors)
+
+
+def test_an_older_store_is_read_as_the_oldest_part(tmp_path):
+    # ids.npy + vectors.npy as the one-file store wrote them, with a trailing row from an add that died
+    _atomic_save(tmp_path / "k" / "ids.npy", np.array([1, 2], np.int64))
     _atomic_save(tmp_path / "k" / "vectors.npy", np.arange(9, dtype=np.float32).reshape(3, 3))
+    store = EmbeddingStore(tmp_path, "k")
+    assert len(store) == 2 and store.missing([1, 2, 3]) == [3]
+    store.add([2, 3], np.full((2, 3), 7, np.float32))
     reopened = EmbeddingStore(tmp_path, "k")
-    assert len(reopened) == 2 and reopened.missing([1, 2, 3]) == [3]
-    np.testing.assert_array_equal(reopened.get([1, 2]), [[0, 1, 2], [3, 4, 5]])
+    np.testing.assert_array_equal(reopened.get([1, 2, 3]), [[0, 1, 2], [7, 7, 7], [7, 7, 7]])  # newest wins
+
+
+def test_adding_rows_writes_only_their_part(tmp_path):
+    store = EmbeddingStore(tmp_path, "k")
+    store.add([1, 2], np.zeros((2, 3), np.float32))
+    store.add([3], np.ones((1, 3), np.float32))
+    folder = tmp_path / "k"
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    store.add([4, 5], np.full((2, 3), 2, np.float32))
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+    assert {k: after[k] for k in before} == before  # every earlier file untouched
+    assert sorted(set(after) - set(before)) == ["part-000002.npz", "part-000002.npz.sha256"]
+    np.testing.assert_array_equal(EmbeddingStore(tmp_path, "k").get([5, 3, 1])[:, 0], [2, 1, 0])
+
+
+def test_many_parts_are_joined(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "COMPACT_ABOVE", 4)
+    store = EmbeddingStore(tmp_path, "k")
+    for i in range(10):
+        store.add([i, 100], np.full((2, 3), i, np.float32))  # 100 is stored again each time
+    assert len(list((tmp_path / "k").glob("part-*.npz"))) <= 4
+    reopened = EmbeddingStore(tmp_path, "k")
+    assert len(reopened) == 11
+    np.testing.assert_array_equal(reopened.get([0, 9, 100])[:, 0], [0, 9, 9])
 
 
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda d: (d / "vectors.npy").write_bytes((d / "vectors.npy").read_bytes()[:-1] + b"\1"),  # one byte off
-        lambda d: (d / "ids.npy").write_bytes(b""),  # truncated to nothing
-        lambda d: (d / "vectors.npy.sha256").unlink(),  # no checksum: not trusted
-        lambda d: _atomic_save(d / "vectors.npy", np.zeros((1, 3), np.float32)),  # fewer vectors than ids
+        lambda d: (d / PART0).write_bytes((d / PART0).read_bytes()[:-1] + b"\1"),  # one byte off
+        lambda d: (d / PART0).write_bytes(b""),  # truncated to nothing
+        lambda d: (d / f"{PART0}.sha256").unlink(),  # no checksum: not trusted
+        lambda d: _part(d, [0, 1, 2], np.zeros((1, 3), np.float32)),  # fewer vectors than ids
     ],
     ids=["bit-flip", "truncated", "no-checksum", "fewer-vectors"],
 )
