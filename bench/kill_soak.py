@@ -1,7 +1,7 @@
 """Kills at any instant: the loop's commands (round, simulated annotations, sync, fine-tune) run one after another
 as the CLI runs them, each in its own process group, while a seeded killer sends SIGKILL at a random moment of
-some of them. After every kill the same command runs again to the end (the restart), and after every step the
-invariants are checked:
+most of them, up to three times in a row. After the kills the same command runs again to its end (the
+restart), and after every kill and every step the invariants are checked:
 
 - the catalog opens, and no sample has two tasks in Label Studio; every catalog task is in Label Studio;
 - after a completed sync, the catalog's labels are exactly the annotations in Label Studio (none lost or doubled);
@@ -128,8 +128,8 @@ def main() -> None:
     while kills < args.kills:
         command = CYCLE[step % len(CYCLE)]
         step += 1
-        if rng.random() < 0.7:  # most steps are killed once, at a random moment of their life
-            outcome, seconds = run(command, env, kill_after=rng.uniform(1.0, 25.0))
+        for _ in range(rng.choice([0, 1, 2, 3])):  # killed up to three times, each at a random moment, restarted
+            outcome, seconds = run(command, env, kill_after=rng.uniform(1.0, 20.0))
             if outcome == "killed":
                 kills += 1
                 problems = invariants(settings, after_sync=False)
