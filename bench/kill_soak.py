@@ -154,7 +154,7 @@ def write(log: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> N
         f"{time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} CPU cores, seed {args.seed}, Fashion-MNIST "
         f"pool of {args.pool_size}, {wall / 60:.0f} min wall.\n",
         f"- SIGKILLs: **{len(killed)}** ({', '.join(f'{c}: {n}' for c, n in by_command.most_common())}), each at a "
-        "random moment 1 to 25 s into the command, then the same command run again to its end.",
+        "random moment 1 to 20 s into the command (up to three in a row), then the same command run to its end.",
         f"- Invariant violations: **{len(violations)}** over {len(log)} checks.",
         f"- Commands run to the end after a kill or on their own: {len(restarts)}; their wall time: median "
         f"{sorted(restarts)[len(restarts) // 2]:.1f} s, longest {max(restarts):.1f} s (process start included).",
