@@ -103,7 +103,7 @@ def test_a_round_through_the_cli_leaks_no_secret(settings):
     _scan("the CLI's output", done.stdout + done.stderr, secrets)
 
     files = [p for p in settings.workspace.rglob("*") if p.is_file()]
-    assert any(p.name == "catalog.db" for p in files) and any(p.suffix == ".npy" for p in files)
+    assert any(p.name == "catalog.db" for p in files) and any(p.suffix == ".npz" for p in files)  # embedding parts
     for path in files:  # catalog, embeddings, reports, persisted Prefect results, logs
         _scan(str(path), path.read_bytes(), secrets)
     for log in (TEST_WORKSPACE / "logs").glob("*.log"):  # the servers' own logs
