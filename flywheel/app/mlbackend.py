@@ -17,11 +17,12 @@ from fastapi.responses import JSONResponse
 from label_studio_sdk import LabelStudio
 from starlette.concurrency import run_in_threadpool
 
+from flywheel.app.refusals import current_champion, too_large
 from flywheel.config import Settings
-from flywheel.errors import ConfigError, DataError, FlywheelError, ServiceUnavailableError
+from flywheel.errors import ConfigError, DataError, FlywheelError
 from flywheel.labelstudio.mlbackend import ensure_ml_backend, prediction, remove_ml_backends, task_images
 from flywheel.labelstudio.project import SECRET_HEADER
-from flywheel.serving.champion import Champion, ChampionSource, predict
+from flywheel.serving.champion import ChampionSource, predict
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,13 @@ def add_routes(app: FastAPI, settings: Settings, champions: ChampionSource) -> N
     def refused(request: Request) -> JSONResponse | None:
         if not receiver.authorized(request.headers.get(SECRET_HEADER), request.headers.get("authorization")):
             return JSONResponse({"error": f"missing or wrong {SECRET_HEADER} header or basic auth"}, status_code=401)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
-        return None
-
-    async def champion() -> Champion | None | JSONResponse:
-        """The champion, or a 503 naming the registry that did not answer."""
-        try:
-            return await run_in_threadpool(champions.current)
-        except ServiceUnavailableError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
+        return too_large(request, MAX_BODY)
 
     @app.post("/setup")
     async def setup(request: Request) -> JSONResponse:
         if (refusal := refused(request)) is not None:
             return refusal
-        current = await champion()
+        current = await current_champion(champions)
         if isinstance(current, JSONResponse):
             return current
         return JSONResponse({"model_version": current.version if current else NO_MODEL})
@@ -77,7 +69,7 @@ def add_routes(app: FastAPI, settings: Settings, champions: ChampionSource) -> N
             images = task_images(tasks, document_root=root)
         except (ValueError, AttributeError, DataError) as exc:
             return JSONResponse({"error": f"not a predict request: {exc}"}, status_code=400)
-        current = await champion()
+        current = await current_champion(champions)
         if isinstance(current, JSONResponse):
             return current
         if current is None:

@@ -24,8 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from flywheel.app.refusals import current_champion, too_large
 from flywheel.config import Settings
-from flywheel.errors import BadImageError, DataError, FlywheelError, ServiceUnavailableError
+from flywheel.errors import BadImageError, DataError, FlywheelError
 from flywheel.serving.champion import Champion, ChampionSource, local_copy, predict
 
 MAX_BODY = 64 * 1024 * 1024  # bytes of one request
@@ -44,12 +45,11 @@ def create_app(settings: Settings, champions: ChampionSource) -> FastAPI:
         given = request.headers.get("authorization", "")
         if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return JSONResponse({"error": "missing or wrong Authorization: Bearer token"}, status_code=401)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
-        try:
-            champion = await run_in_threadpool(champions.current)
-        except ServiceUnavailableError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
+        if (refusal := too_large(request, MAX_BODY)) is not None:
+            return refusal
+        champion = await current_champion(champions)
+        if isinstance(champion, JSONResponse):
+            return champion
         if champion is None:
             return JSONResponse({"error": "no champion yet: run `flywheel round` first"}, status_code=503)
         body, kind = await request.body(), request.headers.get("content-type", "")

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from flywheel.app import mlbackend
+from flywheel.app.refusals import too_large
 from flywheel.catalog import Annotation, Catalog, Label, WebhookEvent
 from flywheel.config import Settings
 from flywheel.errors import ConfigError
@@ -371,8 +372,8 @@ def create_app(
         if not receiver.authorized(request.headers.get(SECRET_HEADER), request.headers.get("authorization")):
             log.warning("refused a webhook delivery from %s: missing or wrong secret", request.client)
             return JSONResponse({"error": f"missing or wrong {SECRET_HEADER} header"}, status_code=401)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
+        if (refusal := too_large(request, MAX_BODY)) is not None:
+            return refusal
         outcome = await run_in_threadpool(receiver.handle, await request.body())
         if outcome.changes and emitter is not None and await emitter.emit(outcome.changes):
             assert outcome.event_row is not None  # a delivery that changed labels is recorded
