@@ -190,7 +190,9 @@ def import_(
 @_friendly
 def export(
     out: Annotated[Path, typer.Argument(help="folder to write into (created)")],
-    format_: Annotated[str, typer.Option("--format", help="imagefolder, csv, jsonl or coco")] = "imagefolder",
+    format_: Annotated[
+        str, typer.Option("--format", help="imagefolder, csv, jsonl, coco or hf (Hugging Face datasets)")
+    ] = "imagefolder",
     only_reviewed: Annotated[bool, typer.Option(help="only labels a reviewer confirmed or corrected")] = False,
     min_agreement: Annotated[
         float | None, typer.Option(help="only labels of 2+ annotators with at least this share of the votes")

@@ -1,6 +1,7 @@
-"""The labels taken away, as the catalog holds them: an ImageFolder tree, CSV, JSON Lines or a COCO
-classification file, each row with its split, annotators, agreement and provenance (the round that asked
-for it, where the label came from, its review)."""
+"""The labels taken away, as the catalog holds them: an ImageFolder tree, CSV, JSON Lines, a COCO
+classification file or a Hugging Face `datasets` folder (images embedded, one split per catalog split), each
+row with its split, annotators, agreement and provenance (the round that asked for it, where the label came
+from, its review)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from flywheel.catalog import Catalog
 from flywheel.errors import DataError
@@ -20,8 +21,8 @@ from flywheel.labelstudio.interface import LabelMode
 from flywheel.labelstudio.ledger import agreement
 from flywheel.sources.images import read_header
 
-ExportFormat = Literal["imagefolder", "csv", "jsonl", "coco"]
-FORMATS: tuple[ExportFormat, ...] = ("imagefolder", "csv", "jsonl", "coco")
+ExportFormat = Literal["imagefolder", "csv", "jsonl", "coco", "hf"]
+FORMATS: tuple[ExportFormat, ...] = ("imagefolder", "csv", "jsonl", "coco", "hf")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def write_export(rows: Sequence[LabelRow], out: Path, fmt: ExportFormat) -> Path
         return _write_csv(rows, out / "labels.csv").parent
     if fmt == "csv":
         return _write_csv(rows, out / "labels.csv")
+    if fmt == "hf":
+        return _write_hf(rows, out / "hf")
     if fmt == "jsonl":
         target = out / "labels.jsonl"
         target.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
@@ -89,15 +92,44 @@ def _write_csv(rows: Sequence[LabelRow], target: Path) -> Path:
     return target
 
 
+def _local_file(row: LabelRow) -> Path:
+    source = Path(row.uri.removeprefix("file://"))
+    if not source.is_file():
+        raise DataError(f"sample {row.sample_id}: {row.uri} is not a local file; export csv or jsonl instead")
+    return source
+
+
 def _copy_tree(rows: Sequence[LabelRow], out: Path) -> None:
     """<split>/<label>/<sample id>-<file name>: each split folder imports back with `--trust-labels`."""
     for r in rows:
-        source = Path(r.uri.removeprefix("file://"))
-        if not source.is_file():
-            raise DataError(f"sample {r.sample_id}: {r.uri} is not a local file; export csv or jsonl instead")
+        source = _local_file(r)
         folder = out / r.split / r.label
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, folder / f"{r.sample_id}-{source.name}")
+
+
+def _write_hf(rows: Sequence[LabelRow], target: Path) -> Path:
+    """A `datasets.DatasetDict` saved to `target` (`datasets.load_from_disk` reads it): the image bytes embedded,
+    `label` a ClassLabel over every exported class, the other columns as in the CSV."""
+    try:
+        import datasets  # the optional `hf` extra; pandas and pyarrow come with it
+    except ImportError as exc:
+        raise DataError("--format hf needs the `hf` extra: pip install 'flywheel[hf]'") from exc
+    datasets.disable_progress_bars()
+    classes = sorted({r.label for r in rows})
+    columns: dict[str, Any] = {name: datasets.Value("string") for name in LabelRow.__dataclass_fields__}
+    columns |= {"sample_id": datasets.Value("int64"), "agreement": datasets.Value("float64")}
+    columns |= {"round_id": datasets.Value("int64"), "label": datasets.ClassLabel(names=classes)}
+    features = datasets.Features({"image": datasets.Image(), **columns})
+    splits = {}
+    for split in sorted({r.split for r in rows}):
+        chosen = [r for r in rows if r.split == split]
+        table = {name: [getattr(r, name) for r in chosen] for name in LabelRow.__dataclass_fields__}
+        files = [_local_file(r) for r in chosen]
+        table["image"] = [{"bytes": f.read_bytes(), "path": f.name} for f in files]
+        splits[split] = datasets.Dataset.from_dict(table, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(target))
+    return target
 
 
 def coco(rows: Sequence[LabelRow]) -> dict[str, object]:

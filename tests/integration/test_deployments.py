@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -44,6 +45,7 @@ from flywheel.app.webhook import LABELS_CHANGED, create_app
 from flywheel.catalog import TEST, Catalog
 from flywheel.config import Settings, load_settings
 from flywheel.features import embedded
+from flywheel.labelstudio.project import META_PROJECT_ID
 from flywheel.loop import schedule
 from flywheel.registry import tracking
 from flywheel.sources.importing import import_source, materialize_fashion_mnist
@@ -167,6 +169,21 @@ def _emit_threshold(settings: Settings, n_labels: int) -> None:
     )
 
 
+def _start_training(settings: Settings, workspace: Path) -> dict[str, Any]:
+    """Start Training, as Label Studio's Model page sends it to the ML backend's /webhook, through the real receiver:
+    its Prefect event is the one the threshold sends. The receiver's catalog is a scratch one that knows the
+    Label Studio project id this delivery names (the served project has none: its labels were imported)."""
+    settings = with_section(settings, "webhook", secret=SecretStr("start-training-secret"))
+    catalog = Catalog(f"sqlite:///{workspace / 'receiver.db'}")
+    catalog.set_meta(META_PROJECT_ID, "4242")
+    body = {"action": "START_TRAINING", "project": {"id": 4242}, "model_version": "champion"}
+    auth = httpx.BasicAuth("flywheel", "start-training-secret")
+    with serving(create_app(settings, catalog)) as port:
+        answer = httpx.post(f"http://127.0.0.1:{port}/webhook", json=body, auth=auth, trust_env=False)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
 def _final(run: FlowRun) -> State[Any]:
     """A finished run's state (wait_final returns only runs that have one)."""
     assert run.state is not None
@@ -251,19 +268,21 @@ def test_deployments_exist_with_their_schedules_triggers_and_limits(
         assert d.job_variables["env"] == deploy.settings_env(settings)  # the runs' settings, secrets excepted
 
 
-def test_threshold_event_starts_one_finetune_and_a_second_event_does_not_overlap_it(served_project: Settings):
+def test_start_training_starts_one_finetune_and_a_threshold_event_does_not_overlap_it(
+    served_project: Settings, tmp_path: Path
+):
     settings = served_project
     began = datetime.now(UTC)
-    _emit_threshold(settings, 60)
+    assert _start_training(settings, tmp_path)["finetune_requested"] is True
     with get_client(sync_client=True) as client:
         # Pending: the worker took the run and with it the deployment's only concurrency slot, held until the run
         # ends; the process then needs a while to start, so the second event lands well inside the first run.
         first = _wait(
             lambda: [r for r in served.deployment_runs(client, settings, "finetune") if r.state_name in ACTIVE],
             RUN_TIMEOUT,
-            "a finetune run started by the threshold event",
+            "a finetune run started by Start Training",
         )
-        assert len(served.deployment_runs(client, settings, "finetune")) == 1  # exactly one run for one event
+        assert len(served.deployment_runs(client, settings, "finetune")) == 1  # exactly one run for one request
         _emit_threshold(settings, 61)  # while the first one runs
         second = _wait(
             lambda: [r for r in served.deployment_runs(client, settings, "finetune") if r.id != first[0].id],

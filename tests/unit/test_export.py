@@ -107,3 +107,22 @@ def test_coco_validates_and_the_filters_hold(tmp_path: Path) -> None:
     assert label_rows(catalog, mode="single", only_reviewed=True) == []
     with pytest.raises(DataError, match="--format 'parquet'"):
         write_export(rows, tmp_path / "out", "parquet")  # type: ignore[arg-type]  # what a caller might pass
+
+
+def test_a_hugging_face_export_loads_back_with_its_images_and_labels(tmp_path: Path) -> None:
+    import datasets
+
+    settings = settings_for(tmp_path / "ws")
+    catalog = Catalog(settings.catalog_url)
+    photos = _folder(tmp_path / "photos", per_class=2)
+    import_source(catalog, settings, str(photos), trust_labels=True)
+    rows = label_rows(catalog, mode="single")
+    loaded = datasets.load_from_disk(str(write_export(rows, tmp_path / "out", "hf")))
+    assert isinstance(loaded, datasets.DatasetDict) and list(loaded) == ["pool"]
+    pool = loaded["pool"]
+    names = pool.features["label"].names
+    assert names == list(CLASSES) and [names[k] for k in pool["label"]] == [r.label for r in rows]
+    assert pool["sample_id"] == [r.sample_id for r in rows] and pool["label_origin"] == ["import"] * len(rows)
+    first = pool[0]  # the image itself travels (decoded by the Image feature), not a path to this machine
+    source = Path(rows[0].uri.removeprefix("file://"))
+    assert np.array_equal(np.asarray(first["image"]), np.asarray(Image.open(source)))
