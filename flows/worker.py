@@ -52,6 +52,8 @@ def start_worker(settings: Settings, *, timeout: float = 90) -> int:
     pid = worker_pid(settings)
     if pid is not None:
         return pid
+    for line in crash_orphaned_runs(settings):
+        print(line, file=sys.stderr, flush=True)
     pid_file, log = worker_files(settings)
     pool = settings.prefect.work_pool
     argv = [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process", "--name", worker_name(settings)]
@@ -72,6 +74,53 @@ def start_worker(settings: Settings, *, timeout: float = 90) -> int:
                 state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"silent for {timeout} s"
                 raise FlywheelError(f"the Prefect worker for pool {pool} {state}; {log_tail(log)}")
             time.sleep(0.5)
+
+
+def crash_orphaned_runs(settings: Settings) -> list[str]:
+    """Mark Crashed the runs a dead predecessor of this worker left Pending, Running or Cancelling.
+
+    A killed worker reports nothing: its runs would stay Running, holding their deployment's concurrency slot
+    until the lease lapses (5 minutes), so the next scheduled round would wait in silence. Only runs labelled
+    with this worker's name (one per host, workspace and pool) whose process is gone are touched; called when no
+    worker of that name runs here. Forcing the state releases the slot. Returns one line per run crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    unfinished = FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])
+    crashed = []
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=unfinished)),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[settings.prefect.work_pool])),
+        )
+        for run in runs:
+            if run.labels.get("prefect.worker.name") != worker_name(settings) or _alive(run.infrastructure_pid):
+                continue
+            why = f"its worker {worker_name(settings)} died (process {run.infrastructure_pid or 'not started'} gone)"
+            client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+            crashed.append(f"flow run {run.name} ({run.state_name}) marked Crashed: {why}")
+    return crashed
+
+
+def _alive(pid: str | None) -> bool:
+    """A process of this host with that pid exists (the process worker records the bare pid)."""
+    if not pid or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def stop_worker(settings: Settings) -> bool:

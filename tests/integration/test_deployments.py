@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ from flywheel import labelstudio, loop
 from flywheel.app.webhook import LABELS_CHANGED, create_app
 from flywheel.catalog import TEST, Catalog
 from flywheel.config import Settings, load_settings
+from flywheel.devservers.services import worker_pid
 from flywheel.features import embedded
 from flywheel.labelstudio.project import META_PROJECT_ID
 from flywheel.loop import schedule
@@ -498,3 +500,45 @@ def test_a_burst_of_annotations_starts_a_handful_of_syncs_and_every_label_lands(
     assert 1 <= len(done) <= 4, [r.created for r in done]  # not one per annotation
     assert all(_final(r).type == StateType.COMPLETED for r in done)
     assert {s: catalog.labels()[s] for s in answers} == answers  # every label landed, once
+
+
+def test_a_killed_worker_leaves_no_run_holding_the_queue(served_project: Settings, background_runs: dict[str, Any]):
+    """SIGKILL the worker and its round's process mid-run (as the OOM killer or a lost host would: nobody left to
+    report): the worker started next marks that run Crashed, which frees the round deployment's only slot, and the
+    round queued behind it starts without waiting out the slot's lease."""
+    settings, name = served_project, deploy.full_name("round", served_project)
+    with get_client(sync_client=True) as client:
+        _wait(lambda: not _active_runs(client, settings), RUN_TIMEOUT, "the module's other runs to end")
+        first = synchronously(run_deployment(name, timeout=0)).id
+        running = _wait(
+            lambda: (r := client.read_flow_run(first)).state_name == "Running" and r.infrastructure_pid,
+            RUN_TIMEOUT,
+            "the first round running",
+        )
+        kill_worker_and_run(settings, int(running))
+        second = synchronously(run_deployment(name, timeout=0)).id  # queued behind the dead run's slot
+        worker.start_worker(settings)
+        restarted = time.monotonic()
+        _wait(lambda: client.read_flow_run(second).state_type != StateType.SCHEDULED, 120, "the queued round")
+        waited = time.monotonic() - restarted
+        done = served.wait_final(client, second, timeout=RUN_TIMEOUT)
+        killed = client.read_flow_run(first)
+    assert _final(killed).type == StateType.CRASHED and "worker" in str(_final(killed).message), _final(killed)
+    assert _final(done).type == StateType.COMPLETED, _final(done).message
+    assert waited < 60, waited  # not the 300 s of the slot's lease: the worker's poll and a process start
+
+
+def kill_worker_and_run(settings: Settings, run_pid: int) -> None:
+    """SIGKILL the worker's process group and the flow run's (the process worker starts it in a session of its
+    own), and wait until the worker is gone."""
+    pid = worker_pid(settings)
+    assert pid is not None
+    for group in (pid, run_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    _wait(lambda: worker_pid(settings) is None, 30, "the killed worker to be gone")
+
+
+def _active_runs(client: SyncPrefectClient, settings: Settings) -> list[FlowRun]:
+    runs = [r for kind in deploy.KINDS for r in served.deployment_runs(client, settings, kind)]
+    return [r for r in runs if r.state_name in ACTIVE]
