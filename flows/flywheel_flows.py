@@ -34,6 +34,7 @@ from flows.common import (
     settings_from,
     with_retries,
 )
+from flows.scale import distributed, embed_distributed_flow
 from flywheel import labelstudio, loop
 from flywheel.catalog import POOL, TEST, Catalog
 from flywheel.config import Settings
@@ -72,8 +73,12 @@ def embed_split(settings: Settings, split: str, fingerprint: str) -> dict[str, A
     return {"split": split, "samples": len(split_features.ids), "fingerprint": fingerprint}
 
 
-def embed(settings: Settings, split: str) -> dict[str, Any]:
-    """Embed a split unless its fingerprint was embedded before (the result persists under the workspace)."""
+def embed(settings: Settings, split: str, overrides: Overrides | None) -> dict[str, Any]:
+    """Embed a split unless its fingerprint was embedded before (the result persists under the workspace). With a
+    cluster at `scaleout.address`, the samples not yet in the store are embedded there instead, one task per shard
+    (flows/scale.py), into the same store the round then reads."""
+    if settings.scaleout.address:
+        return distributed(embed_distributed_flow, settings)(split=split, overrides=overrides)
     cached = embed_split.with_options(
         cache_policy=INPUTS - "settings", persist_result=True, result_storage=results_storage(settings)
     )
@@ -98,7 +103,7 @@ def bootstrap_flow(
     with project_slot(settings):
         imported = import_data(settings, source, pool_size, test_size) if source else {}
         for split in (POOL, TEST):
-            embed(settings, split)
+            embed(settings, split, overrides)
         report = task(cache_policy=NO_CACHE)(loop.bootstrap)(settings, Catalog(settings.catalog_url), client)
     print(f"imported {imported or 'nothing'}; embedded {report.n_pool} pool + {report.n_test} test samples")
     return {"imported": imported, **asdict(report)}
@@ -111,7 +116,7 @@ def round_flow(select: bool = True, overrides: Overrides | None = None) -> loop.
     mlflow_client = with_retries(connect_mlflow, settings)(settings)
     catalog = Catalog(settings.catalog_url)
     with project_slot(settings):
-        embed(settings, POOL)  # samples imported since the last round
+        embed(settings, POOL, overrides)  # samples imported since the last round
         report = task(cache_policy=NO_CACHE)(loop.run_round)(settings, catalog, ls_client, mlflow_client, select=select)
     publish_round_report(settings, report, catalog.rounds())
     print(f"round {report.round_id}: {report.n_labels} labels, test accuracy {percent(report.test_accuracy)}")

@@ -11,7 +11,7 @@ processes, or the existing cluster at `scaleout.address` (docs/operations.md).
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from prefect import Flow, flow, task, unmapped
@@ -30,6 +30,9 @@ from flywheel.features.backbones import get_spec
 from flywheel.features.store import EmbeddingStore
 from flywheel.registry import tracking
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 def task_runner(settings: Settings) -> TaskRunner[Any]:
     """The task runner for the cluster in settings.scaleout."""
@@ -38,7 +41,7 @@ def task_runner(settings: Settings) -> TaskRunner[Any]:
     return DaskTaskRunner(**scaleout.dask_runner_options(settings))
 
 
-def distributed(flow_fn: Flow, settings: Settings) -> Flow:
+def distributed(flow_fn: Flow[P, R], settings: Settings) -> Flow[P, R]:
     """`flow_fn` with its tasks sent to the cluster from the settings."""
     return flow_fn.with_options(task_runner=task_runner(settings))
 

@@ -27,6 +27,7 @@ from flywheel.registry import tracking
 from flywheel.sources.importing import import_source
 from flywheel.training.head import predict_proba, train_head
 from tests.conftest import TEST_PORTS
+from tests.integration.test_far_domain import _label
 
 pytestmark = pytest.mark.integration
 CPU = torch.device("cpu")
@@ -150,3 +151,38 @@ def test_a_shard_file_already_complete_is_reused_not_recomputed(project):
     assert scaleout.ray_runner_options(settings) == {"init_kwargs": {"num_cpus": 2, "include_dashboard": False}}
     remote = settings.model_copy(update={"scaleout": settings.scaleout.model_copy(update={"address": "ray://h:1"})})
     assert scaleout.ray_runner_options(remote) == {"address": "ray://h:1"}
+
+
+def test_a_round_with_a_dask_scheduler_embeds_there_and_selects_as_the_local_round(tmp_path: Path, services):
+    """With scaleout.address set, bootstrap and round embed on the cluster (a subflow of shard tasks, into the
+    store the round reads); the vectors and the round's selection are the ones the same round gives locally."""
+    from flows.flywheel_flows import bootstrap_flow, round_flow
+
+    suffix = os.urandom(3).hex()
+    results = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        for where, scale in (("local", {}), ("dask", {"address": cluster.scheduler_address})):
+            overrides = {
+                "workspace": str(tmp_path / where), "project": f"rd{where}{suffix}", "image_size": 32,
+                "k_per_round": 10, "label_studio": {"port": TEST_PORTS["label_studio"]},
+                "mlflow": {"port": TEST_PORTS["mlflow"]}, "prefect": {"port": TEST_PORTS["prefect"]},
+                "embed": {"workers": 0}, "scaleout": {"shard_size": 32, **scale},
+            }  # fmt: skip
+            settings = load_settings(**overrides)
+            catalog = Catalog(settings.catalog_url)
+            import_source(catalog, settings, "fashion-mnist", pool_size=96, test_size=20)
+            _label(catalog, 2)
+            with prefect_api(settings):
+                bootstrap_flow(overrides=overrides)
+                report = round_flow(overrides=overrides)
+            spec, ids = get_spec(settings.backbone), [s.id for s in catalog.samples()]
+            store = EmbeddingStore(settings.dirs.embeddings, EmbeddingStore.key_for(spec, "imagenet", 32))
+            results[where] = (report, store.get(ids))
+        shards = dict(cluster.scheduler.task_prefixes["embed_shard"].state_counts)
+
+    (local, local_vectors), (dask, dask_vectors) = results["local"], results["dask"]
+    assert shards["memory"] == 4  # the pool's 96 in three shards of 32, the test split's 20 in one
+    np.testing.assert_allclose(dask_vectors, local_vectors, rtol=1e-4, atol=1e-4)
+    assert dask.strategy == local.strategy and len(local.selected) == 10
+    assert [s["sample_id"] for s in dask.selected] == [s["sample_id"] for s in local.selected]
+    assert dask.test_accuracy == pytest.approx(local.test_accuracy, abs=0.051)  # one test image of 20 at most
