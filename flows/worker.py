@@ -18,12 +18,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flywheel.config import Settings, load_settings
 from flywheel.devservers import log_tail
 from flywheel.devservers.services import deployed_marker, kill_group, spawn_detached, worker_files, worker_pid
 from flywheel.errors import FlywheelError, exit_code_on_error
 from flywheel.health import require_healthy
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).parent / "prefect"
@@ -52,7 +57,7 @@ def start_worker(settings: Settings, *, timeout: float = 90) -> int:
     pid = worker_pid(settings)
     if pid is not None:
         return pid
-    for line in crash_orphaned_runs(settings):
+    for line in end_runs_of_worker(settings, f"its worker {worker_name(settings)} died; a new one started"):
         print(line, file=sys.stderr, flush=True)
     pid_file, log = worker_files(settings)
     pool = settings.prefect.work_pool
@@ -76,14 +81,32 @@ def start_worker(settings: Settings, *, timeout: float = 90) -> int:
             time.sleep(0.5)
 
 
-def crash_orphaned_runs(settings: Settings) -> list[str]:
-    """Mark Crashed the runs a dead predecessor of this worker left Pending, Running or Cancelling.
+def end_runs_of_worker(settings: Settings, why: str) -> list[str]:
+    """Stop and mark Crashed the runs this worker name started that are still Pending, Running or Cancelling.
 
-    A killed worker reports nothing: its runs would stay Running, holding their deployment's concurrency slot
-    until the lease lapses (5 minutes), so the next scheduled round would wait in silence. Only runs labelled
-    with this worker's name (one per host, workspace and pool) whose process is gone are touched; called when no
-    worker of that name runs here. Forcing the state releases the slot. Returns one line per run crashed."""
+    Called when no worker of that name (one per host, workspace and pool) runs here: a killed predecessor's runs
+    would otherwise stay Running, each holding its deployment's concurrency slot until the lease lapses (5
+    minutes), and the next scheduled round would wait in silence. The process worker starts each run in a
+    session of its own, so a run can outlive its worker: such a process is stopped too (TERM, then KILL), as
+    `make stop` means. Forcing Crashed releases the slot. Returns one line per run."""
     from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    ended = []
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        for run in _unfinished_runs(client, settings.prefect.work_pool):
+            if run.labels.get("prefect.worker.name") != worker_name(settings):
+                continue
+            recorded = run.infrastructure_pid or ""
+            pid = int(recorded) if recorded.isdigit() else None
+            if pid is not None and _alive(pid):
+                kill_group(pid, grace=10)
+            client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+            ended.append(f"flow run {run.name} ({run.state_name}, process {pid or 'not started'}) ended: {why}")
+    return ended
+
+
+def _unfinished_runs(client: SyncPrefectClient, pool: str) -> list[FlowRun]:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -92,30 +115,18 @@ def crash_orphaned_runs(settings: Settings) -> list[str]:
         WorkPoolFilterName,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
 
     unfinished = FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])
-    crashed = []
-    with prefect_api(settings), get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=unfinished)),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[settings.prefect.work_pool])),
-        )
-        for run in runs:
-            if run.labels.get("prefect.worker.name") != worker_name(settings) or _alive(run.infrastructure_pid):
-                continue
-            why = f"its worker {worker_name(settings)} died (process {run.infrastructure_pid or 'not started'} gone)"
-            client.set_flow_run_state(run.id, Crashed(message=why), force=True)
-            crashed.append(f"flow run {run.name} ({run.state_name}) marked Crashed: {why}")
-    return crashed
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=unfinished)),
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+    )
 
 
-def _alive(pid: str | None) -> bool:
+def _alive(pid: int) -> bool:
     """A process of this host with that pid exists (the process worker records the bare pid)."""
-    if not pid or not pid.isdigit():
-        return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -128,6 +139,12 @@ def stop_worker(settings: Settings) -> bool:
     pid = worker_pid(settings)
     if pid is not None:
         kill_group(pid, grace=20)
+        try:
+            ended = end_runs_of_worker(settings, f"stopped with its worker {worker_name(settings)}")
+        except FlywheelError as exc:  # Prefect is down: the next worker's start ends them
+            ended = [f"its runs are left to the next worker: {exc}"]
+        for line in ended:
+            print(line, file=sys.stderr, flush=True)
     worker_files(settings)[0].unlink(missing_ok=True)
     return pid is not None
 
