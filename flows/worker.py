@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from flywheel.config import Settings, load_settings
 from flywheel.devservers import log_tail
-from flywheel.devservers.services import deployed_marker, kill_group, spawn_detached, worker_files, worker_pid
+from flywheel.devservers.services import alive, deployed_marker, kill_group, spawn_detached, worker_files, worker_pid
 from flywheel.errors import FlywheelError, exit_code_on_error
 from flywheel.health import require_healthy
 
@@ -99,7 +99,7 @@ def end_runs_of_worker(settings: Settings, why: str) -> list[str]:
                 continue
             recorded = run.infrastructure_pid or ""
             pid = int(recorded) if recorded.isdigit() else None
-            if pid is not None and _alive(pid):
+            if pid is not None and alive(pid):
                 kill_group(pid, grace=10)
             client.set_flow_run_state(run.id, Crashed(message=why), force=True)
             ended.append(f"flow run {run.name} ({run.state_name}, process {pid or 'not started'}) ended: {why}")
@@ -121,17 +121,6 @@ def _unfinished_runs(client: SyncPrefectClient, pool: str) -> list[FlowRun]:
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=unfinished)),
         work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
     )
-
-
-def _alive(pid: int) -> bool:
-    """A process of this host with that pid exists (the process worker records the bare pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stop_worker(settings: Settings) -> bool:

@@ -164,7 +164,8 @@ def health(settings: Settings) -> dict[str, bool]:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """A process with that pid exists here (the check that reaps our own exited children first)."""
     try:  # reap it first if it is our own exited child, else it lingers as a zombie that looks alive
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
@@ -186,7 +187,7 @@ def running_pid(pid_file: Path, *markers: str) -> int | None:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    if not _alive(pid):
+    if not alive(pid):
         return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -296,7 +297,7 @@ def kill_group(pgid: int, grace: float) -> None:
     """TERM the process group, KILL it if it is still there after `grace` seconds."""
 
     def group_alive() -> bool:
-        _alive(pgid)  # reaps the leader if it is our child
+        alive(pgid)  # reaps the leader if it is our child
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
