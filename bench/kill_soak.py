@@ -16,8 +16,11 @@ Prefect deployments and kills the *worker* with the flow run it started, then st
 PostgreSQL in the middle of a round: the round either finishes or fails naming the server, and the next one
 finishes with the invariants intact.
 
-    .venv/bin/python -m bench.kill_soak [--target cli|worker] [--kills 50] [--seed 7] [--pool-size 300]
-                                        [--catalog sqlite|postgres] [--restarts]
+    .venv/bin/python -m bench.kill_soak [--target cli|worker] [--kills 50] [--kill-within 20] [--seed 7]
+                                        [--pool-size 300] [--catalog sqlite|postgres] [--restarts]
+
+A deployment run spends its first 20 s or so starting its process (Pending, then Running), so with
+`--target worker` a `--kill-within` of 50 spreads the kills over the runs' whole life.
 
 Starts servers of its own on ports 200 above the demo's (Label Studio 8280, MLflow 5200, Prefect 4400,
 PostgreSQL 5633) in its own workspace, and stops them at the end. Writes bench/results/kill-soak[-worker].md/.json.
@@ -215,7 +218,7 @@ def kill_cycle(settings: Settings, env: dict[str, str], args: argparse.Namespace
         command = CYCLE[n % len(CYCLE)]
         n += 1
         for _ in range(rng.choice([0, 1, 2, 3])):  # killed up to three times, each at a random moment, restarted
-            outcome, seconds, _ = step(settings, command, env, args, kill_after=rng.uniform(1.0, 20.0))
+            outcome, seconds, _ = step(settings, command, env, args, kill_after=rng.uniform(1.0, args.kill_within))
             if outcome == "killed":
                 kills += 1
                 log.append({"step": n, "command": command, "outcome": "killed", "at_s": round(seconds, 1),
@@ -233,6 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=("cli", "worker"), default="cli")
     parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--kill-within", type=float, default=20.0, help="seconds into a step a kill may come")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--pool-size", type=int, default=300)
     parser.add_argument("--catalog", choices=("sqlite", "postgres"), default="sqlite")
@@ -274,7 +278,8 @@ def write(log: list[dict[str, Any]], restarted: list[dict[str, Any]], args: argp
         f"{time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} CPU cores, seed {args.seed}, Fashion-MNIST "
         f"pool of {args.pool_size}, catalog on {args.catalog}, {wall / 60:.0f} min wall.\n",
         f"- SIGKILLs of {victim}: **{len(killed)}** ({', '.join(f'{c}: {n}' for c, n in by_command.most_common())}),"
-        " each at a random moment 1 to 20 s into the step (up to three in a row), then the same step run to its end.",
+        f" each at a random moment 1 to {args.kill_within:.0f} s into the step (up to three in a row), then the same"
+        " step run to its end.",
         f"- Invariant violations: **{len(violations)}** over {len(log) + len(restarted)} checks.",
         f"- Steps run to the end after a kill or on their own: {len(restarts)}; their wall time: median "
         f"{sorted(restarts)[len(restarts) // 2]:.1f} s, longest {max(restarts):.1f} s (process start included).",

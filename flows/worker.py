@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import FlowRun
 
+UNCLAIMED_S = 15.0  # a live worker labels a run it took within a second or two of taking it
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).parent / "prefect"
 
@@ -88,14 +90,20 @@ def end_runs_of_worker(settings: Settings, why: str) -> list[str]:
     would otherwise stay Running, each holding its deployment's concurrency slot until the lease lapses (5
     minutes), and the next scheduled round would wait in silence. The process worker starts each run in a
     session of its own, so a run can outlive its worker: such a process is stopped too (TERM, then KILL), as
-    `make stop` means. Forcing Crashed releases the slot. Returns one line per run."""
+    `make stop` means. A run a worker took but died before labelling (Pending, no worker name) counts as ours
+    once it has been so for UNCLAIMED_S. Forcing Crashed releases the slot. Returns one line per run."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     ended = []
     with prefect_api(settings), get_client(sync_client=True) as client:
-        for run in _unfinished_runs(client, settings.prefect.work_pool):
-            if run.labels.get("prefect.worker.name") != worker_name(settings):
+        runs = _unfinished_runs(client, settings.prefect.work_pool)
+        if unclaimed := [age for run in runs if (age := _unclaimed_for(run)) is not None]:
+            time.sleep(max(0.0, UNCLAIMED_S - min(unclaimed)))  # a live worker elsewhere labels it meanwhile
+            runs = _unfinished_runs(client, settings.prefect.work_pool)
+        for run in runs:
+            age = _unclaimed_for(run)
+            if run.labels.get("prefect.worker.name") != worker_name(settings) and (age is None or age < UNCLAIMED_S):
                 continue
             recorded = run.infrastructure_pid or ""
             pid = int(recorded) if recorded.isdigit() else None
@@ -104,6 +112,13 @@ def end_runs_of_worker(settings: Settings, why: str) -> list[str]:
             client.set_flow_run_state(run.id, Crashed(message=why), force=True)
             ended.append(f"flow run {run.name} ({run.state_name}, process {pid or 'not started'}) ended: {why}")
     return ended
+
+
+def _unclaimed_for(run: FlowRun) -> float | None:
+    """Seconds a run has been Pending without a worker's label (None when it has one, or is not Pending)."""
+    if run.labels.get("prefect.worker.name") or run.state is None or run.state.type.value != "PENDING":
+        return None
+    return (datetime.now(UTC) - run.state.timestamp).total_seconds()
 
 
 def _unfinished_runs(client: SyncPrefectClient, pool: str) -> list[FlowRun]:

@@ -35,6 +35,7 @@ from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.deployments import run_deployment
 from prefect.events import EventTrigger, emit_event
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Pending, Scheduled
 from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 
@@ -542,3 +543,22 @@ def kill_worker_and_run(settings: Settings, run_pid: int) -> None:
 def _active_runs(client: SyncPrefectClient, settings: Settings) -> list[FlowRun]:
     runs = [r for kind in deploy.KINDS for r in served.deployment_runs(client, settings, kind)]
     return [r for r in runs if r.state_name in ACTIVE]
+
+
+def test_a_run_taken_but_never_labelled_is_ended_once_unclaimed(served_project: Settings):
+    """A worker killed between taking a run (Pending: the deployment's slot is held) and labelling it with its name
+    leaves a run no worker name points to: after UNCLAIMED_S the next worker's start ends it all the same."""
+    settings = served_project
+    with get_client(sync_client=True) as client:
+        _wait(lambda: not _active_runs(client, settings), RUN_TIMEOUT, "the module's other runs to end")
+        deployment = client.read_deployment_by_name(deploy.full_name("round", settings))
+        later: State[Any] = Scheduled(scheduled_time=datetime.now(UTC) + timedelta(hours=1))  # the worker leaves it
+        run = client.create_flow_run_from_deployment(deployment.id, state=later)
+        client.set_flow_run_state(run.id, Pending())
+        assert client.read_flow_run(run.id).state_type == StateType.PENDING  # taken: the slot is held now
+        began = time.monotonic()
+        ended = worker.end_runs_of_worker(settings, "test: its worker died before labelling it")
+        waited = time.monotonic() - began
+        final = client.read_flow_run(run.id)
+    assert [line for line in ended if run.name in line] and _final(final).type == StateType.CRASHED
+    assert worker.UNCLAIMED_S - 2 <= waited <= worker.UNCLAIMED_S + 30  # it waited for a live worker's label first
