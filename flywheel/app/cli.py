@@ -30,6 +30,11 @@ if TYPE_CHECKING:  # the loop imports torch: only the commands that run it load 
     from flywheel.loop import FinetuneReport
     from flywheel.simulation.datasets import Dataset
 
+# MLflow's console chatter: a run link after every run (the round report carries it) and a progress bar per
+# artifact download. MLflow reads both when it prints; a user's own setting wins.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 app = typer.Typer(
     help="Active-learning data flywheel: label less, learn more, trace every model.", no_args_is_help=True
 )
@@ -75,6 +80,10 @@ def _use_prefect_server(settings: Settings, *, label_studio: bool = False, mlflo
 
         tracking.connect(settings)
     os.environ["PREFECT_API_URL"] = url
+    from flows.console import quiet_console
+
+    log_file = quiet_console(settings.dirs.logs / "flows.log")
+    console.print(f"[dim]each step's full log: the Prefect UI ({url.removesuffix('/api')}) and {log_file}[/]")
 
 
 def _pct(value: float | None) -> str:

@@ -32,6 +32,22 @@ from flywheel.registry.guard import PromotionDecision
 
 SERVICE = "MLflow"
 
+
+@contextmanager
+def _registration_unsaid() -> Iterator[None]:
+    """Silence MLflow's event stream while a model is saved and registered: it warns on every save that a
+    pickled model runs code when loaded (the classifier is pickled on purpose and loaded only from the project's
+    own MLflow server, docs/reliability.md) and prints "Successfully registered", "Created version" and "Waiting
+    for model version" lines. The caller reports the version; a failure still raises."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    enabled, MLFLOW_LOGGING_STREAM.enabled = MLFLOW_LOGGING_STREAM.enabled, False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = enabled
+
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 Table = dict[str, list[Any]]  # columns, as mlflow.log_table takes them
 
@@ -102,14 +118,15 @@ def log_classifier(
             mlflow.log_figure(figure, name)
         for name, table in (tables or {}).items():
             mlflow.log_table(table, name)
-        info = mlflow.pytorch.log_model(
-            classifier,
-            name="model",
-            serialization_format="pickle",
-            registered_model_name=settings.registered_model_name,
-            input_example=example,
-            pip_requirements=["torch", "torchvision", "efficientnet-lite-pytorch"],
-        )
+        with _registration_unsaid():
+            info = mlflow.pytorch.log_model(
+                classifier,
+                name="model",
+                serialization_format="pickle",
+                registered_model_name=settings.registered_model_name,
+                input_example=example,
+                pip_requirements=["torch", "torchvision", "efficientnet-lite-pytorch"],
+            )
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(settings.registered_model_name, version, key, value)

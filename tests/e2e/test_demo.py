@@ -51,6 +51,14 @@ def test_small_demo_accuracy_rises_and_everything_is_traceable(tmp_path: Path, s
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "labels used" in done.stdout and "http://127.0.0.1" in done.stdout
+    # Quiet: one line per step and the summary on the console; Prefect's line per task and state, MLflow's run
+    # links and its pickle warning only in the log file and the Prefect UI.
+    shown = done.stdout + done.stderr
+    assert "round 2: 40 labels" in shown and "simulated annotator answered 40 tasks" in shown
+    for chatter in ("Finished in state", "Beginning subflow run", "View run", "Pickle or CloudPickle"):
+        assert chatter not in shown, chatter
+    assert len(shown.splitlines()) < 80, shown
+    assert "Finished in state Completed()" in (workspace / "logs" / "flows.log").read_text()
     summary = json.loads(summary_file.read_text())
 
     rounds = summary["rounds"]
