@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
 from prefect.logging.handlers import PrefectConsoleHandler
 
 FLOWS = str(Path(__file__).resolve().parent)
@@ -25,7 +26,10 @@ class OwnLinesOnly(logging.Filter):
 
 
 def quiet_console(log_file: Path) -> Path:
-    """Filter Prefect's console handler (once) and copy every INFO line and above to `log_file`."""
+    """Filter Prefect's console handler (once) and copy every INFO line and above to `log_file`. Prefect's
+    logging is set up first: it leaves the root logger alone when that already has a handler of someone else's."""
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()
     root = logging.getLogger()
     for handler in root.handlers:
         if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, OwnLinesOnly) for f in handler.filters):

@@ -105,7 +105,8 @@ def bootstrap_flow(
         for split in (POOL, TEST):
             embed(settings, split, overrides)
         report = task(cache_policy=NO_CACHE)(loop.bootstrap)(settings, Catalog(settings.catalog_url), client)
-    print(f"imported {imported or 'nothing'}; embedded {report.n_pool} pool + {report.n_test} test samples")
+    added = ", ".join(f"{r['added']} {split} ({r['quarantined']} set aside)" for split, r in imported.items())
+    print(f"imported {added or 'nothing'}; embedded {report.n_pool} pool + {report.n_test} test samples")
     return {"imported": imported, **asdict(report)}
 
 

@@ -12,7 +12,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,19 +33,18 @@ from flywheel.registry.guard import PromotionDecision
 SERVICE = "MLflow"
 
 
-@contextmanager
-def _registration_unsaid() -> Iterator[None]:
-    """Silence MLflow's event stream while a model is saved and registered: it warns on every save that a
-    pickled model runs code when loaded (the classifier is pickled on purpose and loaded only from the project's
-    own MLflow server, docs/reliability.md) and prints "Successfully registered", "Created version" and "Waiting
-    for model version" lines. The caller reports the version; a failure still raises."""
-    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+def _registration_unsaid() -> AbstractContextManager[object]:
+    """MLflow's own switch (the one its autologging uses) for its event logs while a model is saved and registered:
+    it warns on every save that a pickled model runs code when loaded (the classifier is pickled on purpose and
+    loaded only from the project's own MLflow server, docs/reliability.md) and prints "Successfully registered",
+    "Created version" and "Waiting for model version" lines. The caller reports the version; a failure still
+    raises."""
+    from mlflow.utils.autologging_utils.logging_and_warnings import MlflowEventsAndWarningsBehaviorGlobally
 
-    enabled, MLFLOW_LOGGING_STREAM.enabled = MLFLOW_LOGGING_STREAM.enabled, False
-    try:
-        yield
-    finally:
-        MLFLOW_LOGGING_STREAM.enabled = enabled
+    quiet: AbstractContextManager[object] = MlflowEventsAndWarningsBehaviorGlobally(  # type: ignore[no-untyped-call]
+        disable_event_logs=True, disable_warnings=True, reroute_warnings=False
+    )
+    return quiet
 
 
 CHAMPION, CHALLENGER = "champion", "challenger"
