@@ -102,16 +102,24 @@ def run_deployed(settings: Settings, kind: str, *, kill_after: float | None) -> 
 
 
 def restart_worker(settings: Settings, run_pid: str | None) -> None:
-    """SIGKILL the worker's process group and its flow run's (a session of its own): nobody is left to report the
-    run's end, as after the OOM killer or a lost host. Then start a new worker, as `make services` would."""
-    for group in (worker_pid(settings), int(run_pid) if run_pid and run_pid.isdigit() else None):
+    """Kill the worker with its run (below), then start a new one, as `make services` would."""
+    kill_worker_and_run(settings, int(run_pid) if run_pid and run_pid.isdigit() else None)
+    worker.start_worker(settings)
+
+
+def kill_worker_and_run(settings: Settings, run_pid: int | None) -> None:
+    """SIGKILL the worker's process group and its flow run's (the process worker starts it in a session of its
+    own): nobody is left to report the run's end, as after the OOM killer or a lost host. Returns once the worker
+    is gone."""
+    for group in (worker_pid(settings), run_pid):
         if group is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while worker_pid(settings) is not None and time.monotonic() < deadline:
+    while worker_pid(settings) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker of pool {settings.prefect.work_pool} outlived its SIGKILL by 30 s")
         time.sleep(0.2)
-    worker.start_worker(settings)
 
 
 def step(settings: Settings, command: list[str], env: dict[str, str], args: argparse.Namespace,

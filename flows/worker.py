@@ -102,8 +102,7 @@ def end_runs_of_worker(settings: Settings, why: str) -> list[str]:
             time.sleep(max(0.0, UNCLAIMED_S - min(unclaimed)))  # a live worker elsewhere labels it meanwhile
             runs = _unfinished_runs(client, settings.prefect.work_pool)
         for run in runs:
-            age = _unclaimed_for(run)
-            if run.labels.get("prefect.worker.name") != worker_name(settings) and (age is None or age < UNCLAIMED_S):
+            if not _is_ours(run, worker_name(settings)):
                 continue
             recorded = run.infrastructure_pid or ""
             pid = int(recorded) if recorded.isdigit() else None
@@ -112,6 +111,13 @@ def end_runs_of_worker(settings: Settings, why: str) -> list[str]:
             client.set_flow_run_state(run.id, Crashed(message=why), force=True)
             ended.append(f"flow run {run.name} ({run.state_name}, process {pid or 'not started'}) ended: {why}")
     return ended
+
+
+def _is_ours(run: FlowRun, name: str) -> bool:
+    """Labelled with this worker's name, or taken by a worker that died before labelling it (unclaimed long
+    enough that no live worker is about to)."""
+    age = _unclaimed_for(run)
+    return run.labels.get("prefect.worker.name") == name or (age is not None and age >= UNCLAIMED_S)
 
 
 def _unclaimed_for(run: FlowRun) -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -39,6 +38,7 @@ from prefect.states import Pending, Scheduled
 from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 
+from bench.kill_soak import kill_worker_and_run
 from bench.webhook_burst import serving
 from flows import deploy, served, worker
 from flows.common import THRESHOLD_REACHED, project_resource_id, project_slot, synchronously
@@ -516,6 +516,7 @@ def test_a_killed_worker_leaves_no_run_holding_the_queue(served_project: Setting
             RUN_TIMEOUT,
             "the first round running",
         )
+        assert worker_pid(settings) is not None
         kill_worker_and_run(settings, int(running))
         second = synchronously(run_deployment(name, timeout=0)).id  # queued behind the dead run's slot
         worker.start_worker(settings)
@@ -527,17 +528,6 @@ def test_a_killed_worker_leaves_no_run_holding_the_queue(served_project: Setting
     assert _final(killed).type == StateType.CRASHED and "worker" in str(_final(killed).message), _final(killed)
     assert _final(done).type == StateType.COMPLETED, _final(done).message
     assert waited < 60, waited  # not the 300 s of the slot's lease: the worker's poll and a process start
-
-
-def kill_worker_and_run(settings: Settings, run_pid: int) -> None:
-    """SIGKILL the worker's process group and the flow run's (the process worker starts it in a session of its
-    own), and wait until the worker is gone."""
-    pid = worker_pid(settings)
-    assert pid is not None
-    for group in (pid, run_pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-    _wait(lambda: worker_pid(settings) is None, 30, "the killed worker to be gone")
 
 
 def _active_runs(client: SyncPrefectClient, settings: Settings) -> list[FlowRun]:
